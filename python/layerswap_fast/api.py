@@ -1,0 +1,166 @@
+"""The public Python API: :func:`analyze`, :func:`merge`, :func:`inspect`.
+
+Python owns the people-facing parts (options, side files, the staged output folder, the report); every
+byte of tensor data is read, reduced, blended and written by the Rust engine in ``_core``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from layerswap_fast import _core
+from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
+from layerswap_fast.options import MergeOptions
+from layerswap_fast.plan import Plan
+
+PathLike = Union[str, os.PathLike]
+#: ``progress(phase, done, total)``: phase is "statistics", "write" or "sync"; done/total in bytes.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOptions:
+    if options is None:
+        return MergeOptions(**kwargs)
+    return options.replace(**kwargs) if kwargs else options
+
+
+def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
+    if layout is None:
+        return None
+    return Path(layout).read_text()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, as the OS counts it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, Any]:
+    """Opens one model and describes it: detected layout, layers, and where every tensor belongs.
+
+    Args:
+        model: a Hugging Face folder or a ``.safetensors`` file.
+        layout: a custom layout definition file (JSON), overriding detection.
+
+    Returns:
+        ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
+        has ``name``, ``dtype``, ``shape`` and ``place`` (``"Outside"`` or ``{"Layer": {...}}``).
+    """
+    p = Path(model)
+    return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
+
+
+def analyze(
+    base: PathLike,
+    safety: PathLike,
+    expert: PathLike,
+    *,
+    options: Optional[MergeOptions] = None,
+    layout: Optional[PathLike] = None,
+    progress: Optional[ProgressCallback] = None,
+    **kwargs: Any,
+) -> Plan:
+    """Computes the plan: per unit, the scores of the safety and language experts, p_S, p_M, d and the
+    decision (METHOD.md §2–§4). Reads the models once, writes nothing.
+
+    Args:
+        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        options: a :class:`MergeOptions`; keyword arguments (``granularity=``, ``tau=``, ``alpha=``,
+            ``numerics=``, ``max_memory=``, ``threads=``...) override its fields.
+        layout: a custom layout definition file.
+        progress: called about ten times a second with ``(phase, done, total)``.
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
+    """
+    opts = _options(options, kwargs)
+    out = json.loads(
+        _core.analyze(str(base), str(safety), [str(expert)], opts.to_engine_json(), architecture(Path(expert)), _layout_json(layout), progress)
+    )
+    return Plan.from_engine(out["plans"][0], out["stats"])
+
+
+def merge(
+    base: PathLike,
+    safety: PathLike,
+    expert: PathLike,
+    out: PathLike,
+    *,
+    options: Optional[MergeOptions] = None,
+    layout: Optional[PathLike] = None,
+    force: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
+
+    The folder holds the merged safetensors shards (with an index when there is more than one), the
+    language expert's config files, the tokenizer files of ``options.tokenizer_from`` and
+    ``layerswap_report.json``. It is written beside ``out`` and renamed into place at the end: after a
+    failure or Ctrl-C there is no ``out`` and no leftover. Inputs are only ever read.
+
+    Args:
+        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        out: the output folder; must not exist unless ``force``.
+        options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
+        force: replace an existing ``out``.
+
+    Returns:
+        The report (also written to ``out/layerswap_report.json``).
+
+    Raises:
+        OutputExistsError, InvalidModelError, IncompatibleModelsError, MemoryBudgetError,
+        InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
+    """
+    opts = _options(options, kwargs)
+    base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
+    check_output(out_p, [base_p, safety_p, expert_p], force)
+    tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+    started = time.perf_counter()
+    with staged_output(out_p, force) as stage:
+        result = json.loads(
+            _core.merge(
+                str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
+                architecture(expert_p), _layout_json(layout), progress,
+            )
+        )
+        side_files = copy_side_files(stage, expert_p, tok_source)
+        plan = Plan.from_engine(result["plan"], result["stats"])
+        report = _report(plan, result, opts, (base_p, safety_p, expert_p), side_files, time.perf_counter() - started)
+        (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _report(plan: Plan, result: dict[str, Any], opts: MergeOptions, inputs: tuple[Path, Path, Path],
+            side_files: list[str], seconds: float) -> dict[str, Any]:
+    write = result["write"]
+    return {
+        "tool": "layerswap-fast",
+        "version": _core.__version__,
+        "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
+        "inputs": {"base": str(inputs[0]), "safety": str(inputs[1]), "expert": str(inputs[2])},
+        "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
+                       "threads": opts.effective_threads},
+        "layout": plan.layout,
+        "n_layers": plan.n_layers,
+        "granularity": plan.granularity,
+        "numerics": opts.numerics,
+        "counts": plan.counts(),
+        "units": plan.to_dict()["units"],
+        "output": {
+            "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
+            "tensors": write["tensors"],
+            "bytes_written": write["bytes_written"],
+        },
+        "bytes_read": result["bytes_read"],
+        "seconds": round(seconds, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }

@@ -1,0 +1,200 @@
+"""Method and resource options: defined once here, validated here, and turned into CLI options here.
+
+The engine validates again (it never trusts a caller), but users get their errors from this module,
+phrased in terms of the option they typed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import click
+
+from layerswap_fast.errors import InvalidOptionError
+
+GRANULARITIES = ("layer", "module")
+NUMERICS = ("exact", "official")
+POLICIES = ("blend", "expert", "safety")
+DTYPES = ("bf16", "f16", "f32", "f64")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str) -> int:
+    """Parses a byte size: ``1073741824``, ``512MiB``, ``1GiB``, ``5GB`` (decimal), ``2g`` (binary).
+
+    Raises:
+        InvalidOptionError: the text is not a size.
+    """
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise InvalidOptionError(f"'{value}' is not a size (examples: 512MiB, 1GiB, 5GB, 1073741824)")
+    number, unit, binary = m.groups()
+    power = " kmgt".index(unit.lower() or " ")
+    # "5GB" is decimal like Hugging Face's shard sizes; "5GiB" and a bare "5G" are binary.
+    base = 1000 if (unit and not binary and str(value).strip()[-1] in "bB") else 1024
+    return int(float(number) * base**power)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything that shapes a merge. See ``../shared/METHOD.md`` for the method options.
+
+    Attributes:
+        granularity: ``layer`` (one unit per decoder layer) or ``module`` (attention and MLP separately).
+        tau: decision threshold on d = p_S − p_M (d > τ → safety, d < −τ → expert, else blend).
+        alpha: weight of the safety expert in blends.
+        numerics: ``exact`` (float64 statistics, float32 blends rounded once) or ``official`` (the
+            authors' bf16 arithmetic, bit for bit).
+        outside: what embeddings, final norm and lm_head are made of: blend, expert or safety.
+        norms: module granularity: what a layer's own norms are made of (METHOD.md: expert).
+        out_dtype: output dtype (None: same as the language expert; ``official``: bf16).
+        max_memory: peak memory budget in bytes.
+        threads: worker threads (None: all cores).
+        shard_size: maximum bytes of tensor data per output shard.
+        allow_non_finite: merge even if a measured tensor holds NaN/Inf.
+        tokenizer_from: which model's tokenizer files go to the output (``expert`` by default, ``base``
+            in ``official`` numerics, as the authors' code does).
+    """
+
+    granularity: str = "layer"
+    tau: float = 0.001
+    alpha: float = 0.5
+    numerics: str = "exact"
+    outside: str = "blend"
+    norms: str = "expert"
+    out_dtype: Optional[str] = None
+    max_memory: int = 1 << 30
+    threads: Optional[int] = None
+    shard_size: int = 5_000_000_000
+    allow_non_finite: bool = False
+    tokenizer_from: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise InvalidOptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+        choice("granularity", GRANULARITIES)
+        choice("numerics", NUMERICS)
+        choice("outside", POLICIES)
+        choice("norms", POLICIES)
+        if self.out_dtype is not None:
+            object.__setattr__(self, "out_dtype", str(self.out_dtype).lower())
+            choice("out_dtype", DTYPES)
+        if self.tokenizer_from is not None:
+            choice("tokenizer_from", ("expert", "base", "safety"))
+        if not isinstance(self.tau, (int, float)) or not (self.tau >= 0) or self.tau == float("inf"):
+            raise InvalidOptionError(f"tau must be a finite number >= 0; got {self.tau!r}")
+        if not isinstance(self.alpha, (int, float)) or not (0.0 <= self.alpha <= 1.0):
+            raise InvalidOptionError(f"alpha must be between 0 and 1; got {self.alpha!r}")
+        for name in ("max_memory", "shard_size"):
+            object.__setattr__(self, name, parse_size(getattr(self, name)))
+            if getattr(self, name) <= 0:
+                raise InvalidOptionError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise InvalidOptionError(f"threads must be at least 1; got {self.threads!r}")
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    @property
+    def effective_tokenizer_from(self) -> str:
+        if self.tokenizer_from:
+            return self.tokenizer_from
+        return "base" if self.numerics == "official" else "expert"
+
+    @property
+    def effective_out_dtype(self) -> Optional[str]:
+        if self.out_dtype is None and self.numerics == "official":
+            return "bf16"
+        return self.out_dtype
+
+    def replace(self, **changes: Any) -> "MergeOptions":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_engine_json(self) -> str:
+        """The options as the Rust engine reads them."""
+        out_dtype = self.effective_out_dtype
+        return json.dumps(
+            {
+                "granularity": self.granularity,
+                "tau": float(self.tau),
+                "alpha": float(self.alpha),
+                "numerics": self.numerics,
+                "outside": self.outside,
+                "norms": self.norms,
+                "out_dtype": out_dtype.upper() if out_dtype else None,
+                "allow_non_finite": self.allow_non_finite,
+                "max_memory": self.max_memory,
+                "threads": self.effective_threads,
+                "shard_size": self.shard_size,
+            }
+        )
+
+
+# --- CLI options, generated from one table -------------------------------------------------------
+
+# (flags, MergeOptions field, click kwargs, help group)
+_METHOD_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
+    (("--granularity", "-g"), "granularity", dict(type=click.Choice(GRANULARITIES), default="layer", show_default=True,
+        help="Unit of decision: whole decoder layers, or attention and MLP separately.")),
+    (("--tau",), "tau", dict(type=float, default=0.001, show_default=True,
+        help="Threshold on d = p_S - p_M: d > tau takes the safety expert, d < -tau keeps the language expert, otherwise blend.")),
+    (("--alpha",), "alpha", dict(type=float, default=0.5, show_default=True,
+        help="Weight of the safety expert in blended units and outside tensors (0..1).")),
+    (("--numerics",), "numerics", dict(type=click.Choice(NUMERICS), default="exact", show_default=True,
+        help="exact: float64 statistics, float32 blends rounded once. official: the authors' bf16 arithmetic, bit for bit.")),
+    (("--outside",), "outside", dict(type=click.Choice(POLICIES), default="blend", show_default=True,
+        help="Embeddings, final norm and lm_head: blend them (the paper), or take the expert's or safety's.")),
+    (("--norms",), "norms", dict(type=click.Choice(POLICIES), default="expert", show_default=True,
+        help="Module granularity: a layer's own norms come from the expert (the paper), safety, or a blend.")),
+]
+_RESOURCE_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
+    (("--max-memory",), "max_memory", dict(default="1GiB", show_default=True,
+        help="Peak memory budget (e.g. 512MiB, 2GiB). Memory use does not grow with model size.")),
+    (("--threads", "-j"), "threads", dict(type=int, default=None, help="Worker threads [default: all cores].")),
+]
+_OUTPUT_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
+    (("--out-dtype",), "out_dtype", dict(type=click.Choice(DTYPES, case_sensitive=False), default=None,
+        help="Output dtype [default: the language expert's; bf16 with --numerics official].")),
+    (("--shard-size",), "shard_size", dict(default="5GB", show_default=True, help="Largest output shard (tensor bytes).")),
+    (("--tokenizer-from",), "tokenizer_from", dict(type=click.Choice(("expert", "base", "safety")), default=None,
+        help="Whose tokenizer files to copy [default: expert; base with --numerics official].")),
+    (("--allow-non-finite",), "allow_non_finite", dict(is_flag=True, default=False,
+        help="Merge even if a measured tensor contains NaN or Inf.")),
+]
+
+
+def _apply(options: list[tuple[tuple[str, ...], str, dict[str, Any]]]) -> Callable[[Callable], Callable]:
+    def decorator(f: Callable) -> Callable:
+        for flags, field, kwargs in reversed(options):
+            f = click.option(*flags, field, **kwargs)(f)
+        return f
+
+    return decorator
+
+
+method_options = _apply(_METHOD_OPTIONS)
+resource_options = _apply(_RESOURCE_OPTIONS)
+output_options = _apply(_OUTPUT_OPTIONS)
+
+_FIELDS = {field for group in (_METHOD_OPTIONS, _RESOURCE_OPTIONS, _OUTPUT_OPTIONS) for _, field, _ in group}
+
+
+def from_cli(params: dict[str, Any]) -> MergeOptions:
+    """Builds MergeOptions from the parameters Click collected (unknown keys are ignored)."""
+    return MergeOptions(**{k: v for k, v in params.items() if k in _FIELDS and v is not None})

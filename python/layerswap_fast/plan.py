@@ -1,0 +1,93 @@
+"""The plan: per unit, the scores, p_S, p_M, d and the decision, exactly as the engine thresholded them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class UnitDecision:
+    """One unit (a decoder layer, or its attention or MLP) and what was decided for it.
+
+    Attributes:
+        layer: decoder layer index.
+        part: ``None`` for a whole layer, ``"attention"`` or ``"mlp"`` in module granularity.
+        score_safety, score_expert: raw scores A_S(u), A_M(u).
+        p_safety, p_expert: normalised scores p_S(u), p_M(u).
+        d: p_S − p_M.
+        decision: ``"safety"``, ``"expert"`` or ``"blend"``.
+    """
+
+    layer: int
+    part: Optional[str]
+    score_safety: float
+    score_expert: float
+    p_safety: float
+    p_expert: float
+    d: float
+    decision: str
+
+    @property
+    def label(self) -> str:
+        return f"layer {self.layer}" if self.part is None else f"layer {self.layer} {self.part}"
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Sums of squares of one measured tensor: Σ B², and Σ (X − B)² per expert (safety first)."""
+
+    name: str
+    numel: int
+    base_ss: float
+    diff_ss: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Decisions for one language expert.
+
+    Attributes:
+        options: the engine options the plan was made with (granularity, tau, alpha, numerics, ...).
+        layout: name of the detected layout.
+        n_layers: number of decoder layers.
+        units: one :class:`UnitDecision` per unit, in order.
+        stats: the per-tensor statistics behind the scores.
+    """
+
+    options: dict[str, Any]
+    layout: str
+    n_layers: int
+    units: tuple[UnitDecision, ...]
+    stats: tuple[TensorStats, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_engine(cls, plan: dict[str, Any], stats: list[dict[str, Any]] = ()) -> "Plan":
+        units = tuple(UnitDecision(**u) for u in plan["units"])
+        ts = tuple(TensorStats(s["name"], s["numel"], s["base_ss"], tuple(s["diff_ss"])) for s in stats)
+        return cls(plan["options"], plan["layout"], plan["n_layers"], units, ts)
+
+    @property
+    def granularity(self) -> str:
+        return self.options["granularity"]
+
+    def decisions(self) -> list[str]:
+        """The decision of every unit, in unit order."""
+        return [u.decision for u in self.units]
+
+    def counts(self) -> dict[str, int]:
+        """Units per decision."""
+        out = {"safety": 0, "expert": 0, "blend": 0}
+        for u in self.units:
+            out[u.decision] += 1
+        return out
+
+    def to_dict(self, with_stats: bool = False) -> dict[str, Any]:
+        d = {"options": self.options, "layout": self.layout, "n_layers": self.n_layers, "units": [asdict(u) for u in self.units]}
+        if with_stats:
+            d["stats"] = [asdict(s) for s in self.stats]
+        return d
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)

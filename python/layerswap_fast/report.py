@@ -1,0 +1,47 @@
+"""Human-readable views of plans and merge reports: the decision table and the final summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from layerswap_fast.plan import Plan
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def decision_table(plan: Plan) -> str:
+    """The per-unit table: scores, p_S, p_M, d and decision, exactly as thresholded."""
+    o = plan.options
+    lines = [
+        f"layout {plan.layout}, {plan.n_layers} layers, granularity {o['granularity']}, "
+        f"tau {o['tau']:g}, alpha {o['alpha']:g}, numerics {o['numerics']}",
+        f"{'unit':<22} {'A_safety':>10} {'A_expert':>10} {'p_safety':>9} {'p_expert':>9} {'d':>10}  decision",
+    ]
+    for u in plan.units:
+        lines.append(
+            f"{u.label:<22} {u.score_safety:>10.5f} {u.score_expert:>10.5f} {u.p_safety:>9.5f} {u.p_expert:>9.5f} {u.d:>+10.5f}  {u.decision}"
+        )
+    c = plan.counts()
+    lines.append(f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend")
+    return "\n".join(lines)
+
+
+def merge_summary(report: dict[str, Any], out: str) -> str:
+    """The lines printed after a merge."""
+    c = report["counts"]
+    secs = report["seconds"]
+    rate = report["bytes_read"] / secs if secs > 0 else 0.0
+    return "\n".join(
+        [
+            f"wrote {out}: {report['output']['tensors']} tensors in {len([f for f in report['output']['files'] if f.endswith('.safetensors')])} shard(s)",
+            f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend ({report['granularity']} granularity, {report['numerics']} numerics)",
+            f"read {fmt_bytes(report['bytes_read'])}, wrote {fmt_bytes(report['output']['bytes_written'])} "
+            f"in {secs:.2f} s ({fmt_bytes(rate)}/s read); peak memory {fmt_bytes(report['peak_rss_bytes'])}",
+        ]
+    )

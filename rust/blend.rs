@@ -1,0 +1,189 @@
+//! The write pass: every output tensor is a byte copy of one source, a dtype conversion of one source,
+//! or a blend α·S + (1−α)·M, computed chunk by chunk and written straight to its final offset.
+
+use std::sync::atomic::Ordering;
+
+use rayon::prelude::*;
+
+use crate::budget::BufferPool;
+use crate::dtype::{bf16_to_f32, cast, cast_mut, f16_to_f32, f32_to_bf16, f32_to_f16, Dtype};
+use crate::error::Result;
+use crate::io::writer::OutputTensor;
+use crate::io::{Model, OutputWriter};
+use crate::options::Numerics;
+use crate::plan::Action;
+use crate::progress::Progress;
+use crate::stream::{chunks, read_elems};
+
+/// Elements converted at a time inside a chunk (fits in L1 alongside its sources).
+const SUB: usize = 2048;
+
+/// One output tensor and how to make it.
+#[derive(Debug, Clone)]
+pub struct Job<'a> {
+    /// Where it goes.
+    pub out: &'a OutputTensor,
+    /// What it is made of.
+    pub action: Action,
+}
+
+/// Runs the write pass for `jobs` on the current rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub fn write(
+    jobs: &[Job<'_>],
+    safety: &Model,
+    expert: &Model,
+    numerics: Numerics,
+    writer: &OutputWriter,
+    chunk_elems: usize,
+    pool: &BufferPool,
+    progress: &Progress,
+) -> Result<()> {
+    let numels: Vec<u64> = jobs.iter().map(|j| j.out.shape.iter().product()).collect();
+    let work = chunks(&numels, chunk_elems);
+    work.par_iter().try_for_each(|c| {
+        progress.check()?;
+        let job = &jobs[c.tensor];
+        let out = job.out;
+        let mut bufs = pool.take();
+        let [a, b, o] = &mut bufs[..3] else { unreachable!("write pass needs three buffers") };
+        let out_bytes = c.len * out.dtype.size();
+        let dst = out.offset + c.start * out.dtype.size() as u64;
+        let read = match job.action {
+            Action::Safety | Action::Expert => {
+                let src = if job.action == Action::Safety { safety } else { expert };
+                let t = src.tensor(&out.name).expect("checked by caller");
+                let bytes = read_elems(src, t, c.start, c.len, a)?;
+                if t.dtype == out.dtype && (numerics == Numerics::Exact || t.dtype == Dtype::BF16) {
+                    writer.write_at(out.shard, dst, bytes)?;
+                } else {
+                    convert(t.dtype, bytes, out.dtype, o.bytes_mut(out_bytes), numerics);
+                    writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
+                }
+                bytes.len()
+            }
+            Action::Blend(alpha) => {
+                let ts = safety.tensor(&out.name).expect("checked by caller");
+                let tm = expert.tensor(&out.name).expect("checked by caller");
+                let s = read_elems(safety, ts, c.start, c.len, a)?;
+                let m = read_elems(expert, tm, c.start, c.len, b)?;
+                blend(ts.dtype, s, m, out.dtype, o.bytes_mut(out_bytes), alpha, numerics);
+                writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
+                s.len() + m.len()
+            }
+        };
+        progress.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+        progress.bytes_written.fetch_add(out_bytes as u64, Ordering::Relaxed);
+        progress.advance(out_bytes as u64);
+        Ok(())
+    })
+}
+
+/// Decodes raw elements to f32 (exact for BF16/F16/F32).
+fn decode32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
+    match dtype {
+        Dtype::BF16 => cast::<u16>(src).iter().zip(dst).for_each(|(s, d)| *d = bf16_to_f32(*s)),
+        Dtype::F16 => cast::<u16>(src).iter().zip(dst).for_each(|(s, d)| *d = f16_to_f32(*s)),
+        Dtype::F32 => dst.copy_from_slice(cast::<f32>(src)),
+        Dtype::F64 => cast::<f64>(src).iter().zip(dst).for_each(|(s, d)| *d = *s as f32),
+    }
+}
+
+/// Encodes f32 values, rounding once to nearest even.
+fn encode32(src: &[f32], dtype: Dtype, dst: &mut [u8]) {
+    match dtype {
+        Dtype::BF16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_bf16(*s)),
+        Dtype::F16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_f16(*s)),
+        Dtype::F32 => cast_mut::<f32>(dst).copy_from_slice(src),
+        Dtype::F64 => src.iter().zip(cast_mut::<f64>(dst)).for_each(|(s, d)| *d = *s as f64),
+    }
+}
+
+fn decode64(dtype: Dtype, src: &[u8], dst: &mut [f64]) {
+    match dtype {
+        Dtype::F64 => dst.copy_from_slice(cast::<f64>(src)),
+        _ => {
+            let mut tmp = [0f32; SUB];
+            let tmp = &mut tmp[..dst.len()];
+            decode32(dtype, src, tmp);
+            tmp.iter().zip(dst).for_each(|(s, d)| *d = *s as f64);
+        }
+    }
+}
+
+fn encode64(src: &[f64], dtype: Dtype, dst: &mut [u8]) {
+    match dtype {
+        Dtype::F64 => cast_mut::<f64>(dst).copy_from_slice(src),
+        Dtype::F32 => src.iter().zip(cast_mut::<f32>(dst)).for_each(|(s, d)| *d = *s as f32),
+        // f64 -> f32 -> 16-bit would round twice; go through the exact decomposition instead.
+        Dtype::BF16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = half::bf16::from_f64(*s).to_bits()),
+        Dtype::F16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = half::f16::from_f64(*s).to_bits()),
+    }
+}
+
+#[inline(always)]
+fn rb(x: f32) -> f32 {
+    bf16_to_f32(f32_to_bf16(x))
+}
+
+/// Converts one source's elements to another dtype (official numerics: through bf16, as the authors
+/// load every checkpoint in bf16).
+pub fn convert(src_dtype: Dtype, src: &[u8], out_dtype: Dtype, out: &mut [u8], numerics: Numerics) {
+    let (si, so) = (src_dtype.size(), out_dtype.size());
+    let n = src.len() / si;
+    if (src_dtype == Dtype::F64 || out_dtype == Dtype::F64) && numerics == Numerics::Exact {
+        let mut v = [0f64; SUB];
+        for lo in (0..n).step_by(SUB) {
+            let hi = (lo + SUB).min(n);
+            decode64(src_dtype, &src[lo * si..hi * si], &mut v[..hi - lo]);
+            encode64(&v[..hi - lo], out_dtype, &mut out[lo * so..hi * so]);
+        }
+        return;
+    }
+    let mut v = [0f32; SUB];
+    for lo in (0..n).step_by(SUB) {
+        let hi = (lo + SUB).min(n);
+        let v = &mut v[..hi - lo];
+        decode32(src_dtype, &src[lo * si..hi * si], v);
+        if numerics == Numerics::Official {
+            v.iter_mut().for_each(|x| *x = rb(*x));
+        }
+        encode32(v, out_dtype, &mut out[lo * so..hi * so]);
+    }
+}
+
+/// out = α·S + (1−α)·M. Exact: computed in f32 (f64 when F64 is involved) with the weights rounded
+/// to that type, products and sum each in that type, no fused multiply-add, then rounded once to the
+/// output dtype. Official: inputs in bf16, α·S, (1−α)·M and their sum each rounded to bf16 (METHOD.md §6).
+pub fn blend(in_dtype: Dtype, s: &[u8], m: &[u8], out_dtype: Dtype, out: &mut [u8], alpha: f64, numerics: Numerics) {
+    let (si, so) = (in_dtype.size(), out_dtype.size());
+    let n = s.len() / si;
+    if (in_dtype == Dtype::F64 || out_dtype == Dtype::F64) && numerics == Numerics::Exact {
+        let (ws, wm) = (alpha, 1.0 - alpha);
+        let (mut vs, mut vm) = ([0f64; SUB], [0f64; SUB]);
+        for lo in (0..n).step_by(SUB) {
+            let hi = (lo + SUB).min(n);
+            let (vs, vm) = (&mut vs[..hi - lo], &mut vm[..hi - lo]);
+            decode64(in_dtype, &s[lo * si..hi * si], vs);
+            decode64(in_dtype, &m[lo * si..hi * si], vm);
+            vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = ws * *a + wm * *b);
+            encode64(vs, out_dtype, &mut out[lo * so..hi * so]);
+        }
+        return;
+    }
+    let (ws, wm) = (alpha as f32, (1.0 - alpha) as f32);
+    let (mut vs, mut vm) = ([0f32; SUB], [0f32; SUB]);
+    for lo in (0..n).step_by(SUB) {
+        let hi = (lo + SUB).min(n);
+        let (vs, vm) = (&mut vs[..hi - lo], &mut vm[..hi - lo]);
+        decode32(in_dtype, &s[lo * si..hi * si], vs);
+        decode32(in_dtype, &m[lo * si..hi * si], vm);
+        match numerics {
+            Numerics::Exact => vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = ws * *a + wm * *b),
+            Numerics::Official => {
+                vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = rb(rb(ws * rb(*a)) + rb(wm * rb(*b))))
+            }
+        }
+        encode32(vs, out_dtype, &mut out[lo * so..hi * so]);
+    }
+}

@@ -1,0 +1,183 @@
+//! One model: a Hugging Face folder (single `model.safetensors`, or shards named by
+//! `model.safetensors.index.json`) or a single `.safetensors` file. Shards are an implementation
+//! detail behind [`Model::tensor`]: two models need not be split the same way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::io::header::Entries;
+use crate::io::shard::Shard;
+
+/// Name of the shard index file.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Name of the single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// Where one tensor lives inside a model.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    /// Index into [`Model::shards`].
+    pub shard: usize,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Absolute byte offset of the first element in the shard file.
+    pub offset: u64,
+    /// Size in bytes.
+    pub nbytes: u64,
+}
+
+impl TensorRef {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// An opened model.
+#[derive(Debug)]
+pub struct Model {
+    /// The path the user gave (folder or file).
+    pub path: PathBuf,
+    /// Opened shards.
+    pub shards: Vec<Shard>,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, TensorRef>,
+}
+
+impl Model {
+    /// Opens a folder or a single safetensors file.
+    pub fn open(path: &Path) -> Result<Model> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_file() {
+            return Self::from_files(path, vec![path.to_path_buf()], None);
+        }
+        let index = path.join(INDEX_FILE);
+        if index.is_file() {
+            let (files, map) = read_index(&index)?;
+            return Self::from_files(path, files, Some((index, map)));
+        }
+        let single = path.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::from_files(path, vec![single], None);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::invalid(
+                path,
+                format!("no {SINGLE_FILE}, no {INDEX_FILE} and no .safetensors file in this folder"),
+            ));
+        }
+        Self::from_files(path, files, None)
+    }
+
+    fn from_files(path: &Path, files: Vec<PathBuf>, index: Option<(PathBuf, HashMap<String, String>)>) -> Result<Model> {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = BTreeMap::new();
+        for (i, file) in files.iter().enumerate() {
+            let shard = Shard::open(file)?;
+            for t in &shard.header.tensors {
+                let r = TensorRef {
+                    shard: i,
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    offset: shard.header.data_start() + t.start,
+                    nbytes: t.nbytes(),
+                };
+                if tensors.insert(t.name.clone(), r).is_some() {
+                    return Err(Error::invalid(file, format!("tensor '{}' is stored in more than one shard", t.name)));
+                }
+            }
+            shards.push(shard);
+        }
+        if let Some((index_path, map)) = index {
+            let file_name = |i: usize| files[i].file_name().unwrap().to_string_lossy().into_owned();
+            for (name, r) in &tensors {
+                match map.get(name) {
+                    None => {
+                        return Err(Error::invalid(
+                            &index_path,
+                            format!("tensor '{name}' is in shard {} but not in the index weight_map", file_name(r.shard)),
+                        ))
+                    }
+                    Some(f) if *f != file_name(r.shard) => {
+                        return Err(Error::invalid(
+                            &index_path,
+                            format!("index says tensor '{name}' is in {f} but it is in {}", file_name(r.shard)),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(name) = map.keys().find(|n| !tensors.contains_key(*n)) {
+                return Err(Error::invalid(
+                    &index_path,
+                    format!("index lists tensor '{name}' in {} but that shard has no such tensor", map[name]),
+                ));
+            }
+        }
+        Ok(Model { path: path.to_path_buf(), shards, tensors })
+    }
+
+    /// Looks up a tensor.
+    pub fn tensor(&self, name: &str) -> Option<&TensorRef> {
+        self.tensors.get(name)
+    }
+
+    /// The shard holding a tensor.
+    pub fn shard_of(&self, t: &TensorRef) -> &Shard {
+        &self.shards[t.shard]
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.nbytes).sum()
+    }
+}
+
+/// Reads an index file: the distinct shard files in first-seen order and the name -> file map.
+fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    #[derive(serde::Deserialize)]
+    struct IndexFile {
+        weight_map: Option<Entries>,
+    }
+    let parsed: IndexFile =
+        serde_json::from_str(&text).map_err(|e| Error::invalid(index, format!("index is not valid JSON: {e}")))?;
+    let weight_map = parsed.weight_map.ok_or_else(|| Error::invalid(index, "index has no 'weight_map' object"))?.0;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files = Vec::new();
+    let mut seen = HashMap::new();
+    let mut map = HashMap::new();
+    for (name, file) in &weight_map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::invalid(index, format!("weight_map entry for '{name}' is not a string")))?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(Error::invalid(index, format!("weight_map entry for '{name}' names '{file}', which is not a file in this folder")));
+        }
+        if !seen.contains_key(file) {
+            let p = dir.join(file);
+            if !p.is_file() {
+                return Err(Error::invalid(index, format!("shard '{file}' (holding tensor '{name}') does not exist")));
+            }
+            seen.insert(file.to_string(), files.len());
+            files.push(p);
+        }
+        if map.insert(name.clone(), file.to_string()).is_some() {
+            return Err(Error::invalid(index, format!("tensor '{name}' is listed twice in the index weight_map")));
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::invalid(index, "index weight_map is empty"));
+    }
+    Ok((files, map))
+}

@@ -1,0 +1,103 @@
+//! Method and resource options. Mirrors `python/layerswap_fast/options.py`, which validates for the
+//! user's sake; the engine validates again so that no caller can run it with nonsense.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// What a unit is (METHOD.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// One unit per decoder layer; score = plain sum of relative changes.
+    Layer,
+    /// Attention and MLP of each layer are separate units; score = root of sum of squares.
+    Module,
+}
+
+/// How numbers are computed (METHOD.md "What layerswap-fast does" and §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Numerics {
+    /// Exact differences, float64 sums, float32 blends rounded once.
+    Exact,
+    /// The authors' bf16 arithmetic, bit for bit.
+    Official,
+}
+
+/// Where a group of tensors is taken from when no unit decision covers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourcePolicy {
+    /// alpha * safety + (1 - alpha) * expert.
+    Blend,
+    /// The language expert's tensor.
+    Expert,
+    /// The safety expert's tensor.
+    Safety,
+}
+
+/// Everything that shapes a merge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MergeOptions {
+    /// Unit granularity.
+    pub granularity: Granularity,
+    /// Decision threshold on d = p_S - p_M.
+    pub tau: f64,
+    /// Blend weight of the safety expert.
+    pub alpha: f64,
+    /// Arithmetic mode.
+    pub numerics: Numerics,
+    /// Tensors outside the decoder layers (METHOD.md §5: blend).
+    pub outside: SourcePolicy,
+    /// A layer's own norms in module granularity (METHOD.md §5: expert).
+    pub norms: SourcePolicy,
+    /// Output element type; None keeps each tensor's input dtype.
+    pub out_dtype: Option<Dtype>,
+    /// Refuse tensors containing NaN/Inf unless this is set.
+    pub allow_non_finite: bool,
+    /// Peak memory budget in bytes.
+    pub max_memory: u64,
+    /// Worker threads.
+    pub threads: usize,
+    /// Maximum bytes of tensor data per output shard.
+    pub shard_size: u64,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            granularity: Granularity::Layer,
+            tau: 0.001,
+            alpha: 0.5,
+            numerics: Numerics::Exact,
+            outside: SourcePolicy::Blend,
+            norms: SourcePolicy::Expert,
+            out_dtype: None,
+            allow_non_finite: false,
+            max_memory: 1 << 30,
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            shard_size: 5_000_000_000,
+        }
+    }
+}
+
+impl MergeOptions {
+    /// Rejects values outside their ranges, naming the option and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.tau.is_finite() && self.tau >= 0.0) {
+            return Err(Error::argument(format!("tau must be a finite number >= 0, got {}", self.tau)));
+        }
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(Error::argument(format!("alpha must be between 0 and 1, got {}", self.alpha)));
+        }
+        if self.threads == 0 {
+            return Err(Error::argument("threads must be at least 1"));
+        }
+        if self.shard_size == 0 {
+            return Err(Error::argument("shard size must be positive"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! The private native module `layerswap_fast._core`. Thin: every function converts its arguments to
+//! owned Rust values, runs the engine with the GIL released (see [`progress::run`]) and maps the error
+//! through the one table in [`errors`]. Results cross back as JSON strings, which the Python package
+//! turns into its own typed objects.
+
+use pyo3::prelude::*;
+
+mod errors;
+mod functions;
+mod progress;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", crate::VERSION)?;
+    errors::register(m)?;
+    functions::register(m)?;
+    Ok(())
+}

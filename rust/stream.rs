@@ -1,0 +1,52 @@
+//! Chunked reading: the same element range of the same tensor, from several models at once.
+
+use crate::dtype::AlignedBuf;
+use crate::error::Result;
+use crate::io::{Model, TensorRef};
+
+/// One unit of parallel work: elements `[start, start + len)` of tensor number `tensor`.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk {
+    /// Index into the caller's tensor list.
+    pub tensor: usize,
+    /// First element.
+    pub start: u64,
+    /// Number of elements.
+    pub len: usize,
+}
+
+/// Splits tensors of the given element counts into chunks of at most `chunk_elems` elements, in
+/// tensor order. Chunk boundaries are multiples of `chunk_elems`, independent of thread count.
+pub fn chunks(numels: &[u64], chunk_elems: usize) -> Vec<Chunk> {
+    let mut out = vec![];
+    for (tensor, &n) in numels.iter().enumerate() {
+        let mut start = 0;
+        while start < n {
+            let len = (n - start).min(chunk_elems as u64) as usize;
+            out.push(Chunk { tensor, start, len });
+            start += len as u64;
+        }
+    }
+    out
+}
+
+/// Reads elements `[start, start + len)` of tensor `t` of `model` into the front of `buf`; returns the
+/// filled bytes.
+pub fn read_elems<'b>(model: &Model, t: &TensorRef, start: u64, len: usize, buf: &'b mut AlignedBuf) -> Result<&'b [u8]> {
+    let size = t.dtype.size();
+    let bytes = buf.bytes_mut(len * size);
+    model.shard_of(t).read_at(t.offset + start * size as u64, bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_every_element_once() {
+        let c = chunks(&[0, 5, 10, 1], 4);
+        let lens: Vec<(usize, u64, usize)> = c.iter().map(|c| (c.tensor, c.start, c.len)).collect();
+        assert_eq!(lens, vec![(1, 0, 4), (1, 4, 1), (2, 0, 4), (2, 4, 4), (2, 8, 2), (3, 0, 1)]);
+    }
+}
