@@ -1,0 +1,9 @@
+//! Engine integration tests, one module per engine stage. Run with `cargo test`.
+
+mod common;
+
+mod budget;
+mod header;
+mod pipeline;
+mod plan;
+mod stats;
