@@ -38,6 +38,19 @@ pub enum SourcePolicy {
     Safety,
 }
 
+/// Where the vocabulary tensors (token embeddings, lm_head; [`crate::layout::Place::Vocab`]) come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VocabSource {
+    /// Like every other outside tensor (`outside` policy); the safety and language experts must then
+    /// have the same vocabulary shapes, else the merge is refused naming both shapes.
+    #[default]
+    Outside,
+    /// Always the language expert's tensors, whatever their shapes: for a language expert whose
+    /// vocabulary was extended (its tokenizer and config.json go to the output anyway).
+    Expert,
+}
+
 /// Everything that shapes a merge.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeOptions {
@@ -53,6 +66,9 @@ pub struct MergeOptions {
     pub outside: SourcePolicy,
     /// A layer's own norms in module granularity (METHOD.md §5: expert).
     pub norms: SourcePolicy,
+    /// Vocabulary tensors: like other outside tensors, or always the language expert's.
+    #[serde(default)]
+    pub vocab_from: VocabSource,
     /// Output element type; None keeps each tensor's input dtype.
     pub out_dtype: Option<Dtype>,
     /// Refuse tensors containing NaN/Inf unless this is set.
@@ -74,6 +90,7 @@ impl Default for MergeOptions {
             numerics: Numerics::Exact,
             outside: SourcePolicy::Blend,
             norms: SourcePolicy::Expert,
+            vocab_from: VocabSource::Outside,
             out_dtype: None,
             allow_non_finite: false,
             max_memory: 1 << 30,

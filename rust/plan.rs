@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{Layout, Part, Place};
-use crate::options::{Granularity, MergeOptions, SourcePolicy};
+use crate::options::{Granularity, MergeOptions, SourcePolicy, VocabSource};
 use crate::score::{unit_scores, Unit};
 use crate::stats::TensorStats;
 
@@ -130,7 +130,11 @@ impl Plan {
     /// What the output tensor at `place` is made of.
     pub fn action(&self, place: Place) -> Action {
         match (place, self.options.granularity) {
-            (Place::Outside, _) => self.from_policy(self.options.outside),
+            (Place::Vocab, _) if self.options.vocab_from == VocabSource::Expert => Action::Expert,
+            (Place::Outside | Place::Vocab, _) => self.from_policy(self.options.outside),
+            // A merge refuses unassigned tensors before it gets here (Layout::check_assigned); should one
+            // slip through, it stays the host's rather than follow a decision it was not measured for.
+            (Place::Unassigned { .. }, _) => Action::Expert,
             (Place::Layer { layer, .. }, Granularity::Layer) => self.from_decision(self.units[layer].decision),
             (Place::Layer { part: Part::Norm, .. }, Granularity::Module) => self.from_policy(self.options.norms),
             (Place::Layer { layer, part, .. }, Granularity::Module) => {

@@ -20,6 +20,7 @@ from layerswap_fast.errors import InvalidOptionError
 GRANULARITIES = ("layer", "module")
 NUMERICS = ("exact", "official")
 POLICIES = ("blend", "expert", "safety")
+VOCAB_SOURCES = ("outside", "expert")
 DTYPES = ("bf16", "f16", "f32", "f64")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -55,6 +56,10 @@ class MergeOptions:
             authors' bf16 arithmetic, bit for bit).
         outside: what embeddings, final norm and lm_head are made of: blend, expert or safety.
         norms: module granularity: what a layer's own norms are made of (METHOD.md: expert).
+        vocab_from: the vocabulary tensors (token embeddings, lm_head): ``outside`` treats them like the
+            other outside tensors, and then the safety and language experts must have the same vocabulary
+            shapes (a clear error otherwise); ``expert`` always takes them from the language expert, for
+            a language expert with an extended vocabulary (its tokenizer goes to the output too).
         out_dtype: output dtype (None: same as the language expert; ``official``: bf16).
         max_memory: peak memory budget in bytes.
         threads: worker threads (None: all cores).
@@ -70,6 +75,7 @@ class MergeOptions:
     numerics: str = "exact"
     outside: str = "blend"
     norms: str = "expert"
+    vocab_from: str = "outside"
     out_dtype: Optional[str] = None
     max_memory: int = 1 << 30
     threads: Optional[int] = None
@@ -87,11 +93,17 @@ class MergeOptions:
         choice("numerics", NUMERICS)
         choice("outside", POLICIES)
         choice("norms", POLICIES)
+        choice("vocab_from", VOCAB_SOURCES)
         if self.out_dtype is not None:
             object.__setattr__(self, "out_dtype", str(self.out_dtype).lower())
             choice("out_dtype", DTYPES)
         if self.tokenizer_from is not None:
             choice("tokenizer_from", ("expert", "base", "safety"))
+            if self.vocab_from == "expert" and self.tokenizer_from != "expert":
+                raise InvalidOptionError(
+                    f"vocab_from='expert' takes the language expert's embeddings, so its tokenizer must go with them; "
+                    f"got tokenizer_from={self.tokenizer_from!r}"
+                )
         if not isinstance(self.tau, (int, float)) or not (self.tau >= 0) or self.tau == float("inf"):
             raise InvalidOptionError(f"tau must be a finite number >= 0; got {self.tau!r}")
         if not isinstance(self.alpha, (int, float)) or not (0.0 <= self.alpha <= 1.0):
@@ -111,6 +123,8 @@ class MergeOptions:
     def effective_tokenizer_from(self) -> str:
         if self.tokenizer_from:
             return self.tokenizer_from
+        if self.vocab_from == "expert":
+            return "expert"
         return "base" if self.numerics == "official" else "expert"
 
     @property
@@ -137,6 +151,7 @@ class MergeOptions:
                 "numerics": self.numerics,
                 "outside": self.outside,
                 "norms": self.norms,
+                "vocab_from": self.vocab_from,
                 "out_dtype": out_dtype.upper() if out_dtype else None,
                 "allow_non_finite": self.allow_non_finite,
                 "max_memory": self.max_memory,
@@ -162,6 +177,9 @@ _METHOD_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
         help="Embeddings, final norm and lm_head: blend them (the paper), or take the expert's or safety's.")),
     (("--norms",), "norms", dict(type=click.Choice(POLICIES), default="expert", show_default=True,
         help="Module granularity: a layer's own norms come from the expert (the paper), safety, or a blend.")),
+    (("--vocab-from",), "vocab_from", dict(type=click.Choice(VOCAB_SOURCES), default="outside", show_default=True,
+        help="Embeddings and lm_head: like the other outside tensors (vocabularies must match), or always the "
+             "language expert's (for an extended vocabulary; its tokenizer goes with them).")),
 ]
 _RESOURCE_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--max-memory",), "max_memory", dict(default="1GiB", show_default=True,
