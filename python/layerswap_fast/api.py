@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core
 from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
+from layerswap_fast.errors import InvalidOptionError
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
@@ -30,9 +31,18 @@ def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOp
 
 
 def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
+    """A custom layout file as the engine reads it: JSON as is; TOML (``.toml``) converted to JSON."""
     if layout is None:
         return None
-    return Path(layout).read_text()
+    p = Path(layout)
+    if p.suffix.lower() != ".toml":
+        return p.read_text()
+    import tomllib
+
+    try:
+        return json.dumps(tomllib.loads(p.read_text()))
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
 
 
 def peak_rss_bytes() -> int:
@@ -83,7 +93,8 @@ def analyze(
     """
     opts = _options(options, kwargs)
     out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], opts.to_engine_json(), architecture(Path(expert)), _layout_json(layout), progress)
+        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
+                      progress=progress)
     )
     return Plan.from_engine(out["plans"][0], out["stats"])
 
@@ -123,7 +134,6 @@ def merge(
     opts = _options(options, kwargs)
     base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
     check_output(out_p, [base_p, safety_p, expert_p], force)
-    tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
     started = time.perf_counter()
     with staged_output(out_p, force) as stage:
         result = json.loads(
@@ -132,21 +142,23 @@ def merge(
                 architecture(expert_p), _layout_json(layout), progress,
             )
         )
-        side_files = copy_side_files(stage, expert_p, tok_source)
         plan = Plan.from_engine(result["plan"], result["stats"])
-        report = _report(plan, result, opts, (base_p, safety_p, expert_p), side_files, time.perf_counter() - started)
-        (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started)
     return report
 
 
-def _report(plan: Plan, result: dict[str, Any], opts: MergeOptions, inputs: tuple[Path, Path, Path],
-            side_files: list[str], seconds: float) -> dict[str, Any]:
-    write = result["write"]
-    return {
+def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
+                  inputs: tuple[Path, Path, Path], started: float) -> dict[str, Any]:
+    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
+    a staged output whose shards the engine has written. Returns the report."""
+    base_p, safety_p, expert_p = inputs
+    tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+    side_files = copy_side_files(stage, expert_p, tok_source)
+    report = {
         "tool": "layerswap-fast",
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
-        "inputs": {"base": str(inputs[0]), "safety": str(inputs[1]), "expert": str(inputs[2])},
+        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p)},
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,
@@ -160,7 +172,13 @@ def _report(plan: Plan, result: dict[str, Any], opts: MergeOptions, inputs: tupl
             "tensors": write["tensors"],
             "bytes_written": write["bytes_written"],
         },
-        "bytes_read": result["bytes_read"],
-        "seconds": round(seconds, 3),
+        "bytes_read": bytes_read,
+        "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
+        "warnings": [
+            f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
+            for name in write.get("expert_only", [])
+        ],
     }
+    (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional
 
 import click
 
-from layerswap_fast import api, synth
+from layerswap_fast import api, bulk, synth
 from layerswap_fast.errors import LayerswapError
 from layerswap_fast.options import from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
-from layerswap_fast.report import decision_table, fmt_bytes, merge_summary
+from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -74,18 +74,45 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _models(f: Callable) -> Callable:
-    for flags, name, help_ in reversed(
-        [
-            (("-b", "--base"), "base", "Base model B: Hugging Face folder or .safetensors file."),
-            (("-s", "--safety"), "safety", "English safety expert S (B fine-tuned on safety data)."),
-            (("-m", "--expert"), "expert", "Language expert M (B fine-tuned on a language): the host of the merge."),
-        ]
-    ):
-        f = click.option(*flags, name, required=True, type=click.Path(path_type=Path), help=help_)(f)
-    f = click.option("--layout", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                     help="Custom layout definition (JSON) for models no built-in layout recognises.")(f)
-    return f
+def _models(multiple: bool = False) -> Callable[[Callable], Callable]:
+    """-b/-s/-m (and --layout). With ``multiple``, -m may repeat as NAME=PATH and all three may come
+    from a --plan file instead, so none is required by Click."""
+
+    def decorator(f: Callable) -> Callable:
+        expert_help = (
+            "Language expert M (B fine-tuned on a language): the host of the merge. Repeat as NAME=PATH "
+            "(-m ko=expert-ko/ -m sw=expert-sw/) to merge several experts in one pass into OUT/NAME/."
+            if multiple
+            else "Language expert M (B fine-tuned on a language): the host of the merge."
+        )
+        for flags, name, help_ in reversed(
+            [
+                (("-b", "--base"), "base", "Base model B: Hugging Face folder or .safetensors file."),
+                (("-s", "--safety"), "safety", "English safety expert S (B fine-tuned on safety data)."),
+                (("-m", "--expert"), "expert", expert_help),
+            ]
+        ):
+            kind = str if (multiple and name == "expert") else click.Path(path_type=Path)
+            f = click.option(*flags, name, required=not multiple, multiple=multiple and name == "expert", type=kind, help=help_)(f)
+        f = click.option("--layout", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                         help="Custom layout definition (JSON) for models no built-in layout recognises.")(f)
+        return f
+
+    return decorator
+
+
+def _parse_experts(values: tuple[str, ...]) -> tuple[bool, list[tuple[str, Path]]]:
+    """(named, [(name, path)]) from -m values: PATH, or NAME=PATH (a value that exists as a path is a path)."""
+    out = []
+    named = False
+    for v in values:
+        name, sep, path = v.partition("=")
+        if sep and name and not Path(v).exists():
+            out.append((name, Path(path)))
+            named = True
+        else:
+            out.append((Path(v).name or "expert", Path(v)))
+    return named, out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -106,12 +133,14 @@ def main() -> None:
 
 
 @main.command()
-@_models
+@_models()
 @method_options
 @resource_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
+@click.option("--save-stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Save the base and safety-expert statistics to this file, for later bulk runs (merge --stats).")
 @_errors
-def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, **params: Any) -> None:
+def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, save_stats: Optional[Path], **params: Any) -> None:
     """Compute the per-unit scores and decisions; write nothing.
 
     Prints, per unit, the raw scores A_S and A_M, the normalised p_S and p_M, d = p_S - p_M and the
@@ -123,61 +152,134 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
         plan = api.analyze(base, safety, expert, options=options, layout=layout, progress=bar)
     finally:
         bar.close()
+    if save_stats is not None:
+        bulk.save_stats(save_stats, plan, base, safety)
     click.echo(plan.to_json() if as_json else decision_table(plan))
 
 
 @main.command()
-@_models
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --force).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@_models(multiple=True)
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (must not exist unless --force). With several experts: the parent of OUT/NAME/.")
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Bulk plan file (TOML, or YAML with PyYAML): base, safety, out, [defaults], [experts.NAME] with path and per-expert options.")
+@click.option("--executor", type=click.Choice(bulk.EXECUTORS), default="local", show_default=True,
+              help="Where the per-expert write passes run: here, or on Ray (cluster from RAY_ADDRESS; shared filesystem).")
+@click.option("--stats", "saved_stats", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reuse base and safety statistics saved by analyze --save-stats (the safety expert is then not re-read).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete); in bulk runs, redo finished experts.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @method_options
 @resource_options
 @output_options
 @_errors
-def merge(base: Path, safety: Path, expert: Path, layout: Optional[Path], out: Path, force: bool, quiet: bool, **params: Any) -> None:
-    """Merge the safety expert into the language expert and write a Hugging Face folder.
+def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path], out: Optional[Path],
+          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, quiet: bool, **params: Any) -> None:
+    """Merge the safety expert into the language expert(s) and write Hugging Face folders.
 
     The output holds merged safetensors shards (and their index), the language expert's config, the
     tokenizer (see --tokenizer-from) and layerswap_report.json with every unit's scores and decision.
     It is written beside OUT and renamed into place when complete; inputs are only read.
+
+    \b
+    Several experts (one statistics pass over the shared models, then one output each):
+      layerswap-fast merge -b base/ -s safety/ -m ko=expert-ko/ -m sw=expert-sw/ -o merged/
+      layerswap-fast merge --plan experts.toml
+    Rerunning a bulk merge skips experts whose outputs the manifest verifies, and redoes the rest.
     """
     options = from_cli(params)
+    named, experts = _parse_experts(expert)
+    if plan_file is None and (base is None or safety is None or not experts):
+        raise click.UsageError("give -b/--base, -s/--safety and -m/--expert, or --plan FILE")
+    if plan_file is None and not named and len(experts) == 1 and executor == "local" and saved_stats is None:
+        if out is None:
+            raise click.UsageError("give -o/--out")
+        bar = ProgressBar(enabled=False if quiet else None)
+        try:
+            report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar)
+        finally:
+            bar.close()
+        if not quiet:
+            click.echo(merge_summary(report, str(out)))
+        return
+    if plan_file is not None:
+        plan = bulk.load_plan_file(plan_file, options)
+        base, safety = base or plan.base, safety or plan.safety
+        specs = list(plan.experts) + [bulk.ExpertSpec(n, p, options) for n, p in experts]
+        out = out or plan.out
+    else:
+        specs = [bulk.ExpertSpec(n, p, options) for n, p in experts]
+    if out is None:
+        raise click.UsageError("give -o/--out (or 'out' in the plan file)")
     bar = ProgressBar(enabled=False if quiet else None)
+
+    def said(name: str, entry: dict[str, Any]) -> None:
+        bar.close()
+        if not quiet:
+            detail = entry.get("error") or entry.get("note") or ", ".join(f"{n} {k}" for k, n in (entry.get("counts") or {}).items())
+            click.echo(f"{name}: {entry['status']}: {detail}", err=entry["status"] == "failed")
+
     try:
-        report = api.merge(base, safety, expert, out, options=options, layout=layout, force=force, progress=bar)
+        summary = bulk.bulk_merge(base, safety, specs, out, layout=layout, executor=executor, force=force, saved_stats=saved_stats,
+                                  progress=bar, on_expert=said)
     finally:
         bar.close()
     if not quiet:
-        click.echo(merge_summary(report, str(out)))
+        click.echo(bulk_table(summary))
+    if any(e["status"] == "failed" for e in summary["experts"].values()):
+        sys.exit(EXIT_FAILURE)
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--layout", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Custom layout definition (JSON).")
+@click.option("--layout", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Custom layout definition (JSON or TOML).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--all", "show_all", is_flag=True, help="List every tensor outside the layers, not just the first few.")
 @_errors
-def inspect(model: Path, layout: Optional[Path], as_json: bool) -> None:
-    """Show the detected layout of MODEL: layers, units, and where every tensor belongs."""
+def inspect(model: Path, layout: Optional[Path], as_json: bool, show_all: bool) -> None:
+    """Show the detected layout of MODEL: layers, units, tensors per unit, tensors outside the layers and
+    tensors inside a layer that no unit claims (a merge refuses those; a custom --layout can assign them)."""
     info = api.inspect(model, layout=layout)
     if as_json:
         click.echo(json.dumps(info, indent=2))
-        return
-    per_unit: dict[str, int] = {}
-    outside = []
+    else:
+        click.echo(_layout_summary(str(model), info, show_all))
+
+
+def _layout_summary(model: str, info: dict[str, Any], show_all: bool = False) -> str:
+    n = info["n_layers"]
+    parts = {"attention": "attention", "mlp": "mlp", "norm": "layer's own (norms)"}
+    # (part, measured) -> tensors per layer
+    per_layer: dict[tuple[str, bool], list[int]] = {(p, m): [0] * n for p in parts for m in (False, True)}
+    outside, unassigned = [], []
     for t in info["tensors"]:
         place = t["place"]
-        if place == "Outside":
-            outside.append(t["name"])
-            continue
-        p = place["Layer"]
-        key = f"{p['part']}{' (measured)' if p['target'] else ''}"
-        per_unit[key] = per_unit.get(key, 0) + 1
-    click.echo(f"{model}: layout {info['layout']} ({info['description']})")
-    click.echo(f"{info['n_layers']} decoder layers, {len(info['tensors'])} tensors, {fmt_bytes(info['data_bytes'])} in {info['shards']} shard(s)")
-    for key, n in sorted(per_unit.items()):
-        click.echo(f"  {key:<24} {n / info['n_layers']:g} tensors per layer")
-    click.echo(f"  outside the layers: {', '.join(outside) if outside else 'none'}")
+        if place in ("Outside", "Vocab"):
+            outside.append(t["name"] + (" [vocab]" if place == "Vocab" else ""))
+        elif "Unassigned" in place:
+            unassigned.append(f"{t['name']} (layer {place['Unassigned']['layer']})")
+        else:
+            p = place["Layer"]
+            per_layer[(p["part"], bool(p["target"]))][p["layer"]] += 1
+
+    def span(counts: list[int]) -> str:
+        return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+    lines = [
+        f"{model}: layout {info['layout']}: {info['description']}",
+        f"{n} layers, {len(info['tensors'])} tensors, {fmt_bytes(info['data_bytes'])} in {info['shards']} shard(s)",
+        f"units: {n} in layer granularity, {2 * n} in module granularity (attention and MLP of each layer)",
+        f"  {'per layer':<22} {'tensors':>8} {'measured':>9}",
+    ]
+    for p, label in parts.items():
+        total = [a + b for a, b in zip(per_layer[(p, False)], per_layer[(p, True)])]
+        lines.append(f"  {label:<22} {span(total):>8} {span(per_layer[(p, True)]):>9}")
+    shown = outside if show_all else outside[:12]
+    more = f", ... and {len(outside) - len(shown)} more (--all)" if len(shown) < len(outside) else ""
+    lines.append(f"outside the layers ({len(outside)}): {', '.join(shown) if shown else 'none'}{more}")
+    lines.append(f"not assigned to any unit ({len(unassigned)}): {', '.join(unassigned) if unassigned else 'none'}")
+    return "\n".join(lines)
 
 
 @main.command()

@@ -45,3 +45,20 @@ def merge_summary(report: dict[str, Any], out: str) -> str:
             f"in {secs:.2f} s ({fmt_bytes(rate)}/s read); peak memory {fmt_bytes(report['peak_rss_bytes'])}",
         ]
     )
+
+
+def bulk_table(summary: dict[str, Any]) -> str:
+    """Cross-language table: one row per unit, one column per expert (S safety, E expert, B blend),
+    then each expert's status and time."""
+    names = list(summary["experts"])
+    mark = {"safety": "S", "expert": "E", "blend": "B"}
+    width = max([len(n) for n in names] + [2])
+    lines = [f"{'unit':<22} " + " ".join(f"{n:>{width}}" for n in names)]
+    for unit, row in summary["decisions"].items():
+        lines.append(f"{unit:<22} " + " ".join(f"{mark.get(row.get(n, ''), '-'):>{width}}" for n in names))
+    lines.append("S = safety expert's unit, E = language expert's, B = blend, - = no output")
+    for n, e in summary["experts"].items():
+        secs = f" in {e['seconds']:.2f} s" if e.get("seconds") is not None and e["status"] == "ok" else ""
+        lines.append(f"{n}: {e['status']}{secs}" + (f" ({e['error']})" if e.get("error") else ""))
+    lines.append(f"statistics pass (all experts at once): {summary['statistics_seconds']:.2f} s")
+    return "\n".join(lines)

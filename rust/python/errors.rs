@@ -46,3 +46,21 @@ pub(crate) fn to_py(err: Error) -> PyErr {
         Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
     }
 }
+
+/// The Python exception class name an engine error maps to (for errors reported as data, e.g. one
+/// failed expert of a bulk run).
+pub(crate) fn kind_name(err: &Error) -> &'static str {
+    match err {
+        Error::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => "FileNotFoundError",
+            std::io::ErrorKind::PermissionDenied => "PermissionError",
+            _ => "OSError",
+        },
+        Error::InvalidModel { .. } | Error::Layout { .. } => "InvalidModelError",
+        Error::NonFinite { .. } => "NonFiniteTensorError",
+        Error::Incompatible { .. } => "IncompatibleModelsError",
+        Error::Budget { .. } => "MemoryBudgetError",
+        Error::InvalidArgument { .. } => "InvalidOptionError",
+        Error::Cancelled => "KeyboardInterrupt",
+    }
+}

@@ -10,13 +10,15 @@ use crate::io::Model;
 use crate::layout::{Layout, LayoutDef, BUILTIN_LAYOUTS};
 use crate::options::MergeOptions;
 use crate::pipeline;
-use crate::python::errors::to_py;
+use crate::python::errors::{kind_name, to_py};
+use crate::stats::TensorStats;
 use crate::python::progress::run;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(write_plan, m)?)?;
     m.add_function(wrap_pyfunction!(builtin_layouts, m)?)?;
     Ok(())
 }
@@ -74,35 +76,108 @@ fn inspect(py: Python<'_>, model: PathBuf, architecture: Option<String>, layout_
 /// Args:
 ///     base, safety: folders or files of B and S.
 ///     experts: language experts M (one or more).
-///     options_json: MergeOptions as JSON.
+///     options_json: MergeOptions as JSON: one for all experts, or a list with one per expert.
 ///     architecture, layout_json: as for ``inspect``.
+///     saved_stats_json: statistics of an earlier run (``stats`` of its result) whose safety-expert
+///         sums are reused instead of reading S again.
+///     lenient: an expert that cannot be opened or does not fit B and S is reported in ``failures``
+///         instead of failing the call.
 ///     progress: called as ``progress(phase, done, total)`` about ten times a second.
 ///
 /// Returns:
-///     JSON text: ``{"stats": [...], "plans": [...]}``.
+///     JSON text: ``{"stats": [...], "plans": [plan or null per expert], "failures": [{"index", "kind", "message"}]}``.
 ///
 /// Raises:
 ///     InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
 #[pyfunction]
-#[pyo3(signature = (base, safety, experts, options_json, architecture=None, layout_json=None, progress=None))]
+#[pyo3(signature = (base, safety, experts, options_json, architecture=None, layout_json=None, saved_stats_json=None, lenient=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn analyze(
     py: Python<'_>,
     base: PathBuf,
     safety: PathBuf,
     experts: Vec<PathBuf>,
-    options_json: &str,
+    options_json: Vec<String>,
+    architecture: Option<String>,
+    layout_json: Option<String>,
+    saved_stats_json: Option<String>,
+    lenient: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let options = options_json.iter().map(|o| parse_options(o)).collect::<PyResult<Vec<_>>>()?;
+    if options.len() != 1 && options.len() != experts.len() {
+        return Err(to_py(Error::argument(format!("{} option sets for {} experts", options.len(), experts.len()))));
+    }
+    let custom = parse_layout(layout_json)?;
+    let saved: Option<Vec<TensorStats>> = saved_stats_json
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| to_py(Error::argument(format!("saved statistics are not valid: {e}"))))?;
+    run(py, progress, move |p| {
+        let refs: Vec<&std::path::Path> = experts.iter().map(|e| e.as_path()).collect();
+        let (session, outcomes) = pipeline::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
+        let mut failures = vec![];
+        let mut kept_options = vec![];
+        for (i, o) in outcomes.into_iter().enumerate() {
+            match o {
+                Ok(_) => kept_options.push(options[if options.len() == 1 { 0 } else { i }].clone()),
+                Err(e) if lenient => failures.push(serde_json::json!({"index": i, "kind": kind_name(&e), "message": e.to_string()})),
+                Err(e) => return Err(e),
+            }
+        }
+        let (stats, plans) = session.analyze_with(&kept_options, saved.as_deref(), p)?;
+        let failed: std::collections::HashSet<u64> = failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
+        let mut it = plans.into_iter();
+        let all: Vec<Option<crate::plan::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
+        Ok(serde_json::json!({"stats": stats, "plans": all, "failures": failures}).to_string())
+    })
+}
+
+/// Writes one expert's merged model from a plan made earlier (by ``analyze``), into ``out_dir``.
+///
+/// Args:
+///     base, safety, expert: folders or files of B, S and M (B is only checked, not read).
+///     out_dir: existing empty staging folder.
+///     plan_json: one plan from ``analyze``'s result, as JSON.
+///     architecture, layout_json, progress: as for ``analyze``.
+///
+/// Returns:
+///     JSON text: the write summary ``{"files", "tensors", "bytes_written", "seconds"}``.
+///
+/// Raises:
+///     as ``analyze``; OSError for a full disk.
+#[pyfunction]
+#[pyo3(signature = (base, safety, expert, out_dir, plan_json, architecture=None, layout_json=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn write_plan(
+    py: Python<'_>,
+    base: PathBuf,
+    safety: PathBuf,
+    expert: PathBuf,
+    out_dir: PathBuf,
+    plan_json: &str,
     architecture: Option<String>,
     layout_json: Option<String>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
-    let options = parse_options(options_json)?;
+    let plan: crate::plan::Plan =
+        serde_json::from_str(plan_json).map_err(|e| to_py(Error::argument(format!("invalid plan: {e}"))))?;
+    plan.options.validate().map_err(to_py)?;
     let custom = parse_layout(layout_json)?;
     run(py, progress, move |p| {
-        let refs: Vec<&std::path::Path> = experts.iter().map(|e| e.as_path()).collect();
-        let session = pipeline::open(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
-        let (stats, plans) = session.analyze(&options, p)?;
-        Ok(serde_json::json!({"stats": stats, "plans": plans}).to_string())
+        let session = pipeline::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        if plan.n_layers != session.layout.n_layers || plan.layout != session.layout.def.name {
+            return Err(Error::argument(format!(
+                "the plan is for a {}-layer '{}' model but {} is a {}-layer '{}' model",
+                plan.n_layers,
+                plan.layout,
+                expert.display(),
+                session.layout.n_layers,
+                session.layout.def.name
+            )));
+        }
+        let write = session.write(0, &plan, &out_dir, p)?;
+        Ok(serde_json::to_string(&write).expect("json"))
     })
 }
 

@@ -1,0 +1,367 @@
+"""Bulk merging: one safety expert into many language experts.
+
+One statistics pass reads the base and the safety expert once for all experts (and each expert once);
+then every expert gets its own decisions and its own write pass, into ``OUT/<name>/``. A manifest
+(``OUT/layerswap_bulk.json``) records finished outputs with checksums, so a rerun skips experts whose
+output is verified intact and redoes the rest. One expert failing does not stop the others.
+
+Executors: ``local`` (default) runs the write passes one after another in this process (each uses all
+cores); ``ray`` runs them as Ray tasks on the cluster named by the usual ``RAY_ADDRESS`` environment
+variable (or a local Ray instance), assuming the inputs and ``OUT`` are on a filesystem every node
+sees at the same paths.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+from layerswap_fast import _core
+from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
+from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
+from layerswap_fast.folder import architecture, check_output, staged_output
+from layerswap_fast.options import MergeOptions
+from layerswap_fast.plan import Plan
+
+MANIFEST = "layerswap_bulk.json"
+SUMMARY = "layerswap_bulk_summary.json"
+EXECUTORS = ("local", "ray")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One language expert of a bulk run: its output name, its model, and its own options."""
+
+    name: str
+    path: Path
+    options: MergeOptions = field(default_factory=MergeOptions)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise InvalidOptionError(f"expert name {self.name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+
+
+@dataclass(frozen=True)
+class BulkPlan:
+    """What a plan file describes: base, safety, experts (and optionally where outputs go)."""
+
+    base: Path
+    safety: Path
+    experts: tuple[ExpertSpec, ...]
+    out: Optional[Path] = None
+
+
+def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> BulkPlan:
+    """Reads a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) plan file.
+
+    Format (paths relative to the file)::
+
+        base = "base/"
+        safety = "safety/"
+        out = "merged/"            # optional
+        [defaults]                 # optional: any MergeOptions field
+        granularity = "module"
+        [experts.ko]
+        path = "expert-ko/"
+        tau = 0.002                # per-expert overrides
+        [experts.sw]
+        path = "expert-sw/"
+    """
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml  # type: ignore[import-untyped]
+        except ImportError:
+            raise InvalidOptionError(f"{p}: YAML plan files need PyYAML (pip install pyyaml); TOML needs nothing") from None
+        data = yaml.safe_load(text)
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidOptionError(f"{p}: not valid TOML ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidOptionError(f"{p}: expected a table with base, safety and experts")
+    for key in ("base", "safety", "experts"):
+        if key not in data:
+            raise InvalidOptionError(f"{p}: missing '{key}'")
+    unknown = set(data) - {"base", "safety", "experts", "defaults", "out"}
+    if unknown:
+        raise InvalidOptionError(f"{p}: unknown keys {sorted(unknown)} (allowed: base, safety, out, defaults, experts)")
+    root = p.parent
+    base_opts = defaults or MergeOptions()
+    try:
+        common = base_opts.replace(**data.get("defaults", {}))
+        experts = []
+        for name, spec in data["experts"].items():
+            spec = dict(spec) if isinstance(spec, dict) else {"path": spec}
+            if "path" not in spec:
+                raise InvalidOptionError(f"{p}: expert '{name}' has no path")
+            epath = root / spec.pop("path")
+            experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common))
+    except TypeError as e:
+        raise InvalidOptionError(f"{p}: {e}") from None
+    out = root / data["out"] if data.get("out") else None
+    return BulkPlan(root / data["base"], root / data["safety"], tuple(experts), out)
+
+
+# --- checksums and the manifest ---------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """size and sha256 of every file in an output folder (hashed in parallel: hashlib releases the GIL)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        digests = list(pool.map(_sha256, files))
+    return {p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+
+
+def _verified(folder: Path, entry: dict[str, Any]) -> bool:
+    files = entry.get("files") or {}
+    if not folder.is_dir() or not files:
+        return False
+    present = {p.name for p in folder.iterdir() if p.is_file()}
+    if present != set(files):
+        return False
+    if any((folder / n).stat().st_size != f["size"] for n, f in files.items()):
+        return False
+    return checksums(folder) == files
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+        return data if isinstance(data, dict) and isinstance(data.get("experts"), dict) else {"experts": {}}
+    except (OSError, ValueError):
+        return {"experts": {}}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
+
+
+def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
+               layout_json: Optional[str], replace: bool, progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
+    """Stages, writes, finishes and commits one expert's output; returns its report and checksums."""
+    started = time.perf_counter()
+    out_p = Path(out)
+    plan = Plan.from_engine(plan_dict)
+    with staged_output(out_p, force=replace) as stage:
+        write = json.loads(_core.write_plan(base, safety, expert, str(stage), json.dumps(plan_dict),
+                                            architecture(Path(expert)), layout_json, progress))
+        report = finish_output(stage, plan, write, 0, opts, (Path(base), Path(safety), Path(expert)), started)
+        sums = checksums(stage)
+    return {"report": report, "files": sums}
+
+
+# --- the bulk run ----------------------------------------------------------------------------------
+
+
+def bulk_merge(
+    base: PathLike,
+    safety: PathLike,
+    experts: Iterable[ExpertSpec],
+    out: PathLike,
+    *,
+    layout: Optional[PathLike] = None,
+    executor: str = "local",
+    force: bool = False,
+    saved_stats: Optional[PathLike] = None,
+    progress: Optional[ProgressCallback] = None,
+    on_expert: Optional[Callable[[str, dict[str, Any]], None]] = None,
+) -> dict[str, Any]:
+    """Merges the safety expert into every expert, writing ``out/<name>/`` for each.
+
+    Args:
+        base, safety: model folders or files of B and S.
+        experts: :class:`ExpertSpec` per language expert (name, path, options).
+        out: parent folder of the outputs (created if needed); holds the manifest and summary.
+        layout: custom layout definition file.
+        executor: ``local`` or ``ray``.
+        force: redo experts even if the manifest says they are finished, and replace outputs that exist
+            without a manifest entry.
+        saved_stats: a file from ``analyze --save-stats`` (or :func:`save_stats`): the safety expert's
+            statistics are taken from it instead of reading S in the statistics pass.
+        progress: engine progress callback.
+        on_expert: called with (name, entry) as each expert finishes, fails or is skipped.
+
+    Returns:
+        The summary (also written to ``out/layerswap_bulk_summary.json``): per expert status, decisions,
+        time, and the cross-language table of decisions per unit.
+    """
+    if executor not in EXECUTORS:
+        raise InvalidOptionError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    specs = list(experts)
+    if not specs:
+        raise InvalidOptionError("no language experts given")
+    names = [e.name for e in specs]
+    if len(set(names)) != len(names):
+        raise InvalidOptionError(f"expert names must be unique; got {names}")
+    base_p, safety_p, out_p = Path(base), Path(safety), Path(out)
+    check_output(out_p, [base_p, safety_p, *(e.path for e in specs)], force=True)
+    out_p.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(out_p)
+    layout_json = _layout_json(layout)
+    entries: dict[str, dict[str, Any]] = {}
+    todo: list[ExpertSpec] = []
+    for e in specs:
+        old = manifest["experts"].get(e.name)
+        target = out_p / e.name
+        if not force and old and old.get("status") == "ok" and _same_output(old.get("options"), e.options) and _verified(target, old):
+            entries[e.name] = {**old, "status": "skipped", "note": "finished earlier; output verified against the manifest"}
+            _notify(on_expert, e.name, entries[e.name])
+            continue
+        if target.exists() and not force and not (old and old.get("status") == "ok"):
+            entries[e.name] = {"status": "failed", "error": f"{target}: exists and is not a finished output of this run (use --force to replace it)",
+                               "kind": "OutputExistsError"}
+            _notify(on_expert, e.name, entries[e.name])
+            continue
+        todo.append(e)
+    stats_seconds = 0.0
+    if todo:
+        t0 = time.perf_counter()
+        saved_json = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
+        result = json.loads(
+            _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
+                          architecture(todo[0].path), layout_json, saved_json, True, progress)
+        )
+        stats_seconds = time.perf_counter() - t0
+        failed = {f["index"]: f for f in result["failures"]}
+        jobs = []
+        for i, e in enumerate(todo):
+            if i in failed:
+                entries[e.name] = {"status": "failed", "error": failed[i]["message"], "kind": failed[i]["kind"]}
+                _notify(on_expert, e.name, entries[e.name])
+                continue
+            jobs.append((e, result["plans"][i]))
+        run = _run_ray if executor == "ray" else _run_local
+        for e, outcome in run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress):
+            if "error" in outcome:
+                entries[e.name] = outcome
+            else:
+                r = outcome["report"]
+                entries[e.name] = {"status": "ok", "options": e.options.to_dict(), "files": outcome["files"], "counts": r["counts"],
+                                   "seconds": r["seconds"], "units": r["units"], "expert": str(e.path)}
+                manifest["experts"][e.name] = {k: entries[e.name][k] for k in ("status", "options", "files", "counts", "units", "expert")}
+                _write_json_atomic(out_p / MANIFEST, manifest)
+            _notify(on_expert, e.name, entries[e.name])
+    summary = _summary(entries, names, stats_seconds)
+    _write_json_atomic(out_p / SUMMARY, summary)
+    return summary
+
+
+def _same_output(saved: Any, opts: MergeOptions) -> bool:
+    """Whether saved options give the same output as these (threads and memory budget do not matter)."""
+    if not isinstance(saved, dict):
+        return False
+    ignore = ("threads", "max_memory")
+    now = opts.to_dict()
+    return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
+
+
+def _notify(cb: Optional[Callable[[str, dict[str, Any]], None]], name: str, entry: dict[str, Any]) -> None:
+    if cb is not None:
+        cb(name, entry)
+
+
+def _failure(e: BaseException) -> dict[str, Any]:
+    return {"status": "failed", "error": " ".join(str(e).split()) or type(e).__name__, "kind": type(e).__name__}
+
+
+def _run_local(jobs, base, safety, out: Path, layout_json, progress):
+    for e, plan in jobs:
+        target = out / e.name
+        try:
+            yield e, _write_one(base, safety, str(e.path), str(target), plan, e.options, layout_json, True, progress)
+        except (LayerswapError, OSError) as err:
+            yield e, _failure(err)
+
+
+def _run_ray(jobs, base, safety, out: Path, layout_json, progress):
+    try:
+        import ray  # type: ignore[import-not-found]
+    except ImportError:
+        raise InvalidOptionError("--executor ray needs Ray: pip install 'ray[default]'") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    task = ray.remote(_write_one)
+    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, True): e for e, plan in jobs}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        e = pending.pop(done[0])
+        try:
+            yield e, ray.get(done[0])
+        except Exception as err:  # a Ray task error wraps the original exception
+            cause = getattr(err, "cause", None) or err
+            yield e, _failure(cause)
+
+
+def _summary(entries: dict[str, dict[str, Any]], names: list[str], stats_seconds: float) -> dict[str, Any]:
+    table: dict[str, dict[str, str]] = {}
+    for name in names:
+        for u in entries[name].get("units") or []:
+            label = f"layer {u['layer']}" if u.get("part") is None else f"layer {u['layer']} {u['part']}"
+            table.setdefault(label, {})[name] = u["decision"]
+    return {
+        "tool": "layerswap-fast",
+        "version": _core.__version__,
+        "statistics_seconds": round(stats_seconds, 3),
+        "experts": {n: {k: v for k, v in entries[n].items() if k not in ("units", "files")} for n in names},
+        "decisions": table,
+    }
+
+
+# --- saved statistics ---------------------------------------------------------------------------
+
+
+def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike) -> None:
+    """Saves the base and safety-expert statistics of an analysis, for reuse by later bulk runs."""
+    data = {
+        "layerswap_stats": 1,
+        "version": _core.__version__,
+        "numerics": plan.options["numerics"],
+        "base": str(base),
+        "safety": str(safety),
+        "tensors": [{"name": s.name, "numel": s.numel, "base_ss": s.base_ss, "diff_ss": [s.diff_ss[0]]} for s in plan.stats],
+    }
+    _write_json_atomic(Path(path), data)
+
+
+def load_saved_stats(path: PathLike, numerics: str) -> str:
+    """The saved statistics as the engine reads them; checks the file's kind and numerics."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise InvalidOptionError(f"{p}: not a statistics file ({e})") from None
+    if not isinstance(data, dict) or data.get("layerswap_stats") != 1:
+        raise InvalidOptionError(f"{p}: not a layerswap-fast statistics file (make one with analyze --save-stats)")
+    if data.get("numerics") != numerics:
+        raise InvalidOptionError(f"{p}: statistics were computed with {data.get('numerics')} numerics, this run uses {numerics}")
+    return json.dumps(data["tensors"])
