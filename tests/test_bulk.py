@@ -149,3 +149,18 @@ def test_ray_executor_matches_local(experts, tmp_path):
     bulk.bulk_merge(experts["base"], experts["safety"], specs, tmp_path / "local")
     for s in specs:
         outputs_equal(tmp_path / "ray" / s.name, tmp_path / "local" / s.name)
+
+
+def test_yaml_plan_file_with_relative_paths(experts, tmp_path):
+    pytest.importorskip("yaml", reason="PyYAML not installed")
+    link = tmp_path / "models"
+    link.mkdir()
+    for role in ("base", "safety", "ko"):
+        shutil.copytree(experts[role], link / role)
+    plan = link / "plan.yaml"
+    plan.write_text("base: base\nsafety: safety\nout: ../yaml-out\nexperts:\n  ko:\n    path: ko\n    granularity: module\n")
+    loaded = bulk.load_plan_file(plan)
+    assert loaded.base == link / "base" and loaded.experts[0].options.granularity == "module"
+    summary = bulk.bulk_merge(loaded.base, loaded.safety, loaded.experts, loaded.out)
+    assert summary["experts"]["ko"]["status"] == "ok"
+    assert (tmp_path / "yaml-out" / "ko" / "model.safetensors").exists()
