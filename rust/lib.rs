@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod error;
 pub mod io;
 pub mod layout;
+pub mod official;
 pub mod options;
 pub mod pipeline;
 pub mod plan;

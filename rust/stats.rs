@@ -22,7 +22,7 @@ pub struct TensorStats {
     pub name: String,
     /// Element count.
     pub numel: u64,
-    /// Σ B² (in `official` numerics, of B rounded to bf16).
+    /// Σ B² (in `official` numerics, of B rounded to bf16, summed in float32 as torch does).
     pub base_ss: f64,
     /// Σ (X - B)² for each expert, in the order the experts were given.
     pub diff_ss: Vec<f64>,
@@ -40,6 +40,14 @@ pub fn compute(
     progress: &Progress,
 ) -> Result<Vec<TensorStats>> {
     debug_assert!(chunk_elems % BLOCK == 0);
+    if numerics == Numerics::Official {
+        // The authors' norms are torch's sequential float32 sums, which parallel chunks cannot
+        // reproduce (see official.rs). A non-finite result takes the general path below.
+        let out = crate::official::sums(names, base, experts, chunk_elems, pool, progress)?;
+        if out.iter().all(|s| s.base_ss.is_finite() && s.diff_ss.iter().all(|v| v.is_finite())) {
+            return Ok(out);
+        }
+    }
     let refs: Vec<_> = names.iter().map(|n| base.tensor(n).expect("checked by caller")).collect();
     let numels: Vec<u64> = refs.iter().map(|t| t.numel()).collect();
     let work = chunks(&numels, chunk_elems);
