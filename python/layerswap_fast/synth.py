@@ -193,6 +193,7 @@ def make_trio(
     planting: Optional[Planting] = None,
     shard_bytes: Optional[dict[str, Optional[int]]] = None,
     single_file: bool = False,
+    roles: Sequence[str] = ROLES,
 ) -> dict[str, Path]:
     """Writes ``root/base``, ``root/safety`` and ``root/expert`` as Hugging Face folders.
 
@@ -203,6 +204,9 @@ def make_trio(
             language expert in the bottom half).
         shard_bytes: per role, maximum shard size (None: one ``model.safetensors``); roles may differ.
         single_file: also write nothing but the .safetensors file (no config, no tokenizer).
+        roles: which of base, safety, expert to write (e.g. only "expert" for another language
+            expert of a base and safety written before: same seed and safety planting give the same
+            base and safety).
 
     Returns:
         ``{"base": path, "safety": path, "expert": path}``.
@@ -216,7 +220,7 @@ def make_trio(
     paths = {r: root / r for r in ROLES}
     files = {}
     layouts = {}
-    for role in ROLES:
+    for role in roles:
         paths[role].mkdir(parents=True, exist_ok=True)
         shards = split_shards(specs, dtype, (shard_bytes or {}).get(role))
         layouts[role] = shards
@@ -239,16 +243,17 @@ def make_trio(
         for index, (name, shape) in enumerate(specs):
             for b, s, m in _values(name, shape, index, planting):
                 for role, v in zip(ROLES, (b, s, m)):
-                    files[role][1][name].write(encode(v, dtype))
+                    if role in files:
+                        files[role][1][name].write(encode(v, dtype))
     finally:
-        for role in ROLES:
+        for role in files:
             for fh in files[role][0]:
                 fh.close()
     if not single_file:
-        for role in ROLES:
+        for role in roles:
             (paths[role] / "config.json").write_text(json.dumps(config.config_json(dtype), indent=2))
             (paths[role] / "generation_config.json").write_text(json.dumps({"do_sample": False, "role": role}))
             (paths[role] / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "layerswap_demo_role": role}))
             vocab = {f"<t{i}>": i for i in range(min(config.vocab, 64))}
             (paths[role] / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": []}, "layerswap_demo_role": role}))
-    return paths
+    return {r: paths[r] for r in roles}
