@@ -1,0 +1,68 @@
+"""Stub of the private native module ``layerswap_fast._core`` (the Rust engine's binding).
+
+Checked against the built module by ``python -m mypy.stubtest layerswap_fast._core`` (run by the
+test suite). Results cross as JSON text; ``api.py`` and ``bulk.py`` turn them into typed objects.
+"""
+
+from os import PathLike
+from typing import Callable, Optional, Union
+
+_Path = Union[str, PathLike[str]]
+_Progress = Optional[Callable[[str, int, int], object]]
+
+__version__: str
+__all__ = [
+    "IncompatibleModelsError",
+    "InvalidModelError",
+    "InvalidOptionError",
+    "LayerswapError",
+    "MemoryBudgetError",
+    "NonFiniteTensorError",
+    "__version__",
+    "analyze",
+    "builtin_layouts",
+    "inspect",
+    "merge",
+    "write_plan",
+]
+
+class LayerswapError(Exception): ...
+class InvalidModelError(LayerswapError): ...
+class IncompatibleModelsError(LayerswapError): ...
+class NonFiniteTensorError(InvalidModelError): ...
+class MemoryBudgetError(LayerswapError): ...
+class InvalidOptionError(LayerswapError): ...
+
+def inspect(model: _Path, architecture: Optional[str] = None, layout_json: Optional[str] = None) -> str: ...
+def analyze(
+    base: _Path,
+    safety: _Path,
+    experts: list[_Path],
+    options_json: list[str],
+    architecture: Optional[str] = None,
+    layout_json: Optional[str] = None,
+    saved_stats_json: Optional[str] = None,
+    lenient: bool = False,
+    progress: _Progress = None,
+) -> str: ...
+def merge(
+    base: _Path,
+    safety: _Path,
+    expert: _Path,
+    out_dir: _Path,
+    options_json: str,
+    architecture: Optional[str] = None,
+    layout_json: Optional[str] = None,
+    progress: _Progress = None,
+) -> str: ...
+def write_plan(
+    base: _Path,
+    safety: _Path,
+    expert: _Path,
+    out_dir: _Path,
+    plan_json: str,
+    architecture: Optional[str] = None,
+    layout_json: Optional[str] = None,
+    progress: _Progress = None,
+) -> str: ...
+def builtin_layouts() -> list[tuple[str, str]]: ...
