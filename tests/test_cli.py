@@ -1,0 +1,76 @@
+"""The command line: help that teaches, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from layerswap_fast.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_help_lists_commands_and_teaches():
+    r = run("--help")
+    assert r.exit_code == 0
+    for word in ("analyze", "merge", "inspect", "demo", "Layer-wise swapping"):
+        assert word in r.output
+    r = run("merge", "--help")
+    for opt in ("-b, --base", "-s, --safety", "-m, --expert", "-o, --out", "--granularity", "--tau", "--alpha", "--out-dtype",
+                "--max-memory", "--threads", "--shard-size", "--force", "--numerics"):
+        assert opt in r.output, opt
+
+
+def test_analyze_table_and_json(trio):
+    r = run("analyze", "-b", str(trio["base"]), "-s", str(trio["safety"]), "-m", str(trio["expert"]))
+    assert r.exit_code == 0, r.output
+    assert "layer 3" in r.output and "safety" in r.output and "p_safety" in r.output
+    r = run("analyze", "-b", str(trio["base"]), "-s", str(trio["safety"]), "-m", str(trio["expert"]), "--json", "-g", "module")
+    plan = json.loads(r.output)
+    assert len(plan["units"]) == 8 and plan["options"]["granularity"] == "module"
+
+
+def test_merge_prints_summary(trio, tmp_path):
+    r = run("merge", "-b", str(trio["base"]), "-s", str(trio["safety"]), "-m", str(trio["expert"]), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    assert "units: 2 safety, 2 expert, 0 blend" in r.output and "peak memory" in r.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tau", "-1"], "tau must be"),
+        (["--alpha", "1.5"], "alpha must be between 0 and 1"),
+        (["--threads", "0"], "threads must be at least 1"),
+        (["--max-memory", "1MiB"], "too small"),
+        (["--max-memory", "lots"], "is not a size"),
+    ],
+)
+def test_bad_options_are_one_line_exit_2(trio, tmp_path, extra, message):
+    r = run("merge", "-b", str(trio["base"]), "-s", str(trio["safety"]), "-m", str(trio["expert"]), "-o", str(tmp_path / "o"), *extra)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_input_names_the_path(trio, tmp_path):
+    r = run("merge", "-b", str(tmp_path / "nope"), "-s", str(trio["safety"]), "-m", str(trio["expert"]), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 2 and str(tmp_path / "nope") in r.output
+
+
+def test_demo_runs(tmp_path):
+    r = run("demo", str(tmp_path / "d"), "--layers", "4")
+    assert r.exit_code == 0, r.output
+    assert "layer 3" in r.output and (tmp_path / "d" / "merged" / "model.safetensors").exists()
+
+
+def test_console_script_entry_point(trio):
+    r = subprocess.run([sys.executable, "-m", "layerswap_fast", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "layerswap-fast" in r.stdout
