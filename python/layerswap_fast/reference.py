@@ -1,0 +1,428 @@
+"""A plain torch implementation of ``METHOD.md``, written to check the engine, not to be fast.
+
+It is a second, independent implementation: it never imports ``layerswap_fast._core`` and shares no
+code with the engine. It finds units from tensor names with its own patterns (Llama naming, METHOD.md
+§1), loads every tensor whole with safetensors' torch API, and writes the formulas out again (§2–§5).
+
+Two numerics, as in the engine:
+
+- ``exact``: norms in float64 from the exact values; blends in float32 (float64 when the model or
+  the output is F64), rounded once to the output dtype.
+- ``official``: the authors' scripts (``layer_swap.py`` / ``module_swap.py``), operation for
+  operation: every checkpoint loaded in bf16, ``X - B`` in bf16, ``torch.norm`` of a bf16 tensor (a
+  bf16 scalar), the division in float64 on Python floats, blends ``alpha * S + (1 - alpha) * M`` on
+  bf16 tensors. Whatever torch does for those operations on this machine is, by definition, what the
+  authors' code does here.
+
+torch is optional (``pip install 'layerswap-fast[check]'``); it is imported on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+PathLike = Union[str, Path]
+
+INSTALL_HINT = "pip install 'layerswap-fast[check]'"
+
+#: METHOD.md §1 for Llama naming: a decoder layer's tensors, and the measured ones inside it.
+LAYER_PATTERN = r"^model\.layers\.(\d+)\."
+ATTENTION_PATTERN = r"^self_attn\."
+MLP_PATTERN = r"^mlp\."
+TARGET_PATTERN = r"^(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$"
+#: Tensors outside the layers with a vocabulary axis (for ``vocab_from="expert"``).
+VOCAB_PATTERN = r"^(model\.embed_tokens|lm_head)\.weight$"
+
+#: Below this base norm the relative change is not divided (METHOD.md §2).
+BASE_NORM_EPS = 1e-8
+#: Added to the sum of scores before normalising (METHOD.md §4).
+SUM_EPS = 1e-8
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def _torch() -> Any:
+    """Imports torch, or explains how to get it."""
+    try:
+        import torch
+        from safetensors import safe_open  # noqa: F401  (checked here so the hint covers both)
+    except ImportError as e:
+        raise ImportError(f"the reference implementation needs torch and safetensors ({e}); install them with: {INSTALL_HINT}") from None
+    return torch
+
+
+# --- reading models -------------------------------------------------------------------------------
+
+
+def shard_files(model: PathLike) -> list[Path]:
+    """The safetensors files of a model: a single file, a folder's ``model.safetensors``, or the
+    shards its index names (each once, in name order)."""
+    p = Path(model)
+    if p.is_file():
+        return [p]
+    index = p / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [p / f for f in sorted(set(weight_map.values()))]
+    if (p / SINGLE_FILE).is_file():
+        return [p / SINGLE_FILE]
+    raise FileNotFoundError(f"{p}: no {SINGLE_FILE} or {INDEX_FILE} here")
+
+
+class Checkpoint:
+    """One model opened with ``safetensors.safe_open(framework="pt")``: tensors are read whole, on
+    demand, so that the reference holds a few tensors at a time rather than three models."""
+
+    def __init__(self, model: PathLike) -> None:
+        from safetensors import safe_open
+
+        _torch()
+        self.path = Path(model)
+        self._where: dict[str, Any] = {}
+        self._handles = []
+        for f in shard_files(model):
+            h = safe_open(str(f), framework="pt")
+            self._handles.append(h)
+            for name in h.keys():
+                self._where[name] = h
+
+    def names(self) -> list[str]:
+        """Tensor names, sorted."""
+        return sorted(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> "torch.Tensor":
+        """The whole tensor, in its stored dtype."""
+        return self._where[name].get_tensor(name)
+
+
+# --- units (METHOD.md §1, §3, §5) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a tensor sits: ``layer`` is None outside the decoder layers (``vocab`` marks the
+    embeddings and lm_head there); ``part`` is ``attention``, ``mlp``, ``norm`` (the layer's own
+    tensors) or ``unassigned``; ``target`` if it is measured."""
+
+    layer: Optional[int]
+    part: Optional[str]
+    target: bool
+    vocab: bool = False
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """Name patterns that say where tensors belong. The defaults are METHOD.md's Llama naming, written
+    here independently of the engine; another family's patterns can be given as data, in the engine's
+    layout format (``layer``, ``attention``, ``mlp``, ``targets``, optional ``norms``, ``exclude``,
+    ``vocab``). ``layer`` is matched at the start of the name; the others are searched, the way the
+    engine's regexes are (they carry their own ``^`` anchors)."""
+
+    layer: str = LAYER_PATTERN
+    attention: str = ATTENTION_PATTERN
+    mlp: str = MLP_PATTERN
+    targets: str = TARGET_PATTERN
+    norms: Optional[str] = None
+    exclude: Optional[str] = None
+    vocab: Optional[str] = VOCAB_PATTERN
+
+    @classmethod
+    def from_layout(cls, layout: Union[None, PathLike, dict[str, Any]]) -> "Patterns":
+        """Patterns from a layout definition: a dict, a JSON or TOML file, or None for the defaults."""
+        if layout is None:
+            return cls()
+        if isinstance(layout, dict):
+            d = layout
+        else:
+            p = Path(layout)
+            if p.suffix.lower() == ".toml":
+                import tomllib
+
+                d = tomllib.loads(p.read_text())
+            else:
+                d = json.loads(p.read_text())
+        return cls(d["layer"], d["attention"], d["mlp"], d["targets"], d.get("norms"), d.get("exclude"), d.get("vocab"))
+
+    def place(self, name: str) -> Place:
+        """Classifies one tensor name."""
+        m = re.match(self.layer, name)
+        if not m or (self.exclude and re.search(self.exclude, name)):
+            return Place(None, None, False, bool(self.vocab and re.search(self.vocab, name)))
+        rest = name[m.end() :]
+        if re.search(self.attention, rest):
+            part = "attention"
+        elif re.search(self.mlp, rest):
+            part = "mlp"
+        elif self.norms is None or re.search(self.norms, rest):
+            part = "norm"
+        else:
+            part = "unassigned"
+        target = part in ("attention", "mlp") and re.search(self.targets, rest) is not None
+        return Place(int(m.group(1)), part, target)
+
+
+def unit_keys(n_layers: int, granularity: str) -> list[tuple[int, Optional[str]]]:
+    """Units in report order: ``(layer, None)`` per layer, or ``(layer, "attention")`` then
+    ``(layer, "mlp")`` per layer."""
+    if granularity == "layer":
+        return [(i, None) for i in range(n_layers)]
+    return [(i, part) for i in range(n_layers) for part in ("attention", "mlp")]
+
+
+# --- the plan (METHOD.md §2–§4) -----------------------------------------------------------------------
+
+
+@dataclass
+class RefUnit:
+    """One unit's scores and decision, as the reference computes them."""
+
+    layer: int
+    part: Optional[str]
+    score_safety: float
+    score_expert: float
+    p_safety: float
+    p_expert: float
+    d: float
+    decision: str
+
+
+@dataclass
+class RefTensorNorms:
+    """The three norms of one measured tensor: ‖B‖, ‖S − B‖, ‖M − B‖, and r_S, r_M."""
+
+    name: str
+    base: float
+    safety: float
+    expert: float
+    r_safety: float
+    r_expert: float
+
+
+@dataclass
+class RefPlan:
+    """The reference's plan: units in report order plus the per-tensor norms behind them."""
+
+    granularity: str
+    numerics: str
+    tau: float
+    alpha: float
+    n_layers: int
+    units: list[RefUnit]
+    norms: list[RefTensorNorms] = field(default_factory=list)
+
+    def decision_of(self, layer: int, part: Optional[str]) -> str:
+        """The decision of one unit."""
+        for u in self.units:
+            if u.layer == layer and u.part == part:
+                return u.decision
+        raise KeyError((layer, part))
+
+
+def _norm(t: "torch.Tensor", numerics: str) -> float:
+    """‖t‖_F as the numerics see it. exact: float64 from exact values. official: ``torch.norm`` of
+    the bf16 tensor, a bf16 scalar, turned into a Python float by ``.item()`` as the authors do."""
+    torch = _torch()
+    if numerics == "official":
+        return torch.norm(t).item()
+    return torch.linalg.vector_norm(t.to(torch.float64)).item()
+
+
+def _as_numerics(t: "torch.Tensor", numerics: str) -> "torch.Tensor":
+    """The tensor as the numerics load it: bf16 in official mode (``torch_dtype=torch.bfloat16``)."""
+    torch = _torch()
+    return t.to(torch.bfloat16) if numerics == "official" else t
+
+
+def decide(a_s: list[float], a_m: list[float], tau: float) -> list[tuple[float, float, float, str]]:
+    """METHOD.md §4: p_X = A_X / (Σ A_X + 1e-8), d = p_S − p_M, thresholded at ±τ (|d| ≤ τ blends)."""
+    sum_s = sum(a_s) + SUM_EPS
+    sum_m = sum(a_m) + SUM_EPS
+    out = []
+    for s, m in zip(a_s, a_m):
+        ps, pm = s / sum_s, m / sum_m
+        d = ps - pm
+        out.append((ps, pm, d, "safety" if d > tau else "expert" if d < -tau else "blend"))
+    return out
+
+
+def compute_plan(
+    base: PathLike,
+    safety: PathLike,
+    expert: PathLike,
+    *,
+    granularity: str = "layer",
+    tau: float = 0.001,
+    alpha: float = 0.5,
+    numerics: str = "exact",
+    layout: Union[None, PathLike, dict[str, Any]] = None,
+) -> RefPlan:
+    """Scores and decisions of every unit (METHOD.md §1–§4), tensor by tensor.
+
+    Args:
+        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        granularity: ``layer`` or ``module``.
+        tau, alpha: the threshold and the blend weight (alpha is only recorded here).
+        numerics: ``exact`` or ``official``.
+        layout: a layout definition (dict or JSON/TOML file) whose patterns replace the Llama naming.
+
+    Returns:
+        The :class:`RefPlan`.
+    """
+    if granularity not in ("layer", "module") or numerics not in ("exact", "official"):
+        raise ValueError(f"granularity must be layer|module and numerics exact|official; got {granularity!r}, {numerics!r}")
+    patterns = Patterns.from_layout(layout)
+    B, S, M = Checkpoint(base), Checkpoint(safety), Checkpoint(expert)
+    measured = [(n, patterns.place(n)) for n in M.names()]
+    measured = [(n, p) for n, p in measured if p.target]
+    if not measured:
+        raise ValueError(f"{expert}: no measured tensors (attention / MLP projections of model.layers.N)")
+    n_layers = max(p.layer for _, p in measured) + 1  # type: ignore[type-var]
+    keys = unit_keys(n_layers, granularity)
+    acc: dict[tuple[int, Optional[str]], list[float]] = {k: [0.0, 0.0] for k in keys}
+    norms = []
+    # Layer by layer, then in name order: only the last bits of the sums depend on this order.
+    for name, place in sorted(measured, key=lambda np_: (np_[1].layer, np_[0])):
+        b = _as_numerics(B.get(name), numerics)
+        s = _as_numerics(S.get(name), numerics)
+        m = _as_numerics(M.get(name), numerics)
+        if numerics == "exact":
+            b, s, m = (t.to(_torch().float64) for t in (b, s, m))
+        nb = _norm(b, numerics)
+        ns = _norm(s - b, numerics)
+        nm = _norm(m - b, numerics)
+        r_s, r_m = (ns / nb, nm / nb) if nb > BASE_NORM_EPS else (ns, nm)
+        norms.append(RefTensorNorms(name, nb, ns, nm, r_s, r_m))
+        key = (place.layer, None) if granularity == "layer" else (place.layer, place.part)
+        if granularity == "layer":
+            acc[key][0] += r_s  # type: ignore[index]
+            acc[key][1] += r_m  # type: ignore[index]
+        else:
+            acc[key][0] += r_s * r_s  # type: ignore[index]
+            acc[key][1] += r_m * r_m  # type: ignore[index]
+    if granularity == "module":
+        acc = {k: [math.sqrt(v[0]), math.sqrt(v[1])] for k, v in acc.items()}
+    a_s = [acc[k][0] for k in keys]
+    a_m = [acc[k][1] for k in keys]
+    units = [
+        RefUnit(layer, part, s, m, ps, pm, d, dec)
+        for (layer, part), s, m, (ps, pm, d, dec) in zip(keys, a_s, a_m, decide(a_s, a_m, tau))
+    ]
+    return RefPlan(granularity, numerics, float(tau), float(alpha), n_layers, units, norms)
+
+
+# --- the merged tensors (METHOD.md §5, §6) ---------------------------------------------------------------
+
+
+def source_of(place: Place, plan: RefPlan, outside: str = "blend", norms: str = "expert", vocab_from: str = "outside") -> str:
+    """Where an output tensor comes from: ``safety``, ``expert`` or ``blend`` (METHOD.md §5).
+    ``vocab_from="expert"`` keeps the language expert's embeddings and lm_head; a layer tensor no
+    pattern claims (``unassigned``) stays the language expert's."""
+    if place.layer is None:
+        return "expert" if place.vocab and vocab_from == "expert" else outside
+    if place.part == "unassigned":
+        return "expert"
+    if plan.granularity == "layer":
+        return plan.decision_of(place.layer, None)
+    if place.part == "norm":
+        return norms
+    return plan.decision_of(place.layer, place.part)
+
+
+_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64"}
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """``bf16``/``f16``/``f32``/``f64`` (or safetensors' ``BF16``...) as a torch dtype."""
+    return getattr(_torch(), _DTYPES[name.lower()])
+
+
+def merged_tensor(source: str, s: "torch.Tensor", m: "torch.Tensor", alpha: float, numerics: str,
+                  out_dtype: Optional["torch.dtype"] = None) -> "torch.Tensor":
+    """One output tensor from the safety expert's ``s`` and the language expert's ``m``.
+
+    exact: a copy keeps its bytes (or is converted once to ``out_dtype``); a blend is
+    ``float32(alpha)·S + float32(1 − alpha)·M`` in float32 (float64 if an F64 tensor is involved),
+    rounded once. official: both loaded in bf16, a blend is ``alpha * S + (1 - alpha) * M`` on bf16
+    tensors exactly as the authors wrote it (each product and the sum rounded to bf16).
+    """
+    torch = _torch()
+    if numerics == "official":
+        s, m = s.to(torch.bfloat16), m.to(torch.bfloat16)
+        out = s if source == "safety" else m if source == "expert" else alpha * s + (1 - alpha) * m
+        return out.to(out_dtype or torch.bfloat16)
+    dtype = out_dtype or m.dtype
+    if source in ("safety", "expert"):
+        src = s if source == "safety" else m
+        return src if src.dtype == dtype else src.to(dtype)
+    wide = torch.float64 if torch.float64 in (s.dtype, dtype) else torch.float32
+    ws = torch.tensor(alpha, dtype=torch.float64).to(wide)
+    wm = torch.tensor(1.0 - alpha, dtype=torch.float64).to(wide)
+    return (ws * s.to(wide) + wm * m.to(wide)).to(dtype)
+
+
+def merged_tensors(
+    safety: PathLike,
+    expert: PathLike,
+    plan: RefPlan,
+    *,
+    outside: str = "blend",
+    norms: str = "expert",
+    vocab_from: str = "outside",
+    out_dtype: Optional[str] = None,
+    layout: Union[None, PathLike, dict[str, Any]] = None,
+) -> Iterator[tuple[str, str, "torch.Tensor"]]:
+    """Yields ``(name, source, tensor)`` for every tensor of the language expert, one at a time.
+
+    Args:
+        safety, expert: S and M.
+        plan: the :class:`RefPlan` from :func:`compute_plan`.
+        outside: what tensors outside the decoder layers are made of (blend / expert / safety).
+        norms: module granularity: what a layer's own norms are made of.
+        vocab_from: ``outside`` (like other outside tensors) or ``expert``.
+        out_dtype: output dtype name (None: M's dtype; bf16 in official numerics).
+        layout: the same layout file given to :func:`compute_plan`.
+    """
+    patterns = Patterns.from_layout(layout)
+    S, M = Checkpoint(safety), Checkpoint(expert)
+    dtype = torch_dtype(out_dtype) if out_dtype else None
+    for name in M.names():
+        source = source_of(patterns.place(name), plan, outside, norms, vocab_from)
+        yield name, source, merged_tensor(source, S.get(name), M.get(name), plan.alpha, plan.numerics, dtype)
+
+
+def merge(
+    base: PathLike,
+    safety: PathLike,
+    expert: PathLike,
+    out_file: PathLike,
+    *,
+    granularity: str = "layer",
+    tau: float = 0.001,
+    alpha: float = 0.5,
+    numerics: str = "exact",
+    outside: str = "blend",
+    norms: str = "expert",
+    vocab_from: str = "outside",
+    out_dtype: Optional[str] = None,
+    layout: Union[None, PathLike, dict[str, Any]] = None,
+) -> RefPlan:
+    """The whole method in torch: plan, then every merged tensor saved to one ``.safetensors`` file
+    (``safetensors.torch.save_file``; holds the output in memory, meant for small models)."""
+    from safetensors.torch import save_file
+
+    plan = compute_plan(base, safety, expert, granularity=granularity, tau=tau, alpha=alpha, numerics=numerics, layout=layout)
+    tensors = {n: t.contiguous() for n, _, t in merged_tensors(safety, expert, plan, outside=outside, norms=norms, vocab_from=vocab_from, out_dtype=out_dtype, layout=layout)}
+    save_file(tensors, str(out_file), metadata={"format": "pt"})
+    return plan

@@ -1,0 +1,480 @@
+"""``layerswap-fast verify``: recompute a merge with the torch reference (:mod:`layerswap_fast.reference`)
+and compare it with the output folder and its report.
+
+What is checked, and the tolerance of each check:
+
+- the folder: index complete (every tensor of the index in the shard it names, every shard named,
+  ``total_size`` right), every shard's header valid (JSON, known dtypes, offsets contiguous and
+  inside the file, file size exact), no tensor missing or extra compared with the language expert;
+- the report: made with the same method options, and every unit's decision identical to the
+  reference's; its numbers (scores, p, d) equal to the reference's up to float64 summation order;
+- every tensor: dtype and shape; a tensor copied whole from one source in its own dtype must be
+  byte-identical to it; a blended or converted tensor must be within 1 unit in the last place of the
+  output dtype (``official`` numerics on bf16 checkpoints reproduce the authors' bytes exactly, which
+  the result shows as ``max_ulp == 0``);
+- side files: config.json from the language expert, tokenizer files from the model the report names.
+
+The comparison reads the output with its own safetensors header parser, not the engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from layerswap_fast import reference
+from layerswap_fast.folder import CONFIG_FILES, REPORT_FILE, TOKENIZER_FILES
+from layerswap_fast.options import MergeOptions
+
+PathLike = Union[str, Path]
+
+_ELEM = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+_ALL_DTYPES = set(_ELEM) | {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E5M2", "F8_E4M3"}
+#: Relative tolerance on the report's float64 numbers: sums in another order differ in the last bits.
+REPORT_RTOL = 1e-9
+
+
+@dataclass
+class TensorCheck:
+    """One output tensor compared with the reference.
+
+    Attributes:
+        name: tensor name.
+        source: ``safety``, ``expert`` or ``blend`` per the reference plan.
+        status: ``identical``, ``within-1-ulp``, or a failure: ``missing``, ``extra``, ``dtype``,
+            ``shape``, ``bytes`` (a whole copy that is not byte-identical), ``ulp`` (more than 1 ulp off).
+        max_ulp: largest distance in units in the last place (-1 when not compared).
+        differing: number of elements that are not bit-identical.
+        detail: what is wrong, for failures.
+    """
+
+    name: str
+    source: str
+    status: str
+    max_ulp: int = -1
+    differing: int = 0
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("identical", "within-1-ulp")
+
+
+@dataclass
+class UnitCheck:
+    """One unit: the reference's decision and d next to the report's."""
+
+    layer: int
+    part: Optional[str]
+    decision_reference: str
+    decision_report: Optional[str]
+    d_reference: float
+    d_report: Optional[float]
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.detail
+
+    @property
+    def label(self) -> str:
+        return f"layer {self.layer}" if self.part is None else f"layer {self.layer} {self.part}"
+
+
+@dataclass
+class VerifyResult:
+    """Everything :func:`verify` found.
+
+    Attributes:
+        out: the output folder checked.
+        options: the method options the reference used.
+        units: one :class:`UnitCheck` per unit.
+        tensors: one :class:`TensorCheck` per tensor of the reference or the output.
+        problems: folder, report and side-file problems, one sentence each.
+    """
+
+    out: str
+    options: dict[str, Any]
+    units: list[UnitCheck] = field(default_factory=list)
+    tensors: list[TensorCheck] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing mismatched."""
+        return not self.problems and all(u.ok for u in self.units) and all(t.ok for t in self.tensors)
+
+    def mismatches(self) -> list[str]:
+        """Every failure, one line each, naming the unit or the tensor."""
+        lines = list(self.problems)
+        lines += [f"{u.label}: {u.detail}" for u in self.units if not u.ok]
+        lines += [f"tensor '{t.name}' ({t.source}): {t.status}: {t.detail}" for t in self.tensors if not t.ok]
+        return lines
+
+    def summary(self) -> str:
+        """A table of what was compared and how it came out, then every mismatch."""
+        o = self.options
+        rows = [
+            f"verify {self.out}: granularity {o['granularity']}, tau {o['tau']:g}, alpha {o['alpha']:g}, numerics {o['numerics']}",
+            f"{'checked':<30} {'total':>6} {'identical':>10} {'<= 1 ulp':>9} {'mismatch':>9}",
+        ]
+        n_units_bad = sum(not u.ok for u in self.units)
+        rows.append(f"{'unit decisions':<30} {len(self.units):>6} {len(self.units) - n_units_bad:>10} {'-':>9} {n_units_bad:>9}")
+        for source in ("safety", "expert", "blend"):
+            ts = [t for t in self.tensors if t.source == source]
+            if not ts:
+                continue
+            ident = sum(t.status == "identical" for t in ts)
+            near = sum(t.status == "within-1-ulp" for t in ts)
+            rows.append(f"{'tensors from ' + source:<30} {len(ts):>6} {ident:>10} {near:>9} {len(ts) - ident - near:>9}")
+        other = [t for t in self.tensors if t.source not in ("safety", "expert", "blend")]
+        if other:
+            rows.append(f"{'tensors not in the reference':<30} {len(other):>6} {0:>10} {0:>9} {len(other):>9}")
+        rows.append(f"{'folder, report, side files':<30} {'':>6} {'':>10} {'':>9} {len(self.problems):>9}")
+        bad = self.mismatches()
+        rows.append("verified: output matches the reference" if not bad else f"MISMATCH: {len(bad)} problem(s)")
+        rows += [f"  {line}" for line in bad]
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for ``--json``)."""
+        return {
+            "ok": self.ok,
+            "out": self.out,
+            "options": self.options,
+            "problems": self.problems,
+            "units": [{**asdict(u), "ok": u.ok} for u in self.units],
+            "tensors": [{**asdict(t), "ok": t.ok} for t in self.tensors],
+        }
+
+
+# --- the output folder ----------------------------------------------------------------------------------
+
+
+def read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Parses and validates one safetensors file's header. Returns name -> entry.
+
+    Raises:
+        ValueError: naming the file and what is wrong.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} exceeds the file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    spans = []
+    for name, e in header.items():
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"{path}: tensor '{name}': malformed entry {e!r}")
+        if e["dtype"] not in _ALL_DTYPES:
+            raise ValueError(f"{path}: tensor '{name}': unknown dtype {e['dtype']!r}")
+        shape, (lo, hi) = e["shape"], e["data_offsets"]
+        if not all(isinstance(x, int) and x >= 0 for x in shape):
+            raise ValueError(f"{path}: tensor '{name}': bad shape {shape!r}")
+        want = math.prod(shape) * _ELEM.get(e["dtype"], 1)
+        if e["dtype"] in _ELEM and hi - lo != want:
+            raise ValueError(f"{path}: tensor '{name}': {hi - lo} bytes for shape {shape} {e['dtype']} ({want} expected)")
+        spans.append((lo, hi, name))
+    spans.sort()
+    pos = 0
+    for lo, hi, name in spans:
+        if lo != pos:
+            raise ValueError(f"{path}: tensor '{name}': data starts at {lo}, expected {pos} (gap or overlap)")
+        pos = hi
+    if 8 + n + pos != size:
+        raise ValueError(f"{path}: data ends at byte {8 + n + pos} but the file has {size} bytes")
+    return header
+
+
+def check_folder(out: Path) -> tuple[dict[str, Path], list[str]]:
+    """Checks the output folder's shards and index. Returns tensor name -> shard file, and problems."""
+    problems: list[str] = []
+    where: dict[str, Path] = {}
+    index_path = out / reference.INDEX_FILE
+    shards = sorted(p for p in out.glob("*.safetensors"))
+    if not shards:
+        return where, [f"{out}: no .safetensors file"]
+    headers: dict[Path, dict] = {}
+    for p in shards:
+        try:
+            headers[p] = read_header(p)
+        except ValueError as e:
+            problems.append(str(e))
+    for p, h in headers.items():
+        for name in h:
+            if name in where:
+                problems.append(f"tensor '{name}' is in both {where[name].name} and {p.name}")
+            where[name] = p
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        weight_map = index.get("weight_map", {})
+        for name, fname in weight_map.items():
+            if not (out / fname).is_file():
+                problems.append(f"{index_path.name}: tensor '{name}' is in {fname}, which does not exist")
+            elif name not in headers.get(out / fname, {}):
+                problems.append(f"{index_path.name}: tensor '{name}' is not in {fname}, where the index says it is")
+        for name in where:
+            if name not in weight_map:
+                problems.append(f"{index_path.name}: tensor '{name}' ({where[name].name}) is missing from the index")
+        unnamed = {p.name for p in shards} - set(weight_map.values())
+        if unnamed:
+            problems.append(f"{index_path.name}: shard(s) {', '.join(sorted(unnamed))} not named by the index")
+        total = sum(e["data_offsets"][1] - e["data_offsets"][0] for h in headers.values() for e in h.values())
+        if index.get("metadata", {}).get("total_size") not in (None, total):
+            problems.append(f"{index_path.name}: total_size {index['metadata']['total_size']} but the shards hold {total} bytes")
+    elif len(shards) > 1:
+        problems.append(f"{out}: {len(shards)} shards but no {reference.INDEX_FILE}")
+    return where, problems
+
+
+def _side_files(out: Path, expert: Path, tokenizer_source: Optional[Path]) -> list[str]:
+    problems = []
+    for src, names in ((expert, CONFIG_FILES), (tokenizer_source, TOKENIZER_FILES)):
+        if src is None or not src.is_dir():
+            continue
+        for name in names:
+            if (src / name).is_file() and (not (out / name).is_file() or (out / name).read_bytes() != (src / name).read_bytes()):
+                problems.append(f"{out / name}: missing or not the same as {src / name}")
+    return problems
+
+
+# --- tensors ---------------------------------------------------------------------------------------------
+
+
+def ulp_distance(a: Any, b: Any) -> tuple[int, int]:
+    """(largest distance in units in the last place, number of elements not bit-identical) between two
+    torch tensors of the same float dtype and shape. NaN against NaN counts as equal; NaN against a
+    number counts as infinitely far."""
+    torch = reference._torch()
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+    it = ints[a.dtype]
+    bits = torch.finfo(a.dtype).bits
+    sign = 1 << (bits - 1)
+
+    def ordered(t: Any) -> Any:
+        # Sign-magnitude bit patterns to integers in the order of the values they encode.
+        i = t.contiguous().view(it).to(torch.int64)
+        mag = i & (sign - 1)
+        return torch.where(i < 0, -mag, mag)
+
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    same_bits = a.contiguous().view(it) == b.contiguous().view(it)
+    differing = int((~same_bits & ~(nan_a & nan_b)).sum())
+    if differing == 0:
+        return 0, 0
+    if bool((nan_a ^ nan_b).any()):
+        return 1 << 62, differing
+    d = (ordered(a) - ordered(b)).abs()
+    d = torch.where(nan_a & nan_b, torch.zeros_like(d), d)
+    return int(d.max()), differing
+
+
+def _first_diff(a: Any, b: Any) -> str:
+    torch = reference._torch()
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    it = ints[a.element_size()]
+    flat = (a.contiguous().view(it) != b.contiguous().view(it)).flatten().nonzero()
+    if not len(flat):
+        return ""
+    i = int(flat[0])
+    return f"first at flat index {i}: {float(a.flatten()[i])!r} in the output, {float(b.flatten()[i])!r} expected"
+
+
+_ST_NAMES = {"bf16": "BF16", "f16": "F16", "f32": "F32", "f64": "F64"}
+
+
+def verify(
+    out: PathLike,
+    base: PathLike,
+    safety: PathLike,
+    expert: PathLike,
+    *,
+    options: Optional[MergeOptions] = None,
+    layout: Optional[PathLike] = None,
+    **kwargs: Any,
+) -> VerifyResult:
+    """Recomputes a merge with the torch reference and compares it with the output folder ``out``.
+
+    Args:
+        out: the folder ``merge`` wrote.
+        base, safety, expert: the models it was made from.
+        options: the :class:`MergeOptions` of the merge; keyword arguments (``granularity=``,
+            ``tau=``, ``alpha=``, ``numerics=``, ``outside=``, ``norms=``, ``vocab_from=``,
+            ``out_dtype=``...) override its fields. Resource options are ignored.
+        layout: the custom layout file given to the merge, if any. Without one, the reference uses
+            its own Llama naming, or, for another family, the engine's built-in layout definition
+            named in the report (data only; the reference's code stays its own).
+
+    Returns:
+        A :class:`VerifyResult`; ``result.ok`` is False on any mismatch.
+
+    Raises:
+        ImportError: torch or safetensors is not installed (says how to install them).
+        FileNotFoundError: ``out`` or a model does not exist.
+    """
+    reference._torch()
+    _dtype_cache.clear()  # models may have been rewritten since the last call
+    opts = options.replace(**kwargs) if options is not None and kwargs else options or MergeOptions(**kwargs)
+    out_p, base_p, safety_p, expert_p = Path(out), Path(base), Path(safety), Path(expert)
+    if not out_p.is_dir():
+        raise FileNotFoundError(f"{out_p}: no such output folder")
+    vocab_from = getattr(opts, "vocab_from", "outside")
+    method = {"granularity": opts.granularity, "tau": opts.tau, "alpha": opts.alpha, "numerics": opts.numerics,
+              "outside": opts.outside, "norms": opts.norms, "vocab_from": vocab_from, "out_dtype": opts.effective_out_dtype}
+    result = VerifyResult(str(out_p), method)
+
+    report: dict[str, Any] = {}
+    report_path = out_p / REPORT_FILE
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+    else:
+        result.problems.append(f"{report_path}: missing")
+    params = report.get("parameters", {})
+    for key, want in method.items():
+        if key in params and params[key] != want and not (isinstance(want, float) and params[key] == want):
+            result.problems.append(f"{REPORT_FILE}: the merge used {key}={params[key]!r}, but verify was asked for {want!r}")
+
+    patterns_layout: Any = layout
+    if layout is None and report.get("layout") not in (None, "llama"):
+        patterns_layout = _builtin_layout(report["layout"])
+
+    plan = reference.compute_plan(base_p, safety_p, expert_p, granularity=opts.granularity, tau=opts.tau, alpha=opts.alpha,
+                                  numerics=opts.numerics, layout=patterns_layout)
+    _check_units(result, plan, report)
+
+    where, problems = check_folder(out_p)
+    result.problems += problems
+    tok = {"expert": expert_p, "base": base_p, "safety": safety_p}.get(params.get("tokenizer_from", opts.effective_tokenizer_from))
+    result.problems += _side_files(out_p, expert_p, tok)
+
+    from safetensors import safe_open
+
+    handles: dict[Path, Any] = {}
+    seen = set()
+    for name, source, want in reference.merged_tensors(safety_p, expert_p, plan, outside=opts.outside, norms=opts.norms,
+                                                        vocab_from=vocab_from, out_dtype=opts.effective_out_dtype,
+                                                        layout=patterns_layout):
+        seen.add(name)
+        if name not in where:
+            result.tensors.append(TensorCheck(name, source, "missing", detail="not in the output"))
+            continue
+        if where[name] not in handles:
+            handles[where[name]] = safe_open(str(where[name]), framework="pt")
+        got = handles[where[name]].get_tensor(name)
+        result.tensors.append(_compare(name, source, got, want, whole_copy=_whole_copy(source, opts, safety_p, expert_p, name)))
+    for name in sorted(set(where) - seen):
+        result.tensors.append(TensorCheck(name, "-", "extra", detail=f"in {where[name].name} but not in the language expert"))
+    return result
+
+
+def _builtin_layout(name: str) -> Optional[dict[str, Any]]:
+    """The engine's built-in layout definition called ``name`` (data: name patterns of a family)."""
+    from layerswap_fast import _core
+
+    for n, text in _core.builtin_layouts():
+        if n == name:
+            return json.loads(text)
+    return None
+
+
+def _whole_copy(source: str, opts: MergeOptions, safety: Path, expert: Path, name: str) -> bool:
+    """True when the output tensor must be the source's bytes unchanged: a copy in the source's own
+    dtype (exact numerics), or of a bf16 source (official numerics load in bf16, which changes nothing)."""
+    if source not in ("safety", "expert"):
+        return False
+    stored = _stored_dtype(safety if source == "safety" else expert, name)
+    out_dtype = opts.effective_out_dtype
+    same = out_dtype is None or _ST_NAMES[out_dtype] == stored
+    return same and (opts.numerics == "exact" or stored == "BF16")
+
+
+_dtype_cache: dict[Path, dict[str, str]] = {}
+
+
+def _stored_dtype(model: Path, name: str) -> str:
+    if model not in _dtype_cache:
+        m: dict[str, str] = {}
+        for f in reference.shard_files(model):
+            m.update({k: v["dtype"] for k, v in read_header(f).items()})
+        _dtype_cache[model] = m
+    return _dtype_cache[model][name]
+
+
+def _compare(name: str, source: str, got: Any, want: Any, whole_copy: bool) -> TensorCheck:
+    if got.dtype != want.dtype:
+        return TensorCheck(name, source, "dtype", detail=f"{got.dtype} in the output, {want.dtype} expected")
+    if tuple(got.shape) != tuple(want.shape):
+        return TensorCheck(name, source, "shape", detail=f"{list(got.shape)} in the output, {list(want.shape)} expected")
+    max_ulp, differing = ulp_distance(got, want)
+    if differing == 0:
+        return TensorCheck(name, source, "identical", 0, 0)
+    if whole_copy:
+        return TensorCheck(name, source, "bytes", max_ulp, differing,
+                           f"{differing} element(s) differ from the {source} expert's bytes; {_first_diff(got, want)}")
+    if max_ulp <= 1:
+        return TensorCheck(name, source, "within-1-ulp", max_ulp, differing)
+    return TensorCheck(name, source, "ulp", max_ulp, differing,
+                       f"{differing} element(s) differ, up to {max_ulp} ulp; {_first_diff(got, want)}")
+
+
+def _close(a: float, b: float) -> bool:
+    return a == b or abs(a - b) <= REPORT_RTOL * max(abs(a), abs(b)) + 1e-15
+
+
+def _check_units(result: VerifyResult, plan: reference.RefPlan, report: dict[str, Any]) -> None:
+    got = {(u["layer"], u.get("part")): u for u in report.get("units", [])}
+    for u in plan.units:
+        r = got.pop((u.layer, u.part), None)
+        check = UnitCheck(u.layer, u.part, u.decision, r and r["decision"], u.d, r and r["d"])
+        if r is None:
+            check.detail = "missing from the report"
+        elif r["decision"] != u.decision:
+            check.detail = f"decision {r['decision']} in the report, {u.decision} in the reference (d {r['d']:+.3e} vs {u.d:+.3e}, tau {plan.tau:g})"
+        else:
+            off = [k for k, v in (("score_safety", u.score_safety), ("score_expert", u.score_expert), ("p_safety", u.p_safety),
+                                  ("p_expert", u.p_expert), ("d", u.d)) if not _close(float(r[k]), v)]
+            if off:
+                check.detail = "report numbers differ from the reference: " + ", ".join(f"{k} {r[k]!r} vs {getattr(u, k)!r}" for k in off)
+        result.units.append(check)
+    for layer, part in got:
+        result.units.append(UnitCheck(layer, part, "-", got[(layer, part)]["decision"], math.nan, got[(layer, part)]["d"],
+                                      "in the report but not a unit of the reference"))
+
+
+# --- exact vs official --------------------------------------------------------------------------------------
+
+
+def compare_numerics(base: PathLike, safety: PathLike, expert: PathLike, *, options: Optional[MergeOptions] = None,
+                     layout: Optional[PathLike] = None, **kwargs: Any) -> dict[str, Any]:
+    """Runs the engine's analysis in ``exact`` and in ``official`` numerics and lists the units whose
+    decision differs between them (units whose d lies within about 1e-4 of ±τ can flip).
+
+    Returns:
+        ``{"exact": Plan, "official": Plan, "flips": [{"unit", "layer", "part", "exact", "official",
+        "d_exact", "d_official"}, ...]}``.
+    """
+    from layerswap_fast import api
+
+    kwargs.pop("numerics", None)
+    opts = options.replace(**kwargs) if options is not None and kwargs else options or MergeOptions(**kwargs)
+    plans = {n: api.analyze(base, safety, expert, options=opts.replace(numerics=n), layout=layout) for n in ("exact", "official")}
+    flips = [
+        {"unit": a.label, "layer": a.layer, "part": a.part, "exact": a.decision, "official": b.decision, "d_exact": a.d, "d_official": b.d}
+        for a, b in zip(plans["exact"].units, plans["official"].units)
+        if a.decision != b.decision
+    ]
+    return {**plans, "flips": flips}
