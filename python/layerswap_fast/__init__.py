@@ -22,12 +22,15 @@ from layerswap_fast.errors import (
 )
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan, TensorStats, UnitDecision
+from layerswap_fast.verify import VerifyResult, verify
 
 __all__ = [
     "__version__",
     "analyze",
     "merge",
     "inspect",
+    "verify",
+    "VerifyResult",
     "MergeOptions",
     "Plan",
     "UnitDecision",

@@ -139,14 +139,20 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
 @click.option("--save-stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save the base and safety-expert statistics to this file, for later bulk runs (merge --stats).")
+@click.option("--compare-numerics", is_flag=True,
+              help="Analyse in both exact and official numerics and list the units whose decision differs.")
 @_errors
-def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, save_stats: Optional[Path], **params: Any) -> None:
+def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, save_stats: Optional[Path],
+            compare_numerics: bool, **params: Any) -> None:
     """Compute the per-unit scores and decisions; write nothing.
 
     Prints, per unit, the raw scores A_S and A_M, the normalised p_S and p_M, d = p_S - p_M and the
     decision, exactly as thresholded.
     """
     options = from_cli(params)
+    if compare_numerics:
+        _compare_numerics(base, safety, expert, layout, options, as_json)
+        return
     bar = ProgressBar()
     try:
         plan = api.analyze(base, safety, expert, options=options, layout=layout, progress=bar)
@@ -280,6 +286,47 @@ def _layout_summary(model: str, info: dict[str, Any], show_all: bool = False) ->
     lines.append(f"outside the layers ({len(outside)}): {', '.join(shown) if shown else 'none'}{more}")
     lines.append(f"not assigned to any unit ({len(unassigned)}): {', '.join(unassigned) if unassigned else 'none'}")
     return "\n".join(lines)
+
+
+def _compare_numerics(base: Path, safety: Path, expert: Path, layout: Optional[Path], options: Any, as_json: bool) -> None:
+    from layerswap_fast.verify import compare_numerics
+
+    res = compare_numerics(base, safety, expert, options=options, layout=layout)
+    if as_json:
+        click.echo(json.dumps({"flips": res["flips"], "exact": res["exact"].to_dict(), "official": res["official"].to_dict()}, indent=2))
+        return
+    click.echo(decision_table(res["exact"]))
+    click.echo(decision_table(res["official"]))
+    if not res["flips"]:
+        click.echo(f"no unit flips between exact and official numerics ({len(res['exact'].units)} units)")
+    for f in res["flips"]:
+        click.echo(f"flips: {f['unit']:<20} exact {f['exact']} (d {f['d_exact']:+.6f}), official {f['official']} (d {f['d_official']:+.6f})")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@_models()
+@method_options
+@output_options
+@click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
+@_errors
+def verify(out: Path, base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, **params: Any) -> None:
+    """Recompute a merge with the torch reference and check OUT against it (needs torch).
+
+    Pass the same method options as to merge. Checks that every unit's decision matches, that every
+    tensor is present with the right dtype and shape, that tensors copied whole are byte-identical
+    to their source and blended ones within 1 unit in the last place, and that the folder (index,
+    shard headers, side files) is complete. Prints a table and every mismatch; exits 1 on any.
+    """
+    from layerswap_fast.verify import verify as run_verify
+
+    try:
+        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout)
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
+    if not result.ok:
+        sys.exit(EXIT_FAILURE)
 
 
 @main.command()
