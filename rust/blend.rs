@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::budget::BufferPool;
 use crate::dtype::{bf16_to_f32, cast, cast_mut, f16_to_f32, f32_to_bf16, f32_to_f16, Dtype};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::writer::OutputTensor;
 use crate::io::{Model, OutputWriter};
 use crate::options::Numerics;
@@ -25,6 +25,10 @@ pub struct Job<'a> {
     pub out: &'a OutputTensor,
     /// What it is made of.
     pub action: Action,
+    /// Refuse NaN/Inf in the sources read for this tensor. Set for the tensors the statistics pass
+    /// does not read (embeddings, norms, lm_head), unless the user allowed non-finite values: the
+    /// data is in cache here anyway, so the check costs next to nothing.
+    pub check_finite: bool,
 }
 
 /// Runs the write pass for `jobs` on the current rayon pool.
@@ -54,6 +58,9 @@ pub fn write(
                 let src = if job.action == Action::Safety { safety } else { expert };
                 let t = src.tensor(&out.name).expect("checked by caller");
                 let bytes = read_elems(src, t, c.start, c.len, a)?;
+                if job.check_finite && !all_finite(t.dtype, bytes) {
+                    return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                }
                 if t.dtype == out.dtype && (numerics == Numerics::Exact || t.dtype == Dtype::BF16) {
                     writer.write_at(out.shard, dst, bytes)?;
                 } else {
@@ -67,6 +74,13 @@ pub fn write(
                 let tm = expert.tensor(&out.name).expect("checked by caller");
                 let s = read_elems(safety, ts, c.start, c.len, a)?;
                 let m = read_elems(expert, tm, c.start, c.len, b)?;
+                if job.check_finite {
+                    for (src, t, bytes) in [(safety, ts, &*s), (expert, tm, &*m)] {
+                        if !all_finite(t.dtype, bytes) {
+                            return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                        }
+                    }
+                }
                 blend(ts.dtype, s, m, out.dtype, o.bytes_mut(out_bytes), alpha, numerics);
                 writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
                 s.len() + m.len()
@@ -77,6 +91,17 @@ pub fn write(
         progress.advance(out_bytes as u64);
         Ok(())
     })
+}
+
+/// True when no element of `bytes` is NaN or ±Inf (exponent bits all ones). Branch-free so that it
+/// vectorises: it runs over every byte of the unmeasured tensors in the write pass.
+pub fn all_finite(dtype: Dtype, bytes: &[u8]) -> bool {
+    match dtype {
+        Dtype::BF16 => cast::<u16>(bytes).iter().fold(0u16, |acc, &v| acc | u16::from(v & 0x7F80 == 0x7F80)) == 0,
+        Dtype::F16 => cast::<u16>(bytes).iter().fold(0u16, |acc, &v| acc | u16::from(v & 0x7C00 == 0x7C00)) == 0,
+        Dtype::F32 => cast::<f32>(bytes).iter().fold(true, |acc, v| acc & v.is_finite()),
+        Dtype::F64 => cast::<f64>(bytes).iter().fold(true, |acc, v| acc & v.is_finite()),
+    }
 }
 
 /// Decodes raw elements to f32 (exact for BF16/F16/F32).

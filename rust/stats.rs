@@ -29,12 +29,31 @@ pub struct TensorStats {
 }
 
 /// Computes [`TensorStats`] for `names` over `base` and `experts`. Every tensor must exist with the same
-/// dtype and shape in every model (the caller checks). Runs on the current rayon pool.
+/// dtype and shape in every model (the caller checks). Runs on the current rayon pool. A tensor
+/// holding NaN or Inf is an [`Error::NonFinite`] naming it and its file.
 pub fn compute(
     names: &[&str],
     base: &Model,
     experts: &[&Model],
     numerics: Numerics,
+    chunk_elems: usize,
+    pool: &BufferPool,
+    progress: &Progress,
+) -> Result<Vec<TensorStats>> {
+    compute_allowing(names, base, experts, numerics, false, chunk_elems, pool, progress)
+}
+
+/// [`compute`], except that with `allow_non_finite` a tensor holding NaN or Inf is not an error: its
+/// sums are taken over the finite elements only (an element is left out of Σ B² when B is not
+/// finite, and out of Σ (X − B)² when B, X or X − B is not finite). Only the tensors whose plain sums
+/// came out non-finite take that slower path.
+#[allow(clippy::too_many_arguments)]
+pub fn compute_allowing(
+    names: &[&str],
+    base: &Model,
+    experts: &[&Model],
+    numerics: Numerics,
+    allow_non_finite: bool,
     chunk_elems: usize,
     pool: &BufferPool,
     progress: &Progress,
@@ -78,6 +97,31 @@ pub fn compute(
             }
         }
     }
+    if allow_non_finite {
+        let bad: Vec<usize> = (0..out.len()).filter(|&i| !out[i].base_ss.is_finite() || out[i].diff_ss.iter().any(|v| !v.is_finite())).collect();
+        let redone: Vec<(f64, Vec<f64>)> = bad
+            .par_iter()
+            .map(|&i| finite_sums(names[i], base, experts, numerics, chunk_elems, pool, progress))
+            .collect::<Result<_>>()?;
+        for (&i, (base_ss, diff_ss)) in bad.iter().zip(redone) {
+            let s = &mut out[i];
+            if !s.base_ss.is_finite() {
+                s.base_ss = base_ss;
+            }
+            for (old, new) in s.diff_ss.iter_mut().zip(diff_ss) {
+                if !old.is_finite() {
+                    *old = new;
+                }
+            }
+            if !s.base_ss.is_finite() || s.diff_ss.iter().any(|v| !v.is_finite()) {
+                let t = base.tensor(&s.name).unwrap();
+                return Err(Error::invalid(
+                    &base.shard_of(t).path,
+                    format!("tensor '{}': sums of squares overflow even over its finite values; values this large cannot be scored", s.name),
+                ));
+            }
+        }
+    }
     for s in &out {
         if !s.base_ss.is_finite() {
             let t = base.tensor(&s.name).unwrap();
@@ -89,6 +133,46 @@ pub fn compute(
         }
     }
     Ok(out)
+}
+
+/// Σ B² and Σ (X_k − B)² of one tensor over its finite elements only, in element order (see
+/// [`compute_allowing`]). Scalar and sequential: used only for tensors that hold NaN or Inf.
+fn finite_sums(
+    name: &str,
+    base: &Model,
+    experts: &[&Model],
+    numerics: Numerics,
+    chunk_elems: usize,
+    pool: &BufferPool,
+    progress: &Progress,
+) -> Result<(f64, Vec<f64>)> {
+    let bt = base.tensor(name).expect("checked by caller");
+    let dtype = bt.dtype;
+    let mut base_ss = 0f64;
+    let mut diff_ss = vec![0f64; experts.len()];
+    for c in chunks(&[bt.numel()], chunk_elems) {
+        progress.check()?;
+        let mut bufs = pool.take();
+        let (first, rest) = bufs.split_first_mut().expect("pool has buffers");
+        let b = read_elems(base, bt, c.start, c.len, first)?;
+        for i in 0..c.len {
+            let v = kernels::value(dtype, numerics, b, i);
+            if v.is_finite() {
+                base_ss += v * v;
+            }
+        }
+        for ((m, buf), acc) in experts.iter().zip(rest.iter_mut()).zip(diff_ss.iter_mut()) {
+            let x = read_elems(m, m.tensor(name).expect("checked by caller"), c.start, c.len, buf)?;
+            for i in 0..c.len {
+                let (bv, xv) = (kernels::value(dtype, numerics, b, i), kernels::value(dtype, numerics, x, i));
+                let d = kernels::diff(numerics, bv, xv);
+                if bv.is_finite() && xv.is_finite() && d.is_finite() {
+                    *acc += d * d;
+                }
+            }
+        }
+    }
+    Ok((base_ss, diff_ss))
 }
 
 /// Block sums for one chunk: for each block, [Σ B², Σ (X_1 - B)², ...].
@@ -146,6 +230,29 @@ pub mod kernels {
         bf16_to_f32(f32_to_bf16(x))
     }
 
+    /// Element `i` of `bytes` as the numerics see it (the per-element rule of the kernels below, for
+    /// the slow masked path).
+    pub fn value(dtype: Dtype, numerics: Numerics, bytes: &[u8], i: usize) -> f64 {
+        let v = match dtype {
+            Dtype::BF16 => bf16_to_f32(cast::<u16>(bytes)[i]) as f64,
+            Dtype::F16 => f16_to_f32(cast::<u16>(bytes)[i]) as f64,
+            Dtype::F32 => cast::<f32>(bytes)[i] as f64,
+            Dtype::F64 => cast::<f64>(bytes)[i],
+        };
+        match numerics {
+            Numerics::Exact => v,
+            Numerics::Official => to_bf16_f32(v as f32) as f64,
+        }
+    }
+
+    /// X − B from two values given by [`value`], as the kernels compute it.
+    pub fn diff(numerics: Numerics, b: f64, x: f64) -> f64 {
+        match numerics {
+            Numerics::Exact => x - b,
+            Numerics::Official => to_bf16_f32(x as f32 - b as f32) as f64,
+        }
+    }
+
     /// The value of one element as the chosen numerics see it: exact, or rounded to bf16 (the authors
     /// load every checkpoint in bf16).
     #[inline(always)]
@@ -181,13 +288,160 @@ pub mod kernels {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn avx2_sum_sq(dtype: Dtype, numerics: Numerics, b: &[u8]) -> f64 {
-        generic_sum_sq(dtype, numerics, b)
+        match (dtype, numerics) {
+            // SAFETY: AVX2 is enabled here; F16C is checked before the F16 kernel runs.
+            (Dtype::BF16, Numerics::Exact) if x86::has_f16c() => unsafe { x86::sum_sq::<false>(cast::<u16>(b)) },
+            (Dtype::F16, Numerics::Exact) if x86::has_f16c() => unsafe { x86::sum_sq::<true>(cast::<u16>(b)) },
+            _ => generic_sum_sq(dtype, numerics, b),
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn avx2_sum_sq_diff(dtype: Dtype, numerics: Numerics, b: &[u8], x: &[u8]) -> f64 {
-        generic_sum_sq_diff(dtype, numerics, b, x)
+        match (dtype, numerics) {
+            // SAFETY: as in `avx2_sum_sq`.
+            (Dtype::BF16, Numerics::Exact) if x86::has_f16c() => unsafe { x86::sum_sq_diff::<false>(cast::<u16>(b), cast::<u16>(x)) },
+            (Dtype::F16, Numerics::Exact) if x86::has_f16c() => unsafe { x86::sum_sq_diff::<true>(cast::<u16>(b), cast::<u16>(x)) },
+            _ => generic_sum_sq_diff(dtype, numerics, b, x),
+        }
+    }
+
+    /// Hand-vectorised exact kernels for 16-bit inputs (what the compiler makes of [`lanes`] for them
+    /// is mostly scalar). The same eight f64 lanes as [`lanes`]: the two 4-wide accumulators hold
+    /// lanes 0–3 and 4–7, element i goes to lane i mod 8 in element order, the tail goes to lanes
+    /// 0.. in order, and the lanes are added in the same tree. Separate multiply and add (no FMA):
+    /// every result is bit-identical to the baseline build.
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        use crate::dtype::{bf16_to_f32, f16_to_f32};
+
+        pub(super) fn has_f16c() -> bool {
+            std::is_x86_feature_detected!("f16c")
+        }
+
+        /// Eight 16-bit values at `p` as f64 lanes 0–3 and 4–7 (exact). `F16`: IEEE half, else bf16.
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn load8<const F16: bool>(p: *const u16) -> (__m256d, __m256d) {
+            // SAFETY: the caller guarantees 8 readable u16 at p; unaligned load.
+            let h = unsafe { _mm_loadu_si128(p.cast()) };
+            let f = if F16 { _mm256_cvtph_ps(h) } else { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))) };
+            (_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f)))
+        }
+
+        #[inline(always)]
+        fn scalar<const F16: bool>(v: u16) -> f64 {
+            if F16 { f16_to_f32(v) as f64 } else { bf16_to_f32(v) as f64 }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        fn reduce(a0: __m256d, a1: __m256d, tail: impl Iterator<Item = f64>) -> f64 {
+            let mut acc = [0f64; 8];
+            // SAFETY: acc has room for two unaligned stores of four f64.
+            unsafe {
+                _mm256_storeu_pd(acc.as_mut_ptr(), a0);
+                _mm256_storeu_pd(acc.as_mut_ptr().add(4), a1);
+            }
+            for (l, v) in tail.enumerate() {
+                acc[l] += v * v;
+            }
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+        }
+
+        /// Σ v² (exact).
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and F16C.
+        #[target_feature(enable = "avx2,f16c")]
+        pub(super) unsafe fn sum_sq<const F16: bool>(v: &[u16]) -> f64 {
+            let n8 = v.len() / 8 * 8;
+            let (mut a0, mut a1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+            let mut i = 0;
+            while i < n8 {
+                // SAFETY: i + 8 <= v.len().
+                let (x0, x1) = unsafe { load8::<F16>(v.as_ptr().add(i)) };
+                a0 = _mm256_add_pd(a0, _mm256_mul_pd(x0, x0));
+                a1 = _mm256_add_pd(a1, _mm256_mul_pd(x1, x1));
+                i += 8;
+            }
+            reduce(a0, a1, v[n8..].iter().map(|&e| scalar::<F16>(e)))
+        }
+
+        /// Σ (x − b)² (exact, the difference formed in f64).
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and F16C; `b` and `x` have the same length.
+        #[target_feature(enable = "avx2,f16c")]
+        pub(super) unsafe fn sum_sq_diff<const F16: bool>(b: &[u16], x: &[u16]) -> f64 {
+            assert_eq!(b.len(), x.len());
+            let n8 = b.len() / 8 * 8;
+            let (mut a0, mut a1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+            let mut i = 0;
+            while i < n8 {
+                // SAFETY: i + 8 <= len of both slices.
+                let ((b0, b1), (x0, x1)) = unsafe { (load8::<F16>(b.as_ptr().add(i)), load8::<F16>(x.as_ptr().add(i))) };
+                let (d0, d1) = (_mm256_sub_pd(x0, b0), _mm256_sub_pd(x1, b1));
+                a0 = _mm256_add_pd(a0, _mm256_mul_pd(d0, d0));
+                a1 = _mm256_add_pd(a1, _mm256_mul_pd(d1, d1));
+                i += 8;
+            }
+            reduce(a0, a1, b[n8..].iter().zip(&x[n8..]).map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv)))
+        }
+
+        #[cfg(test)]
+        mod tests {
+            use super::super::{generic_sum_sq, generic_sum_sq_diff};
+            use crate::dtype::{AlignedBuf, Dtype};
+            use crate::options::Numerics;
+
+            /// Every bit pattern class (normals, subnormals, zeros of both signs, large values) at
+            /// lengths around the 8-lane boundary: the vector kernels equal the baseline bit for bit.
+            #[test]
+            fn vector_kernels_are_bit_identical_to_baseline() {
+                if !(std::is_x86_feature_detected!("avx2") && super::has_f16c()) {
+                    return;
+                }
+                let mut s = 0x2545_f491_4f6c_dd1du64;
+                let mut next = || {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    s
+                };
+                for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 1000, 65_536 + 5] {
+                    for finite_only in [true, false] {
+                        let mut bb = AlignedBuf::new(2 * n);
+                        let mut xb = AlignedBuf::new(2 * n);
+                        for (bv, xv) in bb.bytes_mut(2 * n).chunks_exact_mut(2).zip(xb.bytes_mut(2 * n).chunks_exact_mut(2)) {
+                            let (r1, r2) = (next() as u16, next() as u16);
+                            // Exponent bits all ones (inf/NaN) only when allowed.
+                            let fix = |v: u16, mask: u16| if finite_only && v & mask == mask { v & !0x4000 } else { v };
+                            bv.copy_from_slice(&fix(r1, 0x7f80).to_le_bytes());
+                            xv.copy_from_slice(&fix(r2, 0x7f80).to_le_bytes());
+                        }
+                        let (b, x) = (bb.bytes(2 * n), xb.bytes(2 * n));
+                        for (dtype, f16) in [(Dtype::BF16, false), (Dtype::F16, true)] {
+                            let (want_ss, want_d) = (generic_sum_sq(dtype, Numerics::Exact, b), generic_sum_sq_diff(dtype, Numerics::Exact, b, x));
+                            // SAFETY: features checked above.
+                            let (got_ss, got_d) = unsafe {
+                                if f16 {
+                                    (super::sum_sq::<true>(crate::dtype::cast(b)), super::sum_sq_diff::<true>(crate::dtype::cast(b), crate::dtype::cast(x)))
+                                } else {
+                                    (super::sum_sq::<false>(crate::dtype::cast(b)), super::sum_sq_diff::<false>(crate::dtype::cast(b), crate::dtype::cast(x)))
+                                }
+                            };
+                            let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                            assert!(same(got_ss, want_ss), "{dtype} n={n}: {got_ss} vs {want_ss}");
+                            assert!(same(got_d, want_d), "{dtype} n={n}: {got_d} vs {want_d}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn has_avx2() -> bool {

@@ -141,6 +141,11 @@ impl Model {
     pub fn data_bytes(&self) -> u64 {
         self.tensors.values().map(|t| t.nbytes).sum()
     }
+
+    /// Fails if any shard changed on disk since it was opened (see [`Shard::check_unchanged`]).
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.shards.iter().try_for_each(Shard::check_unchanged)
+    }
 }
 
 /// Reads an index file: the distinct shard files in first-seen order and the name -> file map.

@@ -22,6 +22,24 @@ pub struct Shard {
     pub header: Header,
     /// File length when opened (used to detect files that change under us).
     pub len: u64,
+    /// Identity and modification time when opened (see [`Shard::check_unchanged`]).
+    stamp: Stamp,
+}
+
+/// What `stat` says about a file: enough to notice it was replaced, truncated or rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128 }
+    }
 }
 
 impl Shard {
@@ -54,7 +72,19 @@ impl Shard {
         let mut json = vec![0u8; json_len as usize];
         file.read_exact_at(&mut json, 8).map_err(|e| Error::io(path, e))?;
         let header = Header::parse(&json, len - 8 - json_len).map_err(|m| Error::invalid(path, m))?;
-        Ok(Shard { path: path.to_path_buf(), file, header, len })
+        Ok(Shard { path: path.to_path_buf(), file, header, len, stamp: Stamp::of(&meta) })
+    }
+
+    /// Fails if the file at `path` is no longer the file that was opened, or was truncated or
+    /// written since (size or modification time changed): data read from it may then be a mix of
+    /// old and new bytes. Called after the last read, before an output is committed.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let now = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let open = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        if Stamp::of(&now) != self.stamp || Stamp::of(&open) != self.stamp {
+            return Err(Error::invalid(&self.path, "file was changed or replaced while it was being read; run again once it is stable"));
+        }
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at absolute file offset `offset`. A short read (file truncated since it
