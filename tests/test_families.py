@@ -229,6 +229,9 @@ def test_outside_tensor_only_in_the_host_is_copied_with_a_warning(tmp_path, gran
     assert O["lm_head.weight"] == M["lm_head.weight"]
     saved = json.loads((tmp_path / "out" / "layerswap_report.json").read_text())
     assert saved["warnings"] == report["warnings"]
+    result = CliRunner().invoke(main, ["merge", "-b", str(paths["base"]), "-s", str(paths["safety"]), "-m", str(paths["expert"]),
+                                       "-o", str(tmp_path / "cli"), "-g", granularity])
+    assert result.exit_code == 0 and "warning: tensor 'lm_head.weight' is only in the language expert" in result.output, result.output
 
 
 def test_layer_tensor_only_in_the_host_is_an_error(tmp_path):

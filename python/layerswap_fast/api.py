@@ -59,7 +59,9 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
 
     Returns:
         ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
-        has ``name``, ``dtype``, ``shape`` and ``place`` (``"Outside"`` or ``{"Layer": {...}}``).
+        has ``name``, ``dtype``, ``shape`` and ``place``: ``"Outside"``, ``"Vocab"`` (outside, with a
+        vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
+        layer but in no unit of the layout: a merge refuses those).
     """
     p = Path(model)
     return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))

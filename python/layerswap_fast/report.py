@@ -44,6 +44,7 @@ def merge_summary(report: dict[str, Any], out: str) -> str:
             f"read {fmt_bytes(report['bytes_read'])}, wrote {fmt_bytes(report['output']['bytes_written'])} "
             f"in {secs:.2f} s ({fmt_bytes(rate)}/s read); peak memory {fmt_bytes(report['peak_rss_bytes'])}",
         ]
+        + [f"warning: {w}" for w in report.get("warnings", [])]
     )
 
 
