@@ -1,0 +1,223 @@
+"""Bad input: every case of the hostile corpus (tests/hostile/cases.json), bad options and overlapping
+output paths. Each must give exit status 2, exactly one line on stderr naming the file and the tensor,
+no traceback, no output folder and no staging leftover; the inputs must be byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import layerswap_fast as lsf
+from conftest import tree_digest
+from layerswap_fast import cli
+from layerswap_fast.errors import InvalidModelError, LayerswapError
+
+HOSTILE = Path(__file__).parent / "hostile"
+CASES: list[dict[str, Any]] = json.loads((HOSTILE / "cases.json").read_text())
+GOOD = {r: HOSTILE / "good" / r for r in ("base", "safety", "expert")}
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(autouse=True)
+def corpus_untouched() -> Iterator[None]:
+    """Nothing in the corpus (the inputs of every test here) changes, byte for byte."""
+    before = tree_digest(HOSTILE)
+    yield
+    assert tree_digest(HOSTILE) == before, "an input file was modified"
+
+
+def merge_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["merge", "-b", str(paths["base"]), "-s", str(paths["safety"]), "-m", str(paths["expert"]), "-o", str(out), "-q", *extra]
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """The CLI in-process (fast): exit status, stdout, stderr. An exception other than SystemExit is a
+    traceback the user would have seen, so it fails the test."""
+    result = CliRunner().invoke(cli.main, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"uncaught {type(result.exception).__name__}: {result.exception}") from result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_refused(code: int, out: str, err: str, fragments: list[str], target: Path) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("layerswap-fast: error: "), err
+    assert "Traceback" not in err + out
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    assert not target.exists(), "an output folder was left behind"
+    leftovers = [p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.")]
+    assert not leftovers, f"staging leftovers: {leftovers}"
+
+
+def case_paths(case: dict[str, Any]) -> dict[str, Path]:
+    return {**GOOD, case["role"]: HOSTILE / case["path"]}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_hostile_corpus_case(case: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(merge_args(case_paths(case), out, *case["args"]))
+    # The file (or folder) at fault is named, and the tensor where there is one.
+    named = [] if case["name"] == "header_huge_layer_index" else [case["path"].split("/")[-1]]
+    assert_refused(code, stdout, err, case["expect"] + named, out)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["name"].startswith(("header_", "index_"))], ids=lambda c: c["name"])
+def test_hostile_corpus_inspect(case: dict[str, Any]) -> None:
+    """The same files through `inspect` (which only opens the model) and the Python API."""
+    with pytest.raises(LayerswapError) as info:
+        lsf.inspect(HOSTILE / case["path"])
+    assert all(f in str(info.value) for f in case["expect"]), str(info.value)
+
+
+@pytest.mark.parametrize("name", ["header_prefix_absurd", "index_tensor_listed_twice", "nan_embedding_expert", "header_huge_layer_index"])
+def test_real_process_exit_status(name: str, tmp_path: Path) -> None:
+    """A few cases through a real process: status 2, one line, no traceback, no core dump."""
+    case = next(c for c in CASES if c["name"] == name)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "layerswap_fast", *merge_args(case_paths(case), out, *case["args"])],
+                          capture_output=True, text=True, timeout=60)
+    assert_refused(proc.returncode, proc.stdout, proc.stderr, case["expect"], out)
+
+
+def test_corpus_is_what_the_script_writes(tmp_path: Path) -> None:
+    sys.path.insert(0, str(HOSTILE))
+    try:
+        import make_corpus
+    finally:
+        sys.path.remove(str(HOSTILE))
+    make_corpus.build(tmp_path / "corpus")
+    committed = {k: v for k, v in make_corpus.digest(HOSTILE).items() if not k.endswith(".py")}
+    assert committed == make_corpus.digest(tmp_path / "corpus"), "run python tests/hostile/make_corpus.py"
+
+
+# --- options out of range ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--tau", "-0.01"], "tau"),
+        (["--tau", "nan"], "tau"),
+        (["--tau", "inf"], "tau"),
+        (["--alpha", "1.5"], "alpha"),
+        (["--alpha", "-0.1"], "alpha"),
+        (["--alpha", "nan"], "alpha"),
+        (["--threads", "0"], "threads"),
+        (["--threads", "-3"], "threads"),
+        (["--max-memory", "1MiB"], "memory budget of 1.0 MiB is too small"),
+        (["--max-memory", "64MiB"], "too small"),
+        (["--max-memory", "lots"], "not a size"),
+        (["--max-memory", "0"], "max_memory"),
+        (["--shard-size", "0"], "shard_size"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_option_out_of_range(extra: list[str], fragment: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(merge_args(GOOD, out, *extra))
+    assert_refused(code, stdout, err, [fragment], out)
+
+
+def test_options_rejected_by_the_python_api_too(tmp_path: Path) -> None:
+    for bad in (dict(tau=-1.0), dict(alpha=2.0), dict(threads=0), dict(max_memory="1MiB")):
+        with pytest.raises(LayerswapError):
+            lsf.merge(GOOD["base"], GOOD["safety"], GOOD["expert"], tmp_path / "out", **bad)
+        assert not (tmp_path / "out").exists()
+
+
+# --- output path overlapping an input ------------------------------------------------------------------
+
+
+@pytest.fixture
+def trio_copy(tmp_path: Path) -> dict[str, Path]:
+    """The good trio copied under tmp_path/models (so that its parent can be offered as output)."""
+    paths = {}
+    for role, p in GOOD.items():
+        paths[role] = tmp_path / "models" / role
+        shutil.copytree(p, paths[role])
+    return paths
+
+
+@pytest.mark.parametrize("where", ["expert_itself", "inside_expert", "inside_base", "parent_of_inputs", "single_file_input"])
+@pytest.mark.parametrize("force", [False, True])
+def test_output_overlapping_an_input_is_refused(trio_copy: dict[str, Path], where: str, force: bool) -> None:
+    paths = dict(trio_copy)
+    if where == "single_file_input":
+        paths["expert"] = paths["expert"] / "model.safetensors"
+    out = {
+        "expert_itself": trio_copy["expert"],
+        "inside_expert": trio_copy["expert"] / "merged",
+        "inside_base": trio_copy["base"] / "sub" / "merged",
+        "parent_of_inputs": trio_copy["base"].parent,
+        "single_file_input": paths["expert"],
+    }[where]
+    before = tree_digest(trio_copy["base"].parent)
+    code, stdout, err = run_cli(merge_args(paths, out, *(["--force"] if force else [])))
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "overlaps the input" in err, err
+    assert tree_digest(trio_copy["base"].parent) == before, "an input was modified"
+    assert not (trio_copy["expert"] / "merged").exists() and not (trio_copy["base"] / "sub").exists()
+
+
+# --- non-finite values ---------------------------------------------------------------------------------
+
+
+def _case(name: str) -> dict[str, Path]:
+    return case_paths(next(c for c in CASES if c["name"] == name))
+
+
+@pytest.mark.parametrize("name", ["nan_measured_expert", "inf_measured_base", "nan_embedding_expert", "inf_final_norm_safety", "nan_layer_norm_expert"])
+def test_allow_non_finite_merges(name: str, tmp_path: Path) -> None:
+    """With allow_non_finite the merge completes, every score is a number, and the output holds the
+    bad values where its sources did."""
+    case = next(c for c in CASES if c["name"] == name)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(merge_args(case_paths(case), out, "--allow-non-finite", *case["args"]))
+    assert code == 0, err
+    report = json.loads((out / "layerswap_report.json").read_text())
+    for u in report["units"]:
+        for key in ("score_safety", "score_expert", "p_safety", "p_expert", "d"):
+            assert isinstance(u[key], float) and math.isfinite(u[key]), (key, u)
+
+
+def _bf16(raw: bytes) -> np.ndarray:
+    return (np.frombuffer(raw, "<u2").astype("<u4") << 16).view("<f4").astype(np.float64)
+
+
+def test_allow_non_finite_scores_over_finite_elements(tmp_path: Path) -> None:
+    """The NaN element of the expert's q_proj is left out of Σ (X − B)²; the rest of the sum is exact."""
+    from models import read_model
+
+    paths = _case("nan_measured_expert")
+    plan = lsf.analyze(paths["base"], paths["safety"], paths["expert"], allow_non_finite=True)
+    B, M = read_model(paths["base"]), read_model(paths["expert"])
+    b, x = _bf16(B[Q][2]), _bf16(M[Q][2])
+    keep = np.isfinite(x)
+    assert keep.sum() == x.size - 1
+    want = float(np.sum((x[keep] - b[keep]) ** 2))
+    stats = {t.name: t for t in plan.stats}
+    assert stats[Q].diff_ss[1] == pytest.approx(want, rel=1e-12)
+    # Every other tensor keeps its plain sums.
+    other = "model.layers.0.self_attn.k_proj.weight"
+    bo, xo = _bf16(B[other][2]), _bf16(M[other][2])
+    assert stats[other].diff_ss[1] == pytest.approx(float(np.sum((xo - bo) ** 2)), rel=1e-12)
+
+
+def test_non_finite_refused_through_the_api(tmp_path: Path) -> None:
+    paths = _case("nan_embedding_expert")
+    with pytest.raises(InvalidModelError, match="model.embed_tokens.weight"):
+        lsf.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
