@@ -215,6 +215,11 @@ impl Session {
 
     /// One statistics pass over B, S and every expert; then a plan per expert.
     pub fn analyze(&self, options: &MergeOptions, progress: &Progress) -> Result<(Vec<TensorStats>, Vec<Plan>)> {
+        // Fail before the statistics pass rather than after it; bulk runs (analyze_with) leave this
+        // to each expert's write, so that one expert's vocabulary does not stop the others.
+        for k in 0..self.experts.len() {
+            self.check_vocab(k, options)?;
+        }
         self.analyze_with(&vec![options.clone(); self.experts.len()], None, progress)
     }
 
@@ -226,8 +231,7 @@ impl Session {
         if options.len() != self.experts.len() {
             return Err(Error::argument(format!("{} option sets for {} experts", options.len(), self.experts.len())));
         }
-        for (k, o) in options.iter().enumerate() {
-            self.check_vocab(k, o)?;
+        for o in options {
             o.validate()?;
             if o.numerics != options[0].numerics {
                 return Err(Error::argument("all experts of one run must use the same numerics (statistics are shared)"));

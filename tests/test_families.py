@@ -159,8 +159,8 @@ def test_extended_vocabulary_is_an_error_naming_both_shapes(tmp_path):
     msg = str(e.value)
     assert "[320, 96]" in msg and "[256, 96]" in msg and "--vocab-from expert" in msg, msg
     assert not (tmp_path / "out").exists()
-    with pytest.raises(IncompatibleModelsError):
-        lsf.analyze(paths["base"], paths["safety"], paths["expert"])
+    # analyze shows the decisions, which do not depend on the vocabulary; only merge refuses.
+    assert lsf.analyze(paths["base"], paths["safety"], paths["expert"]).n_layers == 4
     result = CliRunner().invoke(main, ["merge", "-b", str(paths["base"]), "-s", str(paths["safety"]), "-m", str(paths["expert"]),
                                        "-o", str(tmp_path / "cli")])
     assert result.exit_code == 2 and "vocabulary shape" in result.output, result.output
@@ -316,3 +316,16 @@ def test_invalid_custom_layout_is_a_clear_error(tmp_path, family_trio):
     bad_toml.write_text("name = \n")
     with pytest.raises(InvalidOptionError, match="TOML"):
         lsf.inspect(paths["expert"], layout=bad_toml)
+
+
+def test_bulk_run_fails_only_the_expert_with_another_vocabulary(tmp_path):
+    from layerswap_fast.bulk import ExpertSpec, bulk_merge
+
+    paths = trio_with(tmp_path, MISTRAL, _extend_vocab(64))
+    same = make_trio_from_specs(tmp_path / "same", MISTRAL.specs(), MISTRAL.config)  # same seed: same B and S
+    experts = [ExpertSpec("extended", paths["expert"]), ExpertSpec("plain", same["expert"]),
+               ExpertSpec("allowed", paths["expert"], lsf.MergeOptions(vocab_from="expert"))]
+    summary = bulk_merge(paths["base"], paths["safety"], experts, tmp_path / "out")
+    status = {name: e["status"] for name, e in summary["experts"].items()}
+    assert status["plain"] == status["allowed"] != status["extended"], summary["experts"]
+    assert "vocabulary shape" in json.dumps(summary["experts"]["extended"])
