@@ -260,6 +260,11 @@ impl Session {
 
     /// Writes expert number `expert`'s merged model into the existing, empty folder `out_dir`.
     pub fn write(&self, expert: usize, plan: &Plan, out_dir: &Path, progress: &Progress) -> Result<WriteSummary> {
+        self.write_with(expert, plan, out_dir, true, progress)
+    }
+
+    /// [`Session::write`], with the final sync to disk optional (see [`OutputWriter::finish`]).
+    pub fn write_with(&self, expert: usize, plan: &Plan, out_dir: &Path, sync: bool, progress: &Progress) -> Result<WriteSummary> {
         let options = &plan.options;
         options.validate()?;
         self.check_vocab(expert, options)?;
@@ -293,7 +298,7 @@ impl Session {
             m.check_unchanged()?;
         }
         progress.start(Phase::Sync, 0);
-        let files = writer.finish(&out_plan)?;
+        let files = writer.finish(&out_plan, sync)?;
         Ok(WriteSummary {
             files,
             tensors: out_plan.tensors.len(),

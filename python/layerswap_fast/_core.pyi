@@ -63,6 +63,7 @@ def write_plan(
     plan_json: str,
     architecture: Optional[str] = None,
     layout_json: Optional[str] = None,
+    sync: bool = True,
     progress: _Progress = None,
 ) -> str: ...
 def builtin_layouts() -> list[tuple[str, str]]: ...

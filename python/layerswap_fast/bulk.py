@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 from layerswap_fast import _core
 from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
-from layerswap_fast.folder import architecture, check_output, staged_output
+from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage, staged_output
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
@@ -174,7 +174,7 @@ def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[st
     plan = Plan.from_engine(plan_dict)
     with staged_output(out_p, force=replace) as stage:
         write = json.loads(_core.write_plan(base, safety, expert, str(stage), json.dumps(plan_dict),
-                                            architecture(Path(expert)), layout_json, progress))
+                                            architecture(Path(expert)), layout_json, progress=progress))
         report = finish_output(stage, plan, write, 0, opts, (Path(base), Path(safety), Path(expert)), started)
         sums = checksums(stage)
     return {"report": report, "files": sums}
@@ -260,8 +260,7 @@ def bulk_merge(
                 _notify(on_expert, e.name, entries[e.name])
                 continue
             jobs.append((e, result["plans"][i]))
-        run = _run_ray if executor == "ray" else _run_local
-        for e, outcome in run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress):
+        def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
                 entries[e.name] = outcome
             else:
@@ -271,6 +270,9 @@ def bulk_merge(
                 manifest["experts"][e.name] = {k: entries[e.name][k] for k in ("status", "options", "files", "counts", "units", "expert")}
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])
+
+        run = _run_ray if executor == "ray" else _run_local
+        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record)
     summary = _summary(entries, names, stats_seconds)
     _write_json_atomic(out_p / SUMMARY, summary)
     return summary
@@ -294,20 +296,57 @@ def _failure(e: BaseException) -> dict[str, Any]:
     return {"status": "failed", "error": " ".join(str(e).split()) or type(e).__name__, "kind": type(e).__name__}
 
 
-def _run_local(jobs, base, safety, out: Path, layout_json, progress):
-    for e, plan in jobs:
-        target = out / e.name
+def _publish(stage: Path, target: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Checksums, syncs and renames one finished stage into place (runs in the background)."""
+    try:
+        sums = checksums(stage)
+        commit_stage(stage, target, force=True)
+        return {"report": report, "files": sums}
+    except BaseException as err:
+        discard_stage(stage)
+        if isinstance(err, (LayerswapError, OSError)):
+            return _failure(err)
+        raise
+
+
+def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+    """Write passes one after another; each expert's disk sync, checksums and rename run in a
+    background thread while the next expert is being written, so the disk and the cores work at once."""
+    pending: Optional[tuple[ExpertSpec, concurrent.futures.Future]] = None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as committer:
         try:
-            yield e, _write_one(base, safety, str(e.path), str(target), plan, e.options, layout_json, True, progress)
-        except (LayerswapError, OSError) as err:
-            yield e, _failure(err)
+            for e, plan in jobs:
+                target = out / e.name
+                started = time.perf_counter()
+                stage = new_stage(target)
+                try:
+                    write = json.loads(_core.write_plan(base, safety, str(e.path), str(stage), json.dumps(plan),
+                                                        architecture(e.path), layout_json, False, progress))
+                    report = finish_output(stage, Plan.from_engine(plan), write, 0, e.options, (Path(base), Path(safety), e.path), started)
+                except (LayerswapError, OSError) as err:
+                    discard_stage(stage)
+                    record(e, _failure(err))
+                    continue
+                except BaseException:
+                    discard_stage(stage)
+                    raise
+                future = committer.submit(_publish, stage, target, report)
+                if pending is not None:
+                    record(pending[0], pending[1].result())
+                pending = (e, future)
+        finally:
+            # Even when interrupted, an output already being published is finished and recorded, so
+            # the manifest never misses an output that exists.
+            if pending is not None:
+                record(pending[0], pending[1].result())
 
 
-def _run_ray(jobs, base, safety, out: Path, layout_json, progress):
+def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+    """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
     try:
         import ray  # type: ignore[import-not-found]
     except ImportError:
-        raise InvalidOptionError("--executor ray needs Ray: pip install 'ray[default]'") from None
+        raise InvalidOptionError("--executor ray needs Ray: pip install 'layerswap-fast[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(_write_one)
@@ -316,10 +355,10 @@ def _run_ray(jobs, base, safety, out: Path, layout_json, progress):
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
         try:
-            yield e, ray.get(done[0])
+            outcome = ray.get(done[0])
         except Exception as err:  # a Ray task error wraps the original exception
-            cause = getattr(err, "cause", None) or err
-            yield e, _failure(cause)
+            outcome = _failure(getattr(err, "cause", None) or err)
+        record(e, outcome)
 
 
 def _summary(entries: dict[str, dict[str, Any]], names: list[str], stats_seconds: float) -> dict[str, Any]:

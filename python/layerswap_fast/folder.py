@@ -45,16 +45,19 @@ def read_config(path: Path) -> Optional[dict[str, Any]]:
     if folder is None or not (folder / "config.json").is_file():
         return None
     try:
-        return json.loads((folder / "config.json").read_text())
+        cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise InvalidModelError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InvalidModelError(f"{folder / 'config.json'}: must be a JSON object, not {type(cfg).__name__}")
+    return cfg
 
 
 def architecture(path: Path) -> Optional[str]:
     """config.json ``architectures[0]``, if present."""
     cfg = read_config(path) or {}
-    archs = cfg.get("architectures") or []
-    return archs[0] if archs and isinstance(archs[0], str) else None
+    archs = cfg.get("architectures")
+    return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
 def copy_side_files(dest: Path, host: Path, tokenizer_source: Path) -> list[str]:
@@ -103,33 +106,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def new_stage(out: Path) -> Path:
+    """A fresh, empty staging folder beside ``out`` (same filesystem, so publishing is one rename)."""
+    out = Path(out)
+    parent = out.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+
+
+def commit_stage(stage: Path, out: Path, force: bool) -> None:
+    """Syncs every file of ``stage`` to disk, then renames it to ``out`` (replacing an existing ``out``
+    only when ``force``). Until the rename nothing is visible at ``out``."""
+    out = Path(out)
+    parent = out.absolute().parent
+    for f in stage.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(stage)
+    old = None
+    if out.exists():
+        if not force:
+            raise OutputExistsError(f"{out}: output appeared during the run; refusing to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+        os.replace(out, old / out.name)
+    os.replace(stage, out)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_stage(stage: Path) -> None:
+    """Removes a staging folder and everything in it."""
+    shutil.rmtree(stage, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
     """Yields a fresh staging folder beside ``out``. On success it becomes ``out`` by one rename (an
     existing ``out`` is replaced only when ``force``); on any failure, Ctrl-C included, it is removed
     and ``out`` is untouched.
     """
-    out = Path(out)
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    stage = new_stage(out)
     try:
         yield stage
-        for f in stage.iterdir():
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(stage)
-        old = None
-        if out.exists():
-            if not force:
-                raise OutputExistsError(f"{out}: output appeared during the run; refusing to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / out.name)
-        os.replace(stage, out)
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_stage(stage, out, force)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        discard_stage(stage)
         raise

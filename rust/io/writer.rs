@@ -132,10 +132,14 @@ impl OutputWriter {
         file.write_all_at(bytes, offset).map_err(|e| Error::io(path, e))
     }
 
-    /// Syncs every shard to disk and writes the index (when there is more than one shard).
-    pub fn finish(self, plan: &OutputPlan) -> Result<Vec<PathBuf>> {
-        for (path, file) in &self.files {
-            file.sync_all().map_err(|e| Error::io(path, e))?;
+    /// Writes the index (when there is more than one shard) and, if `sync`, syncs every file to disk.
+    /// Without `sync` the caller must sync before it publishes the folder (bulk runs do that in the
+    /// background while the next expert is written).
+    pub fn finish(self, plan: &OutputPlan, sync: bool) -> Result<Vec<PathBuf>> {
+        if sync {
+            for (path, file) in &self.files {
+                file.sync_all().map_err(|e| Error::io(path, e))?;
+            }
         }
         let mut written: Vec<PathBuf> = self.files.iter().map(|(p, _)| p.clone()).collect();
         if plan.shards.len() > 1 {
@@ -151,7 +155,9 @@ impl OutputWriter {
             let text = serde_json::to_string_pretty(&index).expect("json");
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
             file.write_all_at(text.as_bytes(), 0).map_err(|e| Error::io(&path, e))?;
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
+            if sync {
+                file.sync_all().map_err(|e| Error::io(&path, e))?;
+            }
             written.push(path);
         }
         Ok(written)

@@ -140,6 +140,7 @@ fn analyze(
 ///     out_dir: existing empty staging folder.
 ///     plan_json: one plan from ``analyze``'s result, as JSON.
 ///     architecture, layout_json, progress: as for ``analyze``.
+///     sync: sync the files to disk before returning (False: the caller syncs before publishing).
 ///
 /// Returns:
 ///     JSON text: the write summary ``{"files", "tensors", "bytes_written", "seconds"}``.
@@ -147,7 +148,7 @@ fn analyze(
 /// Raises:
 ///     as ``analyze``; OSError for a full disk.
 #[pyfunction]
-#[pyo3(signature = (base, safety, expert, out_dir, plan_json, architecture=None, layout_json=None, progress=None))]
+#[pyo3(signature = (base, safety, expert, out_dir, plan_json, architecture=None, layout_json=None, sync=true, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn write_plan(
     py: Python<'_>,
@@ -158,6 +159,7 @@ fn write_plan(
     plan_json: &str,
     architecture: Option<String>,
     layout_json: Option<String>,
+    sync: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
     let plan: crate::plan::Plan =
@@ -176,7 +178,7 @@ fn write_plan(
                 session.layout.def.name
             )));
         }
-        let write = session.write(0, &plan, &out_dir, p)?;
+        let write = session.write_with(0, &plan, &out_dir, sync, p)?;
         Ok(serde_json::to_string(&write).expect("json"))
     })
 }
