@@ -249,6 +249,11 @@ def model_cases(root: Path, good: dict[str, Path]) -> list[dict[str, Any]]:
     case("nan_lm_head_safety", "safety", pack(poke(items["safety"], "lm_head.weight", float("nan"))), ["lm_head.weight", "NaN or Inf"])
     case("nan_layer_norm_expert", "expert", pack(poke(items["expert"], "model.layers.0.input_layernorm.weight", float("nan"))),
          ["model.layers.0.input_layernorm.weight", "NaN or Inf"], ("--granularity", "module"))
+    # Side files are read too: a config.json that is JSON but not an object.
+    shutil.copytree(good["expert"], root / "config_not_object")
+    (root / "config_not_object" / "config.json").write_text("[1, 2]\n")
+    cases.append({"name": "config_not_object", "path": "models/config_not_object", "role": "expert", "args": [], "exit": 2,
+                  "expect": ["config.json", "must be a JSON object"]})
     return cases
 
 
