@@ -128,6 +128,12 @@ impl Session {
     }
 
     fn layer_mismatch(&self, models: &[(&str, &Model)]) -> Result<()> {
+        // A model whose names the layout does not fit at all (another family) says so, not "0 layers".
+        for (role, m) in models {
+            if let Err(e) = self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str())) {
+                return Err(Error::Incompatible { message: format!("the {} does not have the language expert's layout: {e}", describe(role, m)) });
+            }
+        }
         let counts: Vec<(String, usize)> = models.iter().map(|(r, m)| (describe(r, m), self.layer_count(m))).collect();
         if counts.iter().any(|(_, n)| *n != self.layout.n_layers) {
             let list: Vec<String> = counts.iter().map(|(d, n)| format!("{n} in the {d}")).collect();

@@ -329,3 +329,9 @@ def test_bulk_run_fails_only_the_expert_with_another_vocabulary(tmp_path):
     status = {name: e["status"] for name, e in summary["experts"].items()}
     assert status["plain"] == status["allowed"] != status["extended"], summary["experts"]
     assert "vocabulary shape" in json.dumps(summary["experts"]["extended"])
+
+
+def test_a_model_of_another_family_is_named_as_such(tmp_path, family_trio):
+    llama, gpt2 = family_trio(LLAMA), family_trio(BY_ID["gpt2"])
+    with pytest.raises(IncompatibleModelsError, match=r"safety expert .* does not have the language expert's layout: layout 'llama'"):
+        lsf.merge(llama["base"], gpt2["safety"], llama["expert"], tmp_path / "out")
