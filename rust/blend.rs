@@ -140,10 +140,26 @@ fn encode64(src: &[f64], dtype: Dtype, dst: &mut [u8]) {
     match dtype {
         Dtype::F64 => cast_mut::<f64>(dst).copy_from_slice(src),
         Dtype::F32 => src.iter().zip(cast_mut::<f32>(dst)).for_each(|(s, d)| *d = *s as f32),
-        // f64 -> f32 -> 16-bit would round twice; go through the exact decomposition instead.
-        Dtype::BF16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = half::bf16::from_f64(*s).to_bits()),
-        Dtype::F16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = half::f16::from_f64(*s).to_bits()),
+        // f64 -> f32 -> 16-bit would round twice, and half's from_f64 drops the low 32 mantissa bits
+        // before deciding a tie (so it rounds some values just above a midpoint down): round to f32
+        // *to odd* first, after which one rounding to nearest even gives the correctly rounded value.
+        Dtype::BF16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_bf16(f64_to_f32_odd(*s))),
+        Dtype::F16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_f16(f64_to_f32_odd(*s))),
     }
+}
+
+/// f64 to f32 rounded to odd: exact values unchanged, inexact ones to the neighbour whose last bit is
+/// 1. With 24 bits against bf16's 8 and f16's 11 (at least 2 more), a later rounding to nearest even
+/// is then the same as rounding the f64 once.
+#[inline(always)]
+fn f64_to_f32_odd(x: f64) -> f32 {
+    let y = x as f32;
+    let bits = y.to_bits();
+    if x.is_nan() || y as f64 == x || bits & 1 == 1 {
+        return y;
+    }
+    // y is the even neighbour of x; step one ulp towards x (an overflow to inf steps back to MAX).
+    f32::from_bits(if x.abs() > (y as f64).abs() { bits + 1 } else { bits - 1 })
 }
 
 #[inline(always)]
@@ -210,5 +226,29 @@ pub fn blend(in_dtype: Dtype, s: &[u8], m: &[u8], out_dtype: Dtype, out: &mut [u
             }
         }
         encode32(vs, out_dtype, &mut out[lo * so..hi * so]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f64_to_16_bit_rounds_once() {
+        // Just above the midpoint between 1 and the next bf16 (f16) value: must round up. The extra
+        // 2^-40 lives in the low 32 mantissa bits that a truncating conversion ignores.
+        let mut out = [0u8; 2];
+        encode64(&[1.0 + 2f64.powi(-8) + 2f64.powi(-40)], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3f81);
+        encode64(&[1.0 + 2f64.powi(-11) + 2f64.powi(-40)], Dtype::F16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3c01);
+        // Exact ties still go to even; exact values stay; overflow is infinity.
+        encode64(&[1.0 + 2f64.powi(-8)], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3f80);
+        encode64(&[-2.5], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0xc020);
+        encode64(&[1e300], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x7f80);
+        assert_eq!(f64_to_f32_odd(1e-50), f32::from_bits(1));
     }
 }
