@@ -365,11 +365,26 @@ def merged_tensor(source: str, s: "torch.Tensor", m: "torch.Tensor", alpha: floa
     dtype = out_dtype or m.dtype
     if source in ("safety", "expert"):
         src = s if source == "safety" else m
-        return src if src.dtype == dtype else src.to(dtype)
+        return src if src.dtype == dtype else round_once(src, dtype)
     wide = torch.float64 if torch.float64 in (s.dtype, dtype) else torch.float32
     ws = torch.tensor(alpha, dtype=torch.float64).to(wide)
     wm = torch.tensor(1.0 - alpha, dtype=torch.float64).to(wide)
-    return (ws * s.to(wide) + wm * m.to(wide)).to(dtype)
+    return round_once(ws * s.to(wide) + wm * m.to(wide), dtype)
+
+
+def round_once(t: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+    """``t`` converted to ``dtype`` with one rounding to nearest even. torch turns float64 into
+    bf16/f16 through float32, rounding twice; rounding to float32 *to odd* first (inexact results
+    keep an odd last bit) makes the second rounding give the correctly rounded value."""
+    torch = _torch()
+    if t.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+        return t.to(dtype)
+    t32 = t.to(torch.float32)
+    back = t32.to(torch.float64)
+    bits = t32.view(torch.int32)
+    even_inexact = (back != t) & ((bits & 1) == 0) & ~torch.isnan(t)
+    step = torch.where(t.abs() > back.abs(), 1, -1).to(torch.int32)
+    return torch.where(even_inexact, bits + step, bits).view(torch.float32).to(dtype)
 
 
 def merged_tensors(

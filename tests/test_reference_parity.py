@@ -1,0 +1,243 @@
+"""Conformance: the engine against the independent torch reference (``layerswap_fast.reference``) over
+generated cases, in both granularities and both numerics.
+
+What must hold, per METHOD.md and the contract of each numerics mode:
+- decisions identical, always;
+- ``exact``: the report's scores, p and d equal the reference's up to float64 summation order; whole
+  copies byte-identical; blends within 1 ulp (the engine and torch both round float32 once, so in
+  practice they are identical);
+- ``official`` on bf16 checkpoints: every norm, score, p, d and every output byte equal to what the
+  authors' torch code computes, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch reference needs torch: pip install 'layerswap-fast[check]'")
+pytest.importorskip("safetensors", reason="the torch reference needs safetensors: pip install 'layerswap-fast[check]'")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import layerswap_fast as lsf  # noqa: E402
+from layerswap_fast import reference, synth  # noqa: E402
+from layerswap_fast.verify import verify  # noqa: E402
+
+# 72 x 1001 = 72 072 elements: straddles the 65 536-element chunks a 66 MiB budget forces, and leaves
+# 8 elements for the scalar tail of torch's 16-element bf16 steps.
+STRADDLE = synth.LlamaConfig(n_layers=3, hidden=72, intermediate=1001, heads=4, kv_heads=2, vocab=301)
+
+
+def zero_tensor(model: Path, name: str) -> None:
+    """Overwrites one tensor of a model folder with zeros, in place (a zero-norm base tensor)."""
+    for f in reference.shard_files(model):
+        data = f.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        if name in header:
+            lo, hi = header[name]["data_offsets"]
+            with open(f, "r+b") as fh:
+                fh.seek(8 + n + lo)
+                fh.write(b"\0" * (hi - lo))
+            return
+    raise KeyError(name)
+
+
+def merge_and_verify(paths: dict[str, Path], out: Path, **options: object) -> tuple[dict, "lsf.VerifyResult"]:
+    report = lsf.merge(paths["base"], paths["safety"], paths["expert"], out, **options)
+    method = {k: v for k, v in options.items() if k in ("granularity", "tau", "alpha", "numerics", "outside", "norms", "out_dtype")}
+    result = verify(out, paths["base"], paths["safety"], paths["expert"], **method)
+    assert result.ok, result.summary()
+    return report, result
+
+
+def assert_bit_exact(result: "lsf.VerifyResult", report: dict, plan: reference.RefPlan) -> None:
+    """official numerics: every tensor identical and every reported number equal to the reference's."""
+    assert all(t.status == "identical" for t in result.tensors), [t for t in result.tensors if t.status != "identical"]
+    for u, r in zip(report["units"], plan.units):
+        for key in ("score_safety", "score_expert", "p_safety", "p_expert", "d"):
+            # Scores are sums of the same float64 terms in the same order on both sides.
+            assert u[key] == pytest.approx(getattr(r, key), rel=1e-15, abs=0), (u, r)
+
+
+configs = st.builds(
+    synth.LlamaConfig,
+    n_layers=st.integers(1, 4),
+    hidden=st.sampled_from([8, 16, 24, 72]),
+    intermediate=st.sampled_from([4, 40, 1001]),
+    heads=st.just(4),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    vocab=st.sampled_from([3, 50, 301]),
+    tie_embeddings=st.booleans(),
+    attention_bias=st.booleans(),
+    qk_norm=st.booleans(),
+)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> dict:
+    cfg = draw(configs)
+    numerics = draw(st.sampled_from(["exact", "official"]))
+    dtype = draw(st.sampled_from(["bf16", "bf16", "f16", "f32", "f64"]))
+    identical = draw(st.integers(0, 4)) == 0  # experts equal to the base in one case out of five
+    planting = synth.Planting(
+        safety_layers=draw(st.sets(st.integers(0, cfg.n_layers - 1))),
+        expert_layers=draw(st.sets(st.integers(0, cfg.n_layers - 1))),
+        strong=0.0 if identical else draw(st.sampled_from([0.3, 0.05])),
+        weak=0.0 if identical else draw(st.sampled_from([0.03, 0.3])),
+        outside=0.0 if identical else 0.02,
+        seed=draw(st.integers(0, 2**16)),
+    )
+    shard = st.one_of(st.none(), st.integers(2_000, 200_000))
+    return dict(
+        config=cfg,
+        dtype=dtype,
+        planting=planting,
+        shard_bytes={"base": draw(shard), "safety": draw(shard), "expert": draw(shard)},
+        identical=identical,
+        zero_base=draw(st.booleans()),
+        options=dict(
+            granularity=draw(st.sampled_from(["layer", "module"])),
+            numerics=numerics,
+            tau=draw(st.sampled_from([0.0, 0.001, 0.02, 1.0])),
+            alpha=draw(st.sampled_from([0.0, 1.0, 0.5, 0.3])),
+            outside=draw(st.sampled_from(["blend", "blend", "expert", "safety"])),
+            norms=draw(st.sampled_from(["expert", "expert", "safety", "blend"])),
+            max_memory=draw(st.sampled_from(["66MiB", "1GiB"])),
+            shard_size=draw(st.sampled_from([5_000_000_000, 30_000])),
+            threads=draw(st.sampled_from([1, 2])),
+        ),
+    )
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+def test_engine_matches_reference(case: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = synth.make_trio(root / "in", case["config"], dtype=case["dtype"], planting=case["planting"], shard_bytes=case["shard_bytes"])
+        if case["zero_base"]:
+            zero_tensor(paths["base"], "model.layers.0.self_attn.k_proj.weight")
+        opts = case["options"]
+        report, result = merge_and_verify(paths, root / "out", **opts)
+        plan = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], granularity=opts["granularity"],
+                                      tau=opts["tau"], numerics=opts["numerics"])
+        assert [u["decision"] for u in report["units"]] == [u.decision for u in plan.units]
+        if case["identical"]:
+            # Experts equal to the base: every score is 0, every d is 0, every unit blends.
+            assert {u["decision"] for u in report["units"]} == {"blend"}
+        if opts["numerics"] == "official":
+            assert_bit_exact(result, report, plan)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_official_numerics_bit_exact(make_trio, tmp_path, granularity, dtype):
+    """The authors' bf16 arithmetic, bit for bit, on tensors that straddle chunks and leave a tail."""
+    paths = make_trio(config=STRADDLE, dtype=dtype, shard_bytes={"base": 150_000, "safety": None, "expert": 400_000})
+    report, result = merge_and_verify(paths, tmp_path / "out", granularity=granularity, numerics="official", alpha=0.3, max_memory="66MiB")
+    plan = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], granularity=granularity, numerics="official")
+    assert_bit_exact(result, report, plan)
+    assert report["counts"]["safety"] > 0 and report["counts"]["expert"] > 0
+
+
+def test_official_norms_are_torch_norms_on_large_tensors(tmp_path):
+    """Every norm the engine uses in official numerics is the bf16 scalar torch.norm returns, on
+    tensors of 1M elements where a float64 sum rounded to bf16 often is not (measured ~0.3% of such
+    tensors; 5% at 16M elements)."""
+    cfg = synth.LlamaConfig(n_layers=2, hidden=512, intermediate=2051, heads=8, kv_heads=2, vocab=64)
+    paths = synth.make_trio(tmp_path, cfg, dtype="bf16")
+    plan = lsf.analyze(paths["base"], paths["safety"], paths["expert"], numerics="official", max_memory="66MiB")
+    ref = {n.name: n for n in reference.compute_plan(paths["base"], paths["safety"], paths["expert"], numerics="official").norms}
+    assert len(plan.stats) == len(ref) == 14
+
+    def bf16_norm(ss: float) -> float:
+        return torch.tensor(math.sqrt(ss), dtype=torch.float32).to(torch.bfloat16).item()
+
+    for s in plan.stats:
+        r = ref[s.name]
+        assert (bf16_norm(s.base_ss), bf16_norm(s.diff_ss[0]), bf16_norm(s.diff_ss[1])) == (r.base, r.safety, r.expert), s.name
+
+
+def test_exact_numerics_identical_bytes_on_straddling_tensors(make_trio, tmp_path):
+    """exact numerics: float32 blends rounded once are what torch computes too, byte for byte."""
+    paths = make_trio(config=STRADDLE, dtype="bf16", shard_bytes={"base": 150_000, "safety": None, "expert": 400_000})
+    _, result = merge_and_verify(paths, tmp_path / "out", granularity="module", alpha=0.3, max_memory="66MiB", shard_size=300_000)
+    assert all(t.status == "identical" for t in result.tensors)
+
+
+@pytest.mark.parametrize("out_dtype", ["bf16", "f32", "f64"])
+def test_out_dtype_conversions(make_trio, tmp_path, out_dtype):
+    paths = make_trio(dtype="f32")
+    merge_and_verify(paths, tmp_path / "out", out_dtype=out_dtype)
+
+
+def test_f64_checkpoints_both_numerics(make_trio, tmp_path):
+    paths = make_trio(dtype="f64")
+    merge_and_verify(paths, tmp_path / "exact", granularity="module")
+    merge_and_verify(paths, tmp_path / "official", granularity="module", numerics="official")
+
+
+def test_reference_plan_matches_the_numpy_one_in_models_py(make_trio):
+    """Two independent restatements of METHOD.md agree (numpy in tests/models.py, torch here)."""
+    from models import numpy_plan
+
+    paths = make_trio()
+    for g in ("layer", "module"):
+        ref = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], granularity=g)
+        np_plan = numpy_plan(paths["base"], paths["safety"], paths["expert"], g)
+        for u in ref.units:
+            key = u.layer if u.part is None else (u.layer, u.part)
+            assert np_plan[key]["decision"] == u.decision
+            assert np_plan[key]["d"] == pytest.approx(u.d, rel=1e-9, abs=1e-15)
+
+
+def test_reference_official_reproduces_the_authors_operations(make_trio):
+    """The official reference is the authors' code: bf16 models, torch.norm(X - B).item() / norm(B)."""
+    paths = make_trio()
+    B, S = reference.Checkpoint(paths["base"]), reference.Checkpoint(paths["safety"])
+    plan = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], numerics="official")
+    name = "model.layers.1.mlp.up_proj.weight"
+    b, s = B.get(name).to(torch.bfloat16), S.get(name).to(torch.bfloat16)
+    n = next(x for x in plan.norms if x.name == name)
+    assert n.r_safety == torch.norm(s - b).item() / torch.norm(b).item()
+    blended = reference.merged_tensor("blend", s, b, 0.3, "official")
+    assert torch.equal(blended, 0.3 * s + (1 - 0.3) * b)
+
+
+def test_zero_norm_base_uses_the_unnormalised_change(make_trio, tmp_path):
+    paths = make_trio(config=STRADDLE)
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in paths["base"].iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    name = "model.layers.2.self_attn.q_proj.weight"
+    zero_tensor(base, name)
+    trio = {"base": base, "safety": paths["safety"], "expert": paths["expert"]}
+    for numerics in ("exact", "official"):
+        plan = reference.compute_plan(base, paths["safety"], paths["expert"], numerics=numerics)
+        n = next(x for x in plan.norms if x.name == name)
+        assert n.base == 0 and n.r_safety == n.safety > 0
+        merge_and_verify(trio, tmp_path / f"out-{numerics}", numerics=numerics)
+
+
+def test_tau_zero_and_identical_experts(tmp_path):
+    """tau = 0 with experts equal to the base: d is exactly 0 everywhere, and |d| <= tau blends."""
+    paths = synth.make_trio(tmp_path / "in", synth.LlamaConfig(n_layers=3), planting=synth.Planting(strong=0.0, weak=0.0, outside=0.0))
+    for numerics in ("exact", "official"):
+        report, _ = merge_and_verify(paths, tmp_path / numerics, tau=0.0, numerics=numerics, granularity="module")
+        assert report["counts"] == {"safety": 0, "expert": 0, "blend": 6}
+
+
+def test_reference_without_layers_is_a_clear_error(tmp_path):
+    paths = synth.make_trio(tmp_path, synth.LlamaConfig(n_layers=1))
+    with pytest.raises(ValueError, match="no measured tensors"):
+        reference.compute_plan(paths["base"], paths["safety"], paths["expert"], layout={
+            "layer": r"^transformer\.h\.(\d+)\.", "attention": "^attn", "mlp": "^mlp", "targets": "^x$"})
