@@ -29,6 +29,7 @@ pub const BUILTIN_LAYOUTS: &[(&str, &str)] = &[
     ("gpt2", include_str!("layouts/gpt2.json")),
     ("falcon", include_str!("layouts/falcon.json")),
     ("bert", include_str!("layouts/bert.json")),
+    ("distilbert", include_str!("layouts/distilbert.json")),
 ];
 
 /// A layout definition as written in JSON.

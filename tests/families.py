@@ -278,6 +278,43 @@ def bert_like(c: dict, prefix: str, head: str) -> list[Spec]:
     return out
 
 
+def bloom(c: dict) -> list[Spec]:
+    """BLOOM (bigscience/bloom-560m names: no prefix; shape scaled): fused QKV, biases, tied embeddings."""
+    h = c["hidden_size"]
+    out: list[Spec] = [("word_embeddings.weight", (c["vocab_size"], h), VOCAB)]
+    layernorm(out, "word_embeddings_layernorm", h, OUT)
+    for i in range(c["n_layer"]):
+        p = f"h.{i}."
+        layernorm(out, p + "input_layernorm", h, norm(i))
+        linear(out, p + "self_attention.query_key_value", 3 * h, h, attn(i), bias=True)
+        linear(out, p + "self_attention.dense", h, h, attn(i), bias=True)
+        layernorm(out, p + "post_attention_layernorm", h, norm(i))
+        linear(out, p + "mlp.dense_h_to_4h", 4 * h, h, mlp(i), bias=True)
+        linear(out, p + "mlp.dense_4h_to_h", h, 4 * h, mlp(i), bias=True)
+    layernorm(out, "ln_f", h, OUT)
+    return out
+
+
+def distilbert(c: dict) -> list[Spec]:
+    """DistilBertForMaskedLM (distilbert-base-multilingual-cased names, scaled)."""
+    h, inter, v = c["dim"], c["hidden_dim"], c["vocab_size"]
+    out: list[Spec] = [("distilbert.embeddings.word_embeddings.weight", (v, h), VOCAB),
+                       ("distilbert.embeddings.position_embeddings.weight", (c["max_position_embeddings"], h), OUT)]
+    layernorm(out, "distilbert.embeddings.LayerNorm", h, OUT)
+    for i in range(c["n_layers"]):
+        p = f"distilbert.transformer.layer.{i}."
+        for proj in ("q_lin", "k_lin", "v_lin", "out_lin"):
+            linear(out, p + f"attention.{proj}", h, h, attn(i), bias=True)
+        layernorm(out, p + "sa_layer_norm", h, norm(i))
+        linear(out, p + "ffn.lin1", inter, h, mlp(i), bias=True)
+        linear(out, p + "ffn.lin2", h, inter, mlp(i), bias=True)
+        layernorm(out, p + "output_layer_norm", h, norm(i))
+    linear(out, "vocab_transform", h, h, OUT, bias=True)
+    layernorm(out, "vocab_layer_norm", h, OUT)
+    out.append(("vocab_projector.bias", (v,), VOCAB))
+    return out
+
+
 # --- multimodal wrappers: the vision side is all outside ----------------------------------------------
 
 
@@ -417,6 +454,7 @@ FAMILIES: list[Family] = [
                                        vocab_size=256, multi_query=True, parallel_attn=True, bias=False), falcon),
     Family("falcon-40b", "falcon", _cfg("FalconForCausalLM", "falcon", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                         num_kv_heads=2, vocab_size=256, new_decoder_architecture=True, bias=False), falcon),
+    Family("bloom", "falcon", _cfg("BloomForCausalLM", "bloom", hidden_size=64, n_layer=4, n_head=4, vocab_size=256), bloom),
     # prajjwal1/bert-tiny at its real size.
     Family("bert", "bert", _cfg("BertForMaskedLM", "bert", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                                 num_attention_heads=2, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
@@ -429,6 +467,8 @@ FAMILIES: list[Family] = [
     Family("xlm-roberta-bare", "bert", _cfg("XLMRobertaModel", "xlm-roberta", hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                                             num_attention_heads=4, vocab_size=512, max_position_embeddings=66, type_vocab_size=1),
            lambda c: bert_like(c, "", "pooler")),
+    Family("distilbert-multilingual", "distilbert", _cfg("DistilBertForMaskedLM", "distilbert", dim=64, hidden_dim=256, n_layers=3,
+                                                         n_heads=4, vocab_size=512, max_position_embeddings=64), distilbert),
 ]
 
 BY_ID = {f.id: f for f in FAMILIES}
@@ -487,7 +527,8 @@ def make_trio_from_specs(root: Union[str, Path], specs: list[Spec], config: Opti
         n = int(np.prod(shape))
         base = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
         if name.endswith(("norm.weight", "LayerNorm.weight", "layer_norm.weight", "ln_f.weight", "norm1.weight", "norm2.weight",
-                          "ln_1.weight", "ln_2.weight", "ln_attn.weight", "ln_mlp.weight", "ln_q.weight")):
+                          "ln_1.weight", "ln_2.weight", "ln_attn.weight", "ln_mlp.weight", "ln_q.weight",
+                          "word_embeddings_layernorm.weight")):
             base += np.float32(1.0)
         values["base"][name] = base
         for role in ("safety", "expert"):
