@@ -4,6 +4,7 @@ mod common;
 
 mod budget;
 mod header;
+mod hostile;
 mod pipeline;
 mod plan;
 mod stats;
