@@ -91,6 +91,27 @@ def llama_like(c: dict, prefix: str = "model.", lm_head: str = "lm_head", qkv_bi
     return out
 
 
+def cohere(c: dict) -> list[Spec]:
+    """Cohere / Aya Expanse (CohereLabs/aya-expanse-8b names, scaled): parallel attention and MLP after
+    one input_layernorm, optional per-head q_norm/k_norm [heads, head_dim], tied embeddings."""
+    h, n_h, n_kv, inter = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
+    hd = h // n_h
+    out: list[Spec] = [("model.embed_tokens.weight", (c["vocab_size"], h), VOCAB)]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        layernorm(out, p + "input_layernorm", h, norm(i), bias=False)
+        for proj, rows in (("q_proj", n_h * hd), ("k_proj", n_kv * hd), ("v_proj", n_kv * hd)):
+            linear(out, p + f"self_attn.{proj}", rows, h, attn(i))
+        linear(out, p + "self_attn.o_proj", h, n_h * hd, attn(i))
+        if c.get("use_qk_norm"):
+            out.append((p + "self_attn.q_norm.weight", (n_h, hd), attn(i, False)))
+            out.append((p + "self_attn.k_norm.weight", (n_kv, hd), attn(i, False)))
+        for proj, rows, cols in (("gate_proj", inter, h), ("up_proj", inter, h), ("down_proj", h, inter)):
+            linear(out, p + f"mlp.{proj}", rows, cols, mlp(i))
+    out.append(("model.norm.weight", (h,), OUT))
+    return out
+
+
 def phi3(c: dict) -> list[Spec]:
     """Phi-3 (microsoft/Phi-3-mini-4k-instruct shape, scaled): fused qkv_proj and gate_up_proj."""
     h, n_h, n_kv, inter = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
@@ -413,6 +434,7 @@ FAMILIES: list[Family] = [
     # Qwen/Qwen3-0.6B: q_norm/k_norm, head_dim 128 != 1024 / 16, tied.
     Family("qwen3", "llama", _cfg("Qwen3ForCausalLM", "qwen3", **{**_LLAMA, "head_dim": 32}, tie_word_embeddings=True),
            lambda c: llama_like(c, qk_norm=True)),
+    Family("aya-cohere", "llama", _cfg("CohereForCausalLM", "cohere", **_LLAMA, use_qk_norm=True, tie_word_embeddings=True), cohere),
     # google/gemma-2b: multi-query (1 KV head), head_dim 256 independent of hidden, tied.
     Family("gemma", "gemma", _cfg("GemmaForCausalLM", "gemma", **{**_LLAMA, "num_key_value_heads": 1, "head_dim": 32},
                                   tie_word_embeddings=True), llama_like),
