@@ -188,7 +188,10 @@ impl LayoutDef {
                     continue;
                 }
             };
-            let index = cap.get(1).expect("checked: the layer regex has a capture group");
+            // A user's pattern may match without its first group taking part, e.g. `(?:x|layers\.(\d+))`.
+            let Some(index) = cap.get(1) else {
+                return Err(self.err(format!("tensor '{name}' matches the layer pattern '{}' but its first group (the layer index) is empty", self.layer)));
+            };
             let layer: usize = index
                 .as_str()
                 .parse()

@@ -221,3 +221,30 @@ def test_non_finite_refused_through_the_api(tmp_path: Path) -> None:
     with pytest.raises(InvalidModelError, match="model.embed_tokens.weight"):
         lsf.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / "out")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+# --- custom layout files --------------------------------------------------------------------------------
+
+
+def _llama_layout() -> dict[str, Any]:
+    return json.loads(dict(lsf._core.builtin_layouts())["llama"])
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (dict(layer=r"^model\.(?:layers\.(\d+)|embed_tokens)\."), "first group (the layer index) is empty"),
+        (dict(layer=r"^model\.layers\.\d+\."), "capture group"),
+        (dict(attention="(unclosed"), "invalid regex"),
+        (dict(layer=None), "layer"),
+        (dict(surprise=1), "surprise"),
+    ],
+    ids=["index-group-not-taking-part", "no-group", "bad-regex", "missing-field", "unknown-field"],
+)
+def test_hostile_custom_layout(change: dict[str, Any], fragment: str, tmp_path: Path) -> None:
+    layout = {k: v for k, v in {**_llama_layout(), **change}.items() if v is not None}
+    path = tmp_path / "layout.json"
+    path.write_text(json.dumps(layout))
+    for args in (["inspect", str(GOOD["expert"]), "--layout", str(path)], merge_args(GOOD, tmp_path / "out", "--layout", str(path))):
+        code, stdout, err = run_cli(args)
+        assert_refused(code, stdout, err, [fragment], tmp_path / "out")

@@ -367,3 +367,14 @@ fn files_that_change_after_opening_are_detected() {
     std::fs::rename(&other, &path).unwrap();
     assert!(model.check_unchanged().is_err());
 }
+
+#[test]
+fn custom_layout_whose_index_group_does_not_take_part_is_an_error_not_a_panic() {
+    let llama = layerswap_fast::layout::BUILTIN_LAYOUTS.iter().find(|(n, _)| *n == "llama").unwrap().1;
+    let mut def: serde_json::Value = serde_json::from_str(llama).unwrap();
+    def["layer"] = r"^model\.(?:layers\.(\d+)|embed_tokens)\.".into();
+    let def = layerswap_fast::layout::LayoutDef::from_json(&def.to_string()).unwrap();
+    let names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"];
+    let err = Layout::detect(&names, None, Some(&def)).unwrap_err().to_string();
+    assert!(err.contains("model.embed_tokens.weight") && err.contains("group"), "{err}");
+}
