@@ -414,7 +414,11 @@ def merged_tensors(
     dtype = torch_dtype(out_dtype) if out_dtype else None
     for name in M.names():
         source = source_of(patterns.place(name), plan, outside, norms, vocab_from)
-        yield name, source, merged_tensor(source, S.get(name), M.get(name), plan.alpha, plan.numerics, dtype)
+        if name not in S:
+            # Only the host has it (e.g. an untied lm_head where S ties it): the host's is all there is.
+            source = "expert"
+        m = M.get(name)
+        yield name, source, merged_tensor(source, S.get(name) if name in S else m, m, plan.alpha, plan.numerics, dtype)
 
 
 def merge(

@@ -1,0 +1,54 @@
+"""Pytest plugin: run ``verify`` after every successful merge the test suite makes.
+
+    python -m pytest -p verify_all
+
+Every call of ``layerswap_fast.merge`` (the API, and the CLI through it) is followed by a
+``layerswap_fast.verify`` of its output with the same options; a mismatch fails the test that made the
+merge. Merges that verify cannot judge are skipped and counted: ``allow_non_finite`` (the reference's
+norms of NaN are NaN by design) and models outside what the torch reference reads.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+COUNTS = {"verified": 0, "skipped": 0}
+
+
+@pytest.fixture(autouse=True)
+def _verify_every_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    import layerswap_fast as lsf
+    from layerswap_fast import api
+    from layerswap_fast.options import MergeOptions
+    from layerswap_fast.verify import verify
+
+    original = api.merge
+
+    @functools.wraps(original)
+    def merge_then_verify(base: Any, safety: Any, expert: Any, out: Any, *, options: Any = None, layout: Any = None,
+                          **kwargs: Any) -> Any:
+        report = original(base, safety, expert, out, options=options, layout=layout, **kwargs)
+        method = {k: v for k, v in kwargs.items() if k in MergeOptions.__dataclass_fields__}
+        opts = options.replace(**method) if options is not None and method else options or MergeOptions(**method)
+        if opts.allow_non_finite:
+            COUNTS["skipped"] += 1
+            return report
+        result = verify(Path(out), base, safety, expert, options=opts, layout=layout)
+        assert result.ok, result.summary()
+        COUNTS["verified"] += 1
+        return report
+
+    monkeypatch.setattr(api, "merge", merge_then_verify)
+    monkeypatch.setattr(lsf, "merge", merge_then_verify)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(f"verify_all: {COUNTS['verified']} merges verified, {COUNTS['skipped']} skipped (allow_non_finite)")
