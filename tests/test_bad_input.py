@@ -248,3 +248,18 @@ def test_hostile_custom_layout(change: dict[str, Any], fragment: str, tmp_path: 
     for args in (["inspect", str(GOOD["expert"]), "--layout", str(path)], merge_args(GOOD, tmp_path / "out", "--layout", str(path))):
         code, stdout, err = run_cli(args)
         assert_refused(code, stdout, err, [fragment], tmp_path / "out")
+
+
+def test_an_engine_panic_is_one_line_and_status_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The binding turns an engine panic into this RuntimeError; the CLI prints one line, status 1."""
+    from layerswap_fast import api
+
+    def panicking(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"{cli.ENGINE_PANIC} (please report): index out of bounds")
+
+    monkeypatch.setattr(api, "inspect", panicking)
+    code, stdout, err = run_cli(["inspect", str(GOOD["expert"])])
+    assert code == 1 and err.strip() == f"layerswap-fast: {cli.ENGINE_PANIC} (please report): index out of bounds", err
+    monkeypatch.setattr(api, "inspect", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(AssertionError, match="uncaught RuntimeError"):
+        run_cli(["inspect", str(GOOD["expert"])])

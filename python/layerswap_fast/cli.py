@@ -24,6 +24,8 @@ from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_s
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+#: How the binding words a caught engine panic (rust/python/progress.rs).
+ENGINE_PANIC = "internal error in the layerswap-fast engine"
 _USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
@@ -58,6 +60,13 @@ def _errors(f: Callable) -> Callable:
             sys.exit(EXIT_BAD_INPUT)
         except OSError as e:
             click.echo(f"layerswap-fast: error: {_one_line(e)}", err=True)
+            sys.exit(EXIT_FAILURE)
+        except RuntimeError as e:
+            # A panic inside the engine arrives as this RuntimeError (the binding catches it); the
+            # panic message with its location is already on stderr for the bug report.
+            if not str(e).startswith(ENGINE_PANIC):
+                raise
+            click.echo(f"layerswap-fast: {_one_line(e)}", err=True)
             sys.exit(EXIT_FAILURE)
         finally:
             if previous is not None:
