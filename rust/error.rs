@@ -78,4 +78,12 @@ impl Error {
     pub fn argument(message: impl Into<String>) -> Self {
         Error::InvalidArgument { message: message.into() }
     }
+
+    /// Names the model a layout error is about (layout detection sees only tensor names).
+    pub fn in_model(self, model: &Path) -> Self {
+        match self {
+            Error::Layout { message } => Error::Layout { message: format!("{}: {message}", model.display()) },
+            other => other,
+        }
+    }
 }

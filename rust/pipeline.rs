@@ -77,7 +77,8 @@ pub fn open_lenient(
         None => return Err(opened.remove(0).unwrap_err()),
     };
     let host_names: Vec<&str> = opened[first].as_ref().unwrap().tensors.keys().map(|s| s.as_str()).collect();
-    let layout = Layout::detect(&host_names, architecture, layout)?;
+    let host = &opened[first].as_ref().unwrap().path;
+    let layout = Layout::detect(&host_names, architecture, layout).map_err(|e| e.in_model(host))?;
     let mut session = Session { base, safety, experts: vec![], layout };
     session.check_shared()?;
     let mut outcomes = vec![];

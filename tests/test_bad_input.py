@@ -70,7 +70,7 @@ def test_hostile_corpus_case(case: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, stdout, err = run_cli(merge_args(case_paths(case), out, *case["args"]))
     # The file (or folder) at fault is named, and the tensor where there is one.
-    named = [] if case["name"] == "header_huge_layer_index" else [case["path"].split("/")[-1]]
+    named = [case["path"].split("/")[-1]]
     assert_refused(code, stdout, err, case["expect"] + named, out)
 
 

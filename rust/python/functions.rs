@@ -53,7 +53,7 @@ fn inspect(py: Python<'_>, model: PathBuf, architecture: Option<String>, layout_
     run(py, None, move |_| {
         let m = Model::open(&model)?;
         let names: Vec<&str> = m.tensors.keys().map(|s| s.as_str()).collect();
-        let layout = Layout::detect(&names, architecture.as_deref(), custom.as_ref())?;
+        let layout = Layout::detect(&names, architecture.as_deref(), custom.as_ref()).map_err(|e| e.in_model(&model))?;
         let tensors: Vec<serde_json::Value> = m
             .tensors
             .iter()
