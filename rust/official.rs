@@ -18,11 +18,11 @@
 
 use rayon::prelude::*;
 
+use crate::budget::BufferPool;
 use crate::dtype::{bf16_to_f32, cast, f16_to_f32, f32_to_bf16, Dtype};
 use crate::error::Result;
 use crate::io::Model;
 use crate::progress::Progress;
-use crate::budget::BufferPool;
 use crate::stats::TensorStats;
 use crate::stream::read_elems;
 
@@ -44,7 +44,11 @@ pub struct TorchNormSum {
 impl TorchNormSum {
     /// A new accumulation for a tensor of `numel` elements.
     pub fn new(numel: u64) -> Self {
-        TorchNormSum { lanes: [0.0; LANES], main: numel - numel % STEP, tail: None }
+        TorchNormSum {
+            lanes: [0.0; LANES],
+            main: numel - numel % STEP,
+            tail: None,
+        }
     }
 
     fn fold(&self) -> f32 {
@@ -116,10 +120,15 @@ pub fn sums(
                 for ((m, buf), acc) in experts.iter().zip(rest.iter_mut()).zip(acc_x.iter_mut()) {
                     let t = m.tensor(name).expect("checked by caller");
                     let x = read_elems(m, t, start, len, buf)?;
-                    acc.add(start, (0..len).map(|i| rb(bf16_value(t.dtype, x, i) - bf16_value(bt.dtype, b, i))));
+                    acc.add(
+                        start,
+                        (0..len).map(|i| rb(bf16_value(t.dtype, x, i) - bf16_value(bt.dtype, b, i))),
+                    );
                 }
                 let bytes = len as u64 * bt.dtype.size() as u64 * (experts.len() as u64 + 1);
-                progress.bytes_read.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                progress
+                    .bytes_read
+                    .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                 progress.advance(bytes);
                 start += len as u64;
             }
