@@ -55,9 +55,21 @@ impl TorchNormSum {
         self.lanes[1..].iter().fold(self.lanes[0], |acc, &l| acc + l)
     }
 
-    /// Adds `values` (already rounded to bf16), which are elements `start..start + len`.
-    pub fn add(&mut self, start: u64, values: impl Iterator<Item = f32>) {
-        for (i, v) in (start..).zip(values) {
+    /// Adds `values` (already rounded to bf16), which are elements `start..start + values.len()`.
+    pub fn add(&mut self, start: u64, values: &[f32]) {
+        let mut done = 0;
+        if start % LANES as u64 == 0 {
+            // Whole groups of 8 before the tail: element k goes to lane k % 8, in order, the loop
+            // the compiler turns into vector adds.
+            let main = (self.main.saturating_sub(start) as usize).min(values.len());
+            done = main / LANES * LANES;
+            for group in values[..done].chunks_exact(LANES) {
+                for (lane, v) in self.lanes.iter_mut().zip(group) {
+                    *lane += v * v;
+                }
+            }
+        }
+        for (i, &v) in (start + done as u64..).zip(&values[done..]) {
             if i < self.main {
                 self.lanes[(i % LANES as u64) as usize] += v * v;
             } else {
@@ -78,15 +90,26 @@ fn rb(x: f32) -> f32 {
     bf16_to_f32(f32_to_bf16(x))
 }
 
-/// Element `i` of raw `bytes` of `dtype`, as the authors load it: rounded to bf16 (F64 goes through
-/// float32 first, as torch converts it).
-#[inline(always)]
-fn bf16_value(dtype: Dtype, bytes: &[u8], i: usize) -> f32 {
+/// Elements decoded at a time (on the stack, beside the chunk buffers the budget owns).
+const SUB: usize = 2048;
+
+/// Raw `bytes` of `dtype` as the authors load them: rounded to bf16 (F64 goes through float32 first,
+/// as torch converts it).
+fn decode_bf16(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     match dtype {
-        Dtype::BF16 => bf16_to_f32(cast::<u16>(bytes)[i]),
-        Dtype::F16 => rb(f16_to_f32(cast::<u16>(bytes)[i])),
-        Dtype::F32 => rb(cast::<f32>(bytes)[i]),
-        Dtype::F64 => rb(cast::<f64>(bytes)[i] as f32),
+        Dtype::BF16 => cast::<u16>(bytes)
+            .iter()
+            .zip(out)
+            .for_each(|(s, d)| *d = bf16_to_f32(*s)),
+        Dtype::F16 => cast::<u16>(bytes)
+            .iter()
+            .zip(out)
+            .for_each(|(s, d)| *d = rb(f16_to_f32(*s))),
+        Dtype::F32 => cast::<f32>(bytes).iter().zip(out).for_each(|(s, d)| *d = rb(*s)),
+        Dtype::F64 => cast::<f64>(bytes)
+            .iter()
+            .zip(out)
+            .for_each(|(s, d)| *d = rb(*s as f32)),
     }
 }
 
@@ -116,14 +139,24 @@ pub fn sums(
                 let mut bufs = pool.take();
                 let (first, rest) = bufs.split_first_mut().expect("pool has buffers");
                 let b = read_elems(base, bt, start, len, first)?;
-                acc_b.add(start, (0..len).map(|i| bf16_value(bt.dtype, b, i)));
-                for ((m, buf), acc) in experts.iter().zip(rest.iter_mut()).zip(acc_x.iter_mut()) {
+                let mut xs = Vec::with_capacity(experts.len());
+                for (m, buf) in experts.iter().zip(rest.iter_mut()) {
                     let t = m.tensor(name).expect("checked by caller");
-                    let x = read_elems(m, t, start, len, buf)?;
-                    acc.add(
-                        start,
-                        (0..len).map(|i| rb(bf16_value(t.dtype, x, i) - bf16_value(bt.dtype, b, i))),
-                    );
+                    xs.push((t.dtype, read_elems(m, t, start, len, buf)?));
+                }
+                let size = bt.dtype.size();
+                let (mut vb, mut vx) = ([0f32; SUB], [0f32; SUB]);
+                for lo in (0..len).step_by(SUB) {
+                    let hi = (lo + SUB).min(len);
+                    let (vb, vx) = (&mut vb[..hi - lo], &mut vx[..hi - lo]);
+                    decode_bf16(bt.dtype, &b[lo * size..hi * size], vb);
+                    acc_b.add(start + lo as u64, vb);
+                    for ((dtype, x), acc) in xs.iter().zip(acc_x.iter_mut()) {
+                        decode_bf16(*dtype, &x[lo * size..hi * size], vx);
+                        // X - B in bf16: computed in float32 and rounded, as torch's bf16 subtraction.
+                        vx.iter_mut().zip(vb.iter()).for_each(|(x, b)| *x = rb(*x - *b));
+                        acc.add(start + lo as u64, vx);
+                    }
                 }
                 let bytes = len as u64 * bt.dtype.size() as u64 * (experts.len() as u64 + 1);
                 progress
@@ -150,15 +183,21 @@ mod tests {
     fn lanes_then_fold_then_tail() {
         // 20 elements: 16 go to the lanes (element i and i + 8 share lane i), 4 to the tail.
         let mut s = TorchNormSum::new(20);
-        s.add(0, (0..20).map(|i| i as f32));
+        let v: Vec<f32> = (0..20).map(|i| i as f32).collect();
+        s.add(0, &v);
         let lanes: Vec<f32> = (0..8).map(|l| (l * l + (l + 8) * (l + 8)) as f32).collect();
         let folded = lanes[1..].iter().fold(lanes[0], |a, &b| a + b);
         let want = (16..20).fold(folded, |a, i| a + (i * i) as f32);
         assert_eq!(s.finish(), want);
         // Fed in two pieces, the same sum.
         let mut t = TorchNormSum::new(20);
-        t.add(0, (0..7).map(|i| i as f32));
-        t.add(7, (7..20).map(|i| i as f32));
+        t.add(0, &v[..7]);
+        t.add(7, &v[7..]);
+        // Or in groups of 8 and then the rest.
+        let mut u = TorchNormSum::new(20);
+        u.add(0, &v[..8]);
+        u.add(8, &v[8..]);
+        assert_eq!(u.finish(), want);
         assert_eq!(t.finish(), want);
     }
 }
