@@ -70,7 +70,7 @@ def assert_bit_exact(result: "lsf.VerifyResult", report: dict, plan: reference.R
 configs = st.builds(
     synth.LlamaConfig,
     n_layers=st.integers(1, 4),
-    hidden=st.sampled_from([8, 16, 24, 72]),
+    hidden=st.sampled_from([8, 16, 24, 36, 72]),  # 36 x 1001 leaves 4 elements for the tail
     intermediate=st.sampled_from([4, 40, 1001]),
     heads=st.just(4),
     kv_heads=st.sampled_from([1, 2, 4]),
