@@ -170,6 +170,43 @@ def test_official_norms_are_torch_norms_on_large_tensors(tmp_path):
         assert (bf16_norm(s.base_ss), bf16_norm(s.diff_ss[0]), bf16_norm(s.diff_ss[1])) == (r.base, r.safety, r.expert), s.name
 
 
+def write_tensor(model: Path, name: str, values: "torch.Tensor") -> None:
+    """Overwrites one bf16 tensor of a model folder in place with ``values`` (same element count)."""
+    for f in reference.shard_files(model):
+        data = f.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        if name in header:
+            lo, hi = header[name]["data_offsets"]
+            raw = values.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+            assert len(raw) == hi - lo
+            with open(f, "r+b") as fh:
+                fh.seek(8 + n + lo)
+                fh.write(raw)
+            return
+    raise KeyError(name)
+
+
+def test_official_norm_where_float32_and_float64_sums_round_apart(tmp_path):
+    """A base tensor built so that torch's float32 lane sums absorb millions of small squares: 16
+    values of 1 (each lane holds 2.0) then 2^-12 everywhere else (2^-24 is below half an ulp of 2.0).
+    torch.norm says 4.0; the float64 sum rounds to 4.03125. official numerics must say 4.0."""
+    cfg = synth.LlamaConfig(n_layers=1, hidden=2048, intermediate=16, heads=16, kv_heads=1, vocab=8)
+    paths = synth.make_trio(tmp_path, cfg, dtype="bf16")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    values = torch.full((2048 * 2048,), 2.0**-12)
+    values[:16] = 1.0
+    write_tensor(paths["base"], name, values)
+    b = reference.Checkpoint(paths["base"]).get(name)
+    exact64 = torch.tensor(math.sqrt(float((b.double() ** 2).sum())), dtype=torch.float32).to(torch.bfloat16).item()
+    assert (torch.norm(b).item(), exact64) == (4.0, 4.03125), "the case no longer separates the two sums"
+    plan = lsf.analyze(paths["base"], paths["safety"], paths["expert"], numerics="official", max_memory="66MiB")
+    s = next(x for x in plan.stats if x.name == name)
+    assert torch.tensor(math.sqrt(s.base_ss), dtype=torch.float32).to(torch.bfloat16).item() == 4.0
+    ref = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], numerics="official")
+    assert [(u.score_safety, u.score_expert) for u in plan.units] == [(u.score_safety, u.score_expert) for u in ref.units]
+
+
 def test_exact_numerics_identical_bytes_on_straddling_tensors(make_trio, tmp_path):
     """exact numerics: float32 blends rounded once are what torch computes too, byte for byte."""
     paths = make_trio(config=STRADDLE, dtype="bf16", shard_bytes={"base": 150_000, "safety": None, "expert": 400_000})
