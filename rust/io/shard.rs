@@ -87,6 +87,11 @@ impl Shard {
         Ok(())
     }
 
+    /// The open file, for in-kernel copies (see `OutputWriter::copy_from`).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Reads `buf.len()` bytes at absolute file offset `offset`. A short read (file truncated since it
     /// was opened) is an error naming the file.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

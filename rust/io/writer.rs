@@ -10,10 +10,12 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::io::header::encode_header;
+use crate::io::shard::Shard;
 use crate::io::model::{INDEX_FILE, SINGLE_FILE};
 
 /// One tensor of the output.
@@ -108,6 +110,8 @@ impl OutputPlan {
 pub struct OutputWriter {
     dir: PathBuf,
     files: Vec<(PathBuf, File)>,
+    /// Cleared the first time the kernel says it cannot copy into these files (see `copy_from`).
+    in_kernel: AtomicBool,
 }
 
 impl OutputWriter {
@@ -123,13 +127,52 @@ impl OutputWriter {
             file.write_all_at(header, 0).map_err(|e| Error::io(&path, e))?;
             files.push((path, file));
         }
-        Ok(OutputWriter { dir: dir.to_path_buf(), files })
+        Ok(OutputWriter { dir: dir.to_path_buf(), files, in_kernel: AtomicBool::new(true) })
     }
 
     /// Writes `bytes` at absolute offset `offset` of shard `shard`.
     pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
         let (path, file) = &self.files[shard];
-        file.write_all_at(bytes, offset).map_err(|e| Error::io(path, e))
+        file.write_all_at(bytes, offset).map_err(|e| Error::io(path, e))?;
+        start_writeback(file, offset, bytes.len());
+        Ok(())
+    }
+
+    /// Copies `len` bytes at `src_offset` of `src` to absolute offset `offset` of shard `shard`, inside
+    /// the kernel where it can (`copy_file_range`: one page-cache copy, instead of a read into and a
+    /// write from user memory). Where it cannot (another file system, an old kernel) or on any error,
+    /// the rest goes through `scratch` (at least `len` bytes) with a plain read and write, which also
+    /// gives the precise error (input truncated, disk failure) naming the right file.
+    pub fn copy_from(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: usize, scratch: &mut [u8]) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let (_, file) = &self.files[shard];
+        let mut done = 0usize;
+        while done < len && self.in_kernel.load(Ordering::Relaxed) {
+            let (mut from, mut to) = ((src_offset + done as u64) as libc::loff_t, (offset + done as u64) as libc::loff_t);
+            // SAFETY: plain syscall on two descriptors we own, with pointers to two live locals.
+            let n = unsafe { libc::copy_file_range(src.file().as_raw_fd(), &mut from, file.as_raw_fd(), &mut to, len - done, 0) };
+            if n > 0 {
+                done += n as usize;
+                continue;
+            }
+            if n < 0 {
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                if matches!(errno, Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)) {
+                    self.in_kernel.store(false, Ordering::Relaxed);
+                }
+                if errno == Some(libc::EINTR) {
+                    continue;
+                }
+            }
+            break; // 0 (source ended early) or another error: the plain path reports it precisely.
+        }
+        if done < len {
+            let rest = &mut scratch[..len - done];
+            src.read_at(src_offset + done as u64, rest)?;
+            return self.write_at(shard, offset + done as u64, rest);
+        }
+        start_writeback(file, offset, len);
+        Ok(())
     }
 
     /// Writes the index (when there is more than one shard) and, if `sync`, syncs every file to disk.
@@ -164,6 +207,18 @@ impl OutputWriter {
     }
 }
 
+/// Asks the kernel to start writing this range to disk now (it does not wait for it). Otherwise dirty
+/// pages pile up to the kernel's background threshold (10% of RAM by default, more than a small
+/// model's output) and the whole output is written only by the final sync, after the computation
+/// instead of during it. Advisory: errors are ignored here and reported by that sync.
+fn start_writeback(file: &File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Reserves `len` bytes for `file`: real allocation where the file system supports it (so a full disk
 /// is reported now), otherwise just the length.
 fn reserve(file: &File, len: u64) -> std::io::Result<()> {
@@ -177,5 +232,47 @@ fn reserve(file: &File, len: u64) -> std::io::Result<()> {
         0 => Ok(()),
         libc::EOPNOTSUPP | libc::EINVAL => file.set_len(len),
         e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-tensor safetensors file (F16 elements) holding `data`.
+    fn input(dir: &Path, data: &[u8]) -> Shard {
+        let path = dir.join("in.safetensors");
+        let n = data.len() / 2;
+        let header = encode_header(&[("t".to_string(), Dtype::F16, vec![n as u64], 0, data.len() as u64)], &BTreeMap::new());
+        std::fs::write(&path, [header.as_slice(), data].concat()).unwrap();
+        Shard::open(&path).unwrap()
+    }
+
+    /// In-kernel copies and the plain fallback produce the same bytes at the same offsets, and a
+    /// source that ends early is an error naming the source, on either path.
+    #[test]
+    fn copy_from_in_kernel_and_fallback_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3 << 20) + 6).map(|i| (i * 7 % 251) as u8).collect();
+        let src = input(dir.path(), &data);
+        let base = src.len - data.len() as u64;
+        for in_kernel in [true, false] {
+            let out = dir.path().join(format!("out-{in_kernel}"));
+            std::fs::create_dir(&out).unwrap();
+            let plan = OutputPlan::new(&[("t".to_string(), Dtype::F16, vec![data.len() as u64 / 2])], 1 << 40).unwrap();
+            let w = OutputWriter::create(&out, &plan).unwrap();
+            w.in_kernel.store(in_kernel, Ordering::Relaxed);
+            let t = &plan.tensors[0];
+            let mut scratch = vec![0u8; data.len()];
+            let err = w.copy_from(0, t.offset, &src, base + 10, data.len(), &mut scratch).unwrap_err();
+            assert!(err.to_string().contains("in.safetensors"), "{err}");
+            // Two pieces, out of order, the second one not a multiple of a page.
+            let half = 1 << 20;
+            w.copy_from(0, t.offset + half as u64, &src, base + half as u64, data.len() - half, &mut scratch).unwrap();
+            w.copy_from(0, t.offset, &src, base, half, &mut scratch).unwrap();
+            let files = w.finish(&plan, true).unwrap();
+            let bytes = std::fs::read(&files[0]).unwrap();
+            assert_eq!(&bytes[t.offset as usize..], &data[..], "in_kernel={in_kernel}");
+        }
     }
 }
