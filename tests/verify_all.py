@@ -3,9 +3,11 @@
     python -m pytest -p verify_all
 
 Every call of ``layerswap_fast.merge`` (the API, and the CLI through it) is followed by a
-``layerswap_fast.verify`` of its output with the same options; a mismatch fails the test that made the
-merge. Merges that verify cannot judge are skipped and counted: ``allow_non_finite`` (the reference's
-norms of NaN are NaN by design) and models outside what the torch reference reads.
+``layerswap_fast.verify`` of its output with the same options, and every expert a local bulk run
+writes is verified in its staging folder before it is published; a mismatch fails the test that made
+the merge. Merges that verify cannot judge are skipped and counted: ``allow_non_finite`` (the
+reference's norms of NaN are NaN by design) and bulk runs with a custom layout file (which the bulk
+write pass does not hand on).
 """
 
 from __future__ import annotations
@@ -49,6 +51,24 @@ def _verify_every_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api, "merge", merge_then_verify)
     monkeypatch.setattr(lsf, "merge", merge_then_verify)
 
+    from layerswap_fast import _core, bulk
+
+    finish = bulk.finish_output
+    builtin = {name for name, _ in _core.builtin_layouts()}
+
+    @functools.wraps(finish)
+    def finish_then_verify(stage: Path, plan: Any, write: Any, bytes_read: int, opts: Any, inputs: Any, started: float) -> Any:
+        report = finish(stage, plan, write, bytes_read, opts, inputs, started)
+        if opts.allow_non_finite or report.get("layout") not in builtin:
+            COUNTS["skipped"] += 1
+            return report
+        result = verify(stage, *inputs, options=opts)
+        assert result.ok, result.summary()
+        COUNTS["verified"] += 1
+        return report
+
+    monkeypatch.setattr(bulk, "finish_output", finish_then_verify)
+
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    terminalreporter.write_line(f"verify_all: {COUNTS['verified']} merges verified, {COUNTS['skipped']} skipped (allow_non_finite)")
+    terminalreporter.write_line(f"verify_all: {COUNTS['verified']} merges verified, {COUNTS['skipped']} skipped (allow_non_finite or custom bulk layout)")
