@@ -282,3 +282,19 @@ def test_reference_without_layers_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no measured tensors"):
         reference.compute_plan(paths["base"], paths["safety"], paths["expert"], layout={
             "layer": r"^transformer\.h\.(\d+)\.", "attention": "^attn", "mlp": "^mlp", "targets": "^x$"})
+
+
+def test_reference_merge_file_equals_engine_output(make_trio, tmp_path):
+    """reference.merge writes the whole merged model; in official numerics it is the engine's, byte for byte."""
+    from safetensors.torch import load_file
+
+    paths = make_trio(config=STRADDLE)
+    lsf.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / "engine", numerics="official", granularity="module", shard_size=100_000)
+    reference.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / "ref.safetensors", numerics="official", granularity="module")
+    ref = load_file(tmp_path / "ref.safetensors")
+    got: dict = {}
+    for f in reference.shard_files(tmp_path / "engine"):
+        got.update(load_file(f))
+    assert set(got) == set(ref)
+    for name, t in ref.items():
+        assert torch.equal(got[name].view(torch.int16), t.view(torch.int16)), name
