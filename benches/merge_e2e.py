@@ -147,7 +147,7 @@ def contender(name: str, paths: dict[str, Path], out: Path, tmp: Path) -> Option
         dd = " && ".join(
             f"dd if='{f}' of='{out}/{f.name}' bs=16M conv=fsync status=none" for f in inputs["expert"]
         )
-        return ["sh", "-c", f"cat {files} > /dev/null && mkdir -p '{out}' && {dd}"], in_bytes, model_bytes
+        return ["sh", "-c", f"cat {files} > /dev/null && mkdir -p '{out}' && {dd}"], in_bytes + model_bytes, model_bytes
     if name == "mergekit":
         exe = shutil.which("mergekit-yaml")
         if not exe:
