@@ -113,6 +113,7 @@ def cases(draw: st.DrawFn) -> dict:
             max_memory=draw(st.sampled_from(["66MiB", "1GiB"])),
             shard_size=draw(st.sampled_from([5_000_000_000, 30_000])),
             threads=draw(st.sampled_from([1, 2])),
+            out_dtype=draw(st.sampled_from([None, None, None, "bf16", "f16", "f32", "f64"])),
         ),
     )
 
