@@ -61,9 +61,25 @@ pub fn compute_allowing(
     debug_assert!(chunk_elems % BLOCK == 0);
     if numerics == Numerics::Official {
         // The authors' norms are torch's sequential float32 sums, which parallel chunks cannot
-        // reproduce (see official.rs). A non-finite result takes the general path below.
-        let out = crate::official::sums(names, base, experts, chunk_elems, pool, progress)?;
-        if out.iter().all(|s| s.base_ss.is_finite() && s.diff_ss.iter().all(|v| v.is_finite())) {
+        // reproduce (see official.rs). With allow_non_finite, only the tensors holding NaN/Inf
+        // are summed over their finite elements; the others keep torch's sums. Errors (non-finite
+        // values not allowed, or overflow) take the general path below, which reports them.
+        let finite = |s: &TensorStats| s.base_ss.is_finite() && s.diff_ss.iter().all(|v| v.is_finite());
+        let mut out = crate::official::sums(names, base, experts, chunk_elems, pool, progress)?;
+        if allow_non_finite {
+            for s in out.iter_mut().filter(|s| !finite(s)) {
+                let (base_ss, diff_ss) = finite_sums(&s.name, base, experts, numerics, chunk_elems, pool, progress)?;
+                if !s.base_ss.is_finite() {
+                    s.base_ss = base_ss;
+                }
+                for (old, new) in s.diff_ss.iter_mut().zip(diff_ss) {
+                    if !old.is_finite() {
+                        *old = new;
+                    }
+                }
+            }
+        }
+        if out.iter().all(finite) {
             return Ok(out);
         }
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -162,10 +163,6 @@ def test_official_norms_are_torch_norms_on_large_tensors(tmp_path):
     plan = lsf.analyze(paths["base"], paths["safety"], paths["expert"], numerics="official", max_memory="66MiB")
     ref = {n.name: n for n in reference.compute_plan(paths["base"], paths["safety"], paths["expert"], numerics="official").norms}
     assert len(plan.stats) == len(ref) == 14
-
-    def bf16_norm(ss: float) -> float:
-        return torch.tensor(math.sqrt(ss), dtype=torch.float32).to(torch.bfloat16).item()
-
     for s in plan.stats:
         r = ref[s.name]
         assert (bf16_norm(s.base_ss), bf16_norm(s.diff_ss[0]), bf16_norm(s.diff_ss[1])) == (r.base, r.safety, r.expert), s.name
@@ -188,22 +185,35 @@ def write_tensor(model: Path, name: str, values: "torch.Tensor") -> None:
     raise KeyError(name)
 
 
-def test_official_norm_where_float32_and_float64_sums_round_apart(tmp_path):
-    """A base tensor built so that torch's float32 lane sums absorb millions of small squares: 16
+CRAFTED = "model.layers.0.self_attn.q_proj.weight"
+
+
+def crafted_trio(root: Path) -> dict[str, Path]:
+    """A trio whose base q_proj makes torch's float32 lane sums absorb millions of small squares: 16
     values of 1 (each lane holds 2.0) then 2^-12 everywhere else (2^-24 is below half an ulp of 2.0).
-    torch.norm says 4.0; the float64 sum rounds to 4.03125. official numerics must say 4.0."""
+    torch.norm says 4.0; the float64 sum rounds to 4.03125."""
     cfg = synth.LlamaConfig(n_layers=1, hidden=2048, intermediate=16, heads=16, kv_heads=1, vocab=8)
-    paths = synth.make_trio(tmp_path, cfg, dtype="bf16")
-    name = "model.layers.0.self_attn.q_proj.weight"
+    paths = synth.make_trio(root, cfg, dtype="bf16")
     values = torch.full((2048 * 2048,), 2.0**-12)
     values[:16] = 1.0
-    write_tensor(paths["base"], name, values)
-    b = reference.Checkpoint(paths["base"]).get(name)
+    write_tensor(paths["base"], CRAFTED, values)
+    b = reference.Checkpoint(paths["base"]).get(CRAFTED)
     exact64 = torch.tensor(math.sqrt(float((b.double() ** 2).sum())), dtype=torch.float32).to(torch.bfloat16).item()
     assert (torch.norm(b).item(), exact64) == (4.0, 4.03125), "the case no longer separates the two sums"
+    return paths
+
+
+def bf16_norm(ss: float) -> float:
+    """A sum of squares as official numerics turn it into a norm: square root, rounded to bf16."""
+    return torch.tensor(math.sqrt(ss), dtype=torch.float32).to(torch.bfloat16).item()
+
+
+def test_official_norm_where_float32_and_float64_sums_round_apart(tmp_path):
+    """official numerics follow torch's float32 sum where a float64 sum would round differently."""
+    paths = crafted_trio(tmp_path)
     plan = lsf.analyze(paths["base"], paths["safety"], paths["expert"], numerics="official", max_memory="66MiB")
-    s = next(x for x in plan.stats if x.name == name)
-    assert torch.tensor(math.sqrt(s.base_ss), dtype=torch.float32).to(torch.bfloat16).item() == 4.0
+    s = next(x for x in plan.stats if x.name == CRAFTED)
+    assert bf16_norm(s.base_ss) == 4.0
     ref = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], numerics="official")
     assert [(u.score_safety, u.score_expert) for u in plan.units] == [(u.score_safety, u.score_expert) for u in ref.units]
 
@@ -299,3 +309,23 @@ def test_reference_merge_file_equals_engine_output(make_trio, tmp_path):
     assert set(got) == set(ref)
     for name, t in ref.items():
         assert torch.equal(got[name].view(torch.int16), t.view(torch.int16)), name
+
+
+def test_official_allow_non_finite_keeps_torch_sums_elsewhere(tmp_path):
+    """A NaN in one expert tensor (allowed): that tensor is summed over its finite elements, every
+    other norm is still exactly torch's, the crafted one included."""
+    paths = crafted_trio(tmp_path)
+    bad = "model.layers.0.mlp.up_proj.weight"
+    t = reference.Checkpoint(paths["expert"]).get(bad).clone().flatten()
+    t[7] = float("nan")
+    write_tensor(paths["expert"], bad, t)
+    plan = lsf.analyze(paths["base"], paths["safety"], paths["expert"], numerics="official", allow_non_finite=True, max_memory="66MiB")
+    ref = {n.name: n for n in reference.compute_plan(paths["base"], paths["safety"], paths["expert"], numerics="official").norms}
+    assert ref[CRAFTED].base == 4.0
+    for s in plan.stats:
+        r = ref[s.name]
+        assert (bf16_norm(s.base_ss), bf16_norm(s.diff_ss[0])) == (r.base, r.safety), s.name
+        if s.name == bad:
+            assert math.isnan(r.expert) and math.isfinite(s.diff_ss[1]) and s.diff_ss[1] > 0
+        else:
+            assert bf16_norm(s.diff_ss[1]) == r.expert, s.name
