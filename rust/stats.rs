@@ -68,7 +68,8 @@ pub fn compute_allowing(
         let mut out = crate::official::sums(names, base, experts, chunk_elems, pool, progress)?;
         if allow_non_finite {
             for s in out.iter_mut().filter(|s| !finite(s)) {
-                let (base_ss, diff_ss) = finite_sums(&s.name, base, experts, numerics, chunk_elems, pool, progress)?;
+                let (base_ss, diff_ss) =
+                    finite_sums(&s.name, base, experts, numerics, chunk_elems, pool, progress)?;
                 if !s.base_ss.is_finite() {
                     s.base_ss = base_ss;
                 }
