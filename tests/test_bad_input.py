@@ -263,3 +263,16 @@ def test_an_engine_panic_is_one_line_and_status_1(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(api, "inspect", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("something else")))
     with pytest.raises(AssertionError, match="uncaught RuntimeError"):
         run_cli(["inspect", str(GOOD["expert"])])
+
+
+def test_a_fifo_posing_as_a_shard_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO blocks until a writer appears, in a syscall no Ctrl-C reaches: never open one."""
+    import os
+
+    expert = tmp_path / "expert"
+    expert.mkdir()
+    os.mkfifo(expert / "model-00001-of-00001.safetensors")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "layerswap_fast", *merge_args({**GOOD, "expert": expert}, out)],
+                          capture_output=True, text=True, timeout=30)
+    assert_refused(proc.returncode, proc.stdout, proc.stderr, ["model-00001-of-00001.safetensors", "not a regular file"], out)

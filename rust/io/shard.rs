@@ -6,7 +6,7 @@
 //! gives a clean I/O error instead of a SIGBUS that would kill the process.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -45,7 +45,13 @@ impl Stamp {
 impl Shard {
     /// Opens `path` read-only and validates its header against the file size.
     pub fn open(path: &Path) -> Result<Shard> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // Non-blocking open: a FIFO posing as a shard would otherwise block here forever, out of
+        // reach of Ctrl-C (the check below then rejects it). Reads of regular files ignore the flag.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
             return Err(Error::invalid(path, "not a regular file"));

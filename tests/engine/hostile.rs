@@ -378,3 +378,20 @@ fn custom_layout_whose_index_group_does_not_take_part_is_an_error_not_a_panic() 
     let err = Layout::detect(&names, None, Some(&def)).unwrap_err().to_string();
     assert!(err.contains("model.embed_tokens.weight") && err.contains("group"), "{err}");
 }
+
+#[test]
+fn a_fifo_posing_as_a_shard_is_refused_instead_of_blocking_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model-00001-of-00001.safetensors");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: plain syscall with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = dir.path().to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(Model::open(&path).map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let outcome = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("opening a FIFO blocked");
+    let err = outcome.unwrap_err();
+    assert!(err.contains("model-00001-of-00001.safetensors") && err.contains("not a regular file"), "{err}");
+}
