@@ -140,5 +140,35 @@ fn stats_threads(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stats, blends, stats_threads);
+/// The kernels alone, without memory traffic: every task works on chunk buffers already in cache (as
+/// after each read in the pass), 64 tasks of one 256 Ki-element chunk of B, S and M per iteration.
+fn stats_threads_cached(c: &mut Criterion) {
+    let n_elems = 1 << 18;
+    let n = n_elems * 2;
+    let sets: Vec<[AlignedBuf; 3]> = (0..2).map(|_| trio(n_elems, Dtype::BF16)).collect();
+    let tasks = 64;
+    let mut g = c.benchmark_group("stats_threads_cached");
+    g.throughput(Throughput::Bytes((3 * n * tasks) as u64));
+    for threads in [1usize, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        g.bench_function(format!("BF16/{threads}"), |bch| {
+            bch.iter(|| {
+                pool.install(|| {
+                    (0..tasks)
+                        .into_par_iter()
+                        .map(|i| {
+                            let [b, s, m] = &sets[rayon::current_thread_index().unwrap_or(i) % 2];
+                            let mut out = Vec::new();
+                            chunk_sums(Dtype::BF16, b.bytes(n), &[s.bytes(n), m.bytes(n)], &mut out);
+                            out
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, stats, blends, stats_threads, stats_threads_cached);
 criterion_main!(benches);
