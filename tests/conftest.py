@@ -12,6 +12,9 @@ from hypothesis import settings
 
 from layerswap_fast import synth
 
+# Every merge any test makes is also checked by `verify` against the torch reference (needs torch).
+pytest_plugins = ["verify_all"]
+
 settings.register_profile("ci", max_examples=40, deadline=None)
 settings.register_profile("dev", max_examples=15, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
