@@ -276,3 +276,18 @@ def test_a_fifo_posing_as_a_shard_is_refused_not_waited_on(tmp_path: Path) -> No
     proc = subprocess.run([sys.executable, "-m", "layerswap_fast", *merge_args({**GOOD, "expert": expert}, out)],
                           capture_output=True, text=True, timeout=30)
     assert_refused(proc.returncode, proc.stdout, proc.stderr, ["model-00001-of-00001.safetensors", "not a regular file"], out)
+
+
+@pytest.mark.parametrize("name", ["nan_embedding_expert", "header_truncated_data"])
+def test_failed_forced_merge_keeps_the_existing_output(name: str, tmp_path: Path) -> None:
+    """--force replaces an existing output only with a complete new one: after a failure the old
+    folder is still there, unchanged."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"previous result")
+    before = tree_digest(out)
+    case = next(c for c in CASES if c["name"] == name)
+    code, stdout, err = run_cli(merge_args(case_paths(case), out, "--force", *case["args"]))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,10 +1,10 @@
 //! One safetensors file from arbitrary bytes: the in-memory header parser, then the file as the engine
-//! opens it (length prefix, header, size checks), then every validated byte range is read back and
-//! the tensor names go through layout detection. Any panic or abort is a finding.
+//! opens it (length prefix, header, size checks), then every validated byte range is read back. Any
+//! panic or abort is a finding. (Layout detection of the names is left to the `merge` target: compiling
+//! the built-in layouts' patterns on every input would cut the rate tenfold.)
 #![no_main]
 
 use layerswap_fast::io::{Header, Shard};
-use layerswap_fast::layout::Layout;
 use libfuzzer_sys::fuzz_target;
 
 fn scratch() -> std::path::PathBuf {
@@ -26,7 +26,5 @@ fuzz_target!(|data: &[u8]| {
             shard.read_at(shard.header.data_start() + t.start, &mut buf).expect("a validated range is readable");
             assert_eq!(t.numel() * t.dtype.size() as u64, t.nbytes());
         }
-        let names: Vec<&str> = shard.header.tensors.iter().map(|t| t.name.as_str()).collect();
-        let _ = Layout::detect(&names, None, None);
     }
 });
