@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the engine's inner loops on hot (in-memory) data, in GB/s of input:
 //!
 //! - `stats/*`: the statistics kernel as the pass runs it on one chunk of B, S and M (per 65 536-element
-//!   block: Σ B², Σ (S − B)², Σ (M − B)²), and the two kernels alone;
+//!   block: Σ B², Σ (S − B)², Σ (M − B)² in one fused pass), and the two single-sum kernels alone;
 //! - `blend/*`: α·S + (1−α)·M decoded, blended in f32 and encoded back, and a plain dtype conversion;
 //! - `stats_threads/*`: the whole statistics computation over 3 × 64 Mi elements held in memory, on a
 //!   rayon pool of 1 and of 2 threads (the compute-bound part of a merge, for the scaling ratio).
@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use layerswap_fast::blend::{blend, convert};
 use layerswap_fast::budget::BLOCK;
 use layerswap_fast::dtype::{f32_to_bf16, f32_to_f16, AlignedBuf, Dtype};
-use layerswap_fast::stats::kernels::{sum_sq, sum_sq_diff};
+use layerswap_fast::stats::kernels::{block_sums, sum_sq, sum_sq_diff};
 use layerswap_fast::Numerics;
 use rayon::prelude::*;
 
@@ -60,14 +60,16 @@ fn trio(n: usize, dtype: Dtype) -> [AlignedBuf; 3] {
 
 /// What the statistics pass does with one chunk of B and k experts: per block, Σ B² and Σ (X − B)².
 fn chunk_sums(dtype: Dtype, b: &[u8], xs: &[&[u8]], out: &mut Vec<f64>) {
-    out.clear();
     let step = BLOCK * dtype.size();
-    for lo in (0..b.len()).step_by(step) {
+    let k = xs.len();
+    out.clear();
+    out.resize(b.len().div_ceil(step) * (k + 1), 0.0);
+    let mut blk: Vec<&[u8]> = Vec::with_capacity(k);
+    for (i, lo) in (0..b.len()).step_by(step).enumerate() {
         let hi = (lo + step).min(b.len());
-        out.push(sum_sq(dtype, Numerics::Exact, &b[lo..hi]));
-        for x in xs {
-            out.push(sum_sq_diff(dtype, Numerics::Exact, &b[lo..hi], &x[lo..hi]));
-        }
+        blk.clear();
+        blk.extend(xs.iter().map(|x| &x[lo..hi]));
+        block_sums(dtype, Numerics::Exact, &b[lo..hi], &blk, &mut out[i * (k + 1)..(i + 1) * (k + 1)]);
     }
 }
 

@@ -207,14 +207,14 @@ fn chunk_sums(c: &Chunk, name: &str, base: &Model, experts: &[&Model], numerics:
     let nblocks = c.len.div_ceil(BLOCK);
     let mut out = vec![0f64; nblocks * (k + 1)];
     let size = bt.dtype.size();
+    let mut blk_xs: Vec<&[u8]> = Vec::with_capacity(k);
     for blk in 0..nblocks {
         let lo = blk * BLOCK * size;
         let hi = ((blk + 1) * BLOCK).min(c.len) * size;
         let slot = &mut out[blk * (k + 1)..(blk + 1) * (k + 1)];
-        slot[0] = kernels::sum_sq(bt.dtype, numerics, &b[lo..hi]);
-        for (i, x) in xs.iter().enumerate() {
-            slot[1 + i] = kernels::sum_sq_diff(bt.dtype, numerics, &b[lo..hi], &x[lo..hi]);
-        }
+        blk_xs.clear();
+        blk_xs.extend(xs.iter().map(|x| &x[lo..hi]));
+        kernels::block_sums(bt.dtype, numerics, &b[lo..hi], &blk_xs, slot);
     }
     Ok(out)
 }
@@ -409,6 +409,40 @@ pub mod kernels {
             reduce(a0, a1, b[n8..].iter().zip(&x[n8..]).map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv)))
         }
 
+        /// [Σ b², Σ (s − b)², Σ (m − b)²] in one pass: the three sums of [`sum_sq`] and
+        /// [`sum_sq_diff`], each with its own two accumulators, so each is bit for bit the same.
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and F16C; the three slices have the same length.
+        #[target_feature(enable = "avx2,f16c")]
+        pub(super) unsafe fn sums3<const F16: bool>(b: &[u16], s: &[u16], m: &[u16]) -> [f64; 3] {
+            assert!(s.len() == b.len() && m.len() == b.len());
+            let n8 = b.len() / 8 * 8;
+            let z = _mm256_setzero_pd();
+            let (mut bb0, mut bb1, mut ss0, mut ss1, mut mm0, mut mm1) = (z, z, z, z, z, z);
+            let mut i = 0;
+            while i < n8 {
+                // SAFETY: i + 8 <= len of all three slices.
+                let ((b0, b1), (s0, s1), (m0, m1)) =
+                    unsafe { (load8::<F16>(b.as_ptr().add(i)), load8::<F16>(s.as_ptr().add(i)), load8::<F16>(m.as_ptr().add(i))) };
+                bb0 = _mm256_add_pd(bb0, _mm256_mul_pd(b0, b0));
+                bb1 = _mm256_add_pd(bb1, _mm256_mul_pd(b1, b1));
+                let (d0, d1) = (_mm256_sub_pd(s0, b0), _mm256_sub_pd(s1, b1));
+                ss0 = _mm256_add_pd(ss0, _mm256_mul_pd(d0, d0));
+                ss1 = _mm256_add_pd(ss1, _mm256_mul_pd(d1, d1));
+                let (d0, d1) = (_mm256_sub_pd(m0, b0), _mm256_sub_pd(m1, b1));
+                mm0 = _mm256_add_pd(mm0, _mm256_mul_pd(d0, d0));
+                mm1 = _mm256_add_pd(mm1, _mm256_mul_pd(d1, d1));
+                i += 8;
+            }
+            let (bt, st, mt) = (&b[n8..], &s[n8..], &m[n8..]);
+            [
+                reduce(bb0, bb1, bt.iter().map(|&e| scalar::<F16>(e))),
+                reduce(ss0, ss1, bt.iter().zip(st).map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv))),
+                reduce(mm0, mm1, bt.iter().zip(mt).map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv))),
+            ]
+        }
+
         #[cfg(test)]
         mod tests {
             use super::super::{generic_sum_sq, generic_sum_sq_diff};
@@ -454,6 +488,11 @@ pub mod kernels {
                             let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
                             assert!(same(got_ss, want_ss), "{dtype} n={n}: {got_ss} vs {want_ss}");
                             assert!(same(got_d, want_d), "{dtype} n={n}: {got_d} vs {want_d}");
+                            // The fused pass (x twice: S and M) gives the same three sums.
+                            let mut fused = [0f64; 3];
+                            super::super::block_sums(dtype, Numerics::Exact, b, &[x, b], &mut fused);
+                            let want_bb = generic_sum_sq_diff(dtype, Numerics::Exact, b, b);
+                            assert!(same(fused[0], want_ss) && same(fused[1], want_d) && same(fused[2], want_bb), "{dtype} n={n}: {fused:?}");
                         }
                     }
                 }
@@ -480,6 +519,30 @@ pub mod kernels {
             return unsafe { avx2_sum_sq(dtype, numerics, b) };
         }
         generic_sum_sq(dtype, numerics, b)
+    }
+
+    /// `out[0]` = Σ b² and `out[1 + i]` = Σ (x_i − b)², each bit for bit as [`sum_sq`] and
+    /// [`sum_sq_diff`] give it; for exact 16-bit data and two experts' worth (B, S and M, the usual
+    /// case) in one pass over the three inputs instead of three passes over B.
+    pub fn block_sums(dtype: Dtype, numerics: Numerics, b: &[u8], xs: &[&[u8]], out: &mut [f64]) {
+        assert!(out.len() == xs.len() + 1 && xs.iter().all(|x| x.len() == b.len()));
+        #[cfg(target_arch = "x86_64")]
+        if numerics == Numerics::Exact && xs.len() == 2 && has_avx2() && x86::has_f16c() {
+            // SAFETY: AVX2 and F16C checked just above; the lengths are equal (asserted).
+            let sums = match dtype {
+                Dtype::BF16 => Some(unsafe { x86::sums3::<false>(cast(b), cast(xs[0]), cast(xs[1])) }),
+                Dtype::F16 => Some(unsafe { x86::sums3::<true>(cast(b), cast(xs[0]), cast(xs[1])) }),
+                _ => None,
+            };
+            if let Some(sums) = sums {
+                out.copy_from_slice(&sums);
+                return;
+            }
+        }
+        out[0] = sum_sq(dtype, numerics, b);
+        for (o, x) in out[1..].iter_mut().zip(xs) {
+            *o = sum_sq_diff(dtype, numerics, b, x);
+        }
     }
 
     /// Σ (x - b)² over the elements of `b` and `x` (raw bytes of `dtype`, same length).
