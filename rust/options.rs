@@ -51,6 +51,10 @@ pub enum VocabSource {
     Expert,
 }
 
+/// Most worker threads a merge may ask for. Far above any machine's cores, low enough that an absurd
+/// value (`--threads 4611686018427387904`) is refused instead of making the budget spin or spawn forever.
+pub const MAX_THREADS: usize = 4096;
+
 /// Everything that shapes a merge.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeOptions {
@@ -111,6 +115,9 @@ impl MergeOptions {
         }
         if self.threads == 0 {
             return Err(Error::argument("threads must be at least 1"));
+        }
+        if self.threads > MAX_THREADS {
+            return Err(Error::argument(format!("threads must be at most {MAX_THREADS}, got {}", self.threads)));
         }
         if self.shard_size == 0 {
             return Err(Error::argument("shard size must be positive"));

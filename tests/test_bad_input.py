@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 
 import layerswap_fast as lsf
@@ -117,6 +119,8 @@ def test_corpus_is_what_the_script_writes(tmp_path: Path) -> None:
         (["--alpha", "nan"], "alpha"),
         (["--threads", "0"], "threads"),
         (["--threads", "-3"], "threads"),
+        (["--threads", "4611686018427387904"], "threads must be at most 4096"),
+        (["--max-memory", "99999999999999999999999"], "max_memory must be below 16 EiB"),
         (["--max-memory", "1MiB"], "memory budget of 1.0 MiB is too small"),
         (["--max-memory", "64MiB"], "too small"),
         (["--max-memory", "lots"], "not a size"),
@@ -291,3 +295,33 @@ def test_failed_forced_merge_keeps_the_existing_output(name: str, tmp_path: Path
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                 st.text(max_size=12), st.sampled_from(["layer", "module", "exact", "official", "blend", "bf16", "1GiB", "5GB", "-1"]),
+                 st.lists(st.integers(), max_size=2))
+
+
+@given(st.dictionaries(st.sampled_from(["granularity", "tau", "alpha", "numerics", "outside", "norms", "out_dtype", "max_memory",
+                                        "threads", "shard_size", "allow_non_finite", "tokenizer_from"]), _ANY, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_any_option_value_is_accepted_or_an_invalid_option_error(fields: dict[str, Any]) -> None:
+    """Options from a config file or a notebook can be anything: the only failure is InvalidOptionError."""
+    from layerswap_fast.errors import InvalidOptionError
+    from layerswap_fast.options import MergeOptions
+
+    try:
+        options = MergeOptions(**fields)
+    except InvalidOptionError:
+        return
+    json.loads(options.to_engine_json())
+
+
+@given(st.dictionaries(st.sampled_from(["tau", "alpha", "max_memory", "threads", "shard_size", "allow_non_finite", "out_dtype"]), _ANY, max_size=3))
+@settings(max_examples=60, deadline=None)
+def test_any_option_value_through_the_engine(fields: dict[str, Any]) -> None:
+    """The same through a real analysis: a plan, or a LayerswapError (never a crash or another type)."""
+    try:
+        lsf.analyze(GOOD["base"], GOOD["safety"], GOOD["expert"], **fields)
+    except LayerswapError:
+        pass

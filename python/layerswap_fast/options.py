@@ -22,6 +22,8 @@ NUMERICS = ("exact", "official")
 POLICIES = ("blend", "expert", "safety")
 VOCAB_SOURCES = ("outside", "expert")
 DTYPES = ("bf16", "f16", "f32", "f64")
+#: Most worker threads (as in the engine, rust/options.rs).
+MAX_THREADS = 4096
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -112,8 +114,12 @@ class MergeOptions:
             object.__setattr__(self, name, parse_size(getattr(self, name)))
             if getattr(self, name) <= 0:
                 raise InvalidOptionError(f"{name} must be positive; got {getattr(self, name)}")
+            if getattr(self, name) >= 2**64:
+                raise InvalidOptionError(f"{name} must be below 16 EiB; got {getattr(self, name)}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InvalidOptionError(f"threads must be at least 1; got {self.threads!r}")
+        if self.threads is not None and self.threads > MAX_THREADS:
+            raise InvalidOptionError(f"threads must be at most {MAX_THREADS}; got {self.threads}")
 
     @property
     def effective_threads(self) -> int:

@@ -395,3 +395,10 @@ fn a_fifo_posing_as_a_shard_is_refused_instead_of_blocking_forever() {
     let err = outcome.unwrap_err();
     assert!(err.contains("model-00001-of-00001.safetensors") && err.contains("not a regular file"), "{err}");
 }
+
+#[test]
+fn absurd_thread_counts_are_refused_by_the_engine_too() {
+    let options = layerswap_fast::MergeOptions { threads: 1 << 62, ..Default::default() };
+    let err = options.validate().unwrap_err().to_string();
+    assert!(err.contains("threads must be at most"), "{err}");
+}
