@@ -325,3 +325,15 @@ def test_any_option_value_through_the_engine(fields: dict[str, Any]) -> None:
         lsf.analyze(GOOD["base"], GOOD["safety"], GOOD["expert"], **fields)
     except LayerswapError:
         pass
+
+
+def test_huge_side_and_index_files_are_refused_without_reading_them(tmp_path: Path) -> None:
+    """Sparse terabyte files cost no disk; reading one whole would exhaust memory."""
+    for name in ("config.json", "model.safetensors.index.json"):
+        expert = tmp_path / name / "expert"
+        shutil.copytree(GOOD["expert"], expert)
+        with open(expert / name, "wb") as f:
+            f.truncate(1 << 40)
+        out = tmp_path / name / "out"
+        code, stdout, err = run_cli(merge_args({**GOOD, "expert": expert}, out))
+        assert_refused(code, stdout, err, [name, "limit"], out)

@@ -32,6 +32,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 REPORT_FILE = "layerswap_report.json"
+#: Largest config.json read (real ones are a few kilobytes).
+MAX_CONFIG_BYTES = 16 << 20
 
 
 def model_dir(path: Path) -> Optional[Path]:
@@ -44,6 +46,9 @@ def read_config(path: Path) -> Optional[dict[str, Any]]:
     folder = model_dir(path)
     if folder is None or not (folder / "config.json").is_file():
         return None
+    size = (folder / "config.json").stat().st_size
+    if size > MAX_CONFIG_BYTES:  # a hostile (e.g. sparse) file must not be read into memory whole
+        raise InvalidModelError(f"{folder / 'config.json'}: {size} bytes is not a config (limit {MAX_CONFIG_BYTES})")
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::io::header::Entries;
+use crate::io::header::{Entries, MAX_HEADER_BYTES};
 use crate::io::shard::Shard;
 
 /// Name of the shard index file.
@@ -150,6 +150,12 @@ impl Model {
 
 /// Reads an index file: the distinct shard files in first-seen order and the name -> file map.
 fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
+    // Real indexes are well under a megabyte; a hostile (say sparse, terabyte) one must not be read
+    // into memory whole. The header limit is generous enough.
+    let len = std::fs::metadata(index).map_err(|e| Error::io(index, e))?.len();
+    if len > MAX_HEADER_BYTES {
+        return Err(Error::invalid(index, format!("index file has {len} bytes, more than the {MAX_HEADER_BYTES}-byte limit")));
+    }
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     #[derive(serde::Deserialize)]
     struct IndexFile {

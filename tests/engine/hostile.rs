@@ -402,3 +402,13 @@ fn absurd_thread_counts_are_refused_by_the_engine_too() {
     let err = options.validate().unwrap_err().to_string();
     assert!(err.contains("threads must be at most"), "{err}");
 }
+
+#[test]
+fn a_huge_index_file_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("s1.safetensors"), &[("a".into(), vec![1], vec![1.0])], Dtype::F32);
+    let index = std::fs::File::create(dir.path().join("model.safetensors.index.json")).unwrap();
+    index.set_len(1 << 40).unwrap(); // sparse: a terabyte that takes no disk
+    let err = Model::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors.index.json") && err.contains("limit"), "{err}");
+}
