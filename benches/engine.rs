@@ -46,6 +46,7 @@ fn encode(v: &[f32], dtype: Dtype) -> AlignedBuf {
         Dtype::F16 => bytes.chunks_exact_mut(2).zip(v).for_each(|(d, x)| d.copy_from_slice(&f32_to_f16(*x).to_le_bytes())),
         Dtype::F32 => bytes.chunks_exact_mut(4).zip(v).for_each(|(d, x)| d.copy_from_slice(&x.to_le_bytes())),
         Dtype::F64 => bytes.chunks_exact_mut(8).zip(v).for_each(|(d, x)| d.copy_from_slice(&(*x as f64).to_le_bytes())),
+        other => unreachable!("the benchmarks use float dtypes, not {other}"),
     }
     buf
 }
