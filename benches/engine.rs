@@ -8,6 +8,9 @@
 //!
 //! Run: `cargo bench --bench engine` (add `-- stats` to filter). See benches/README.md.
 
+// `criterion_group!` generates an undocumented public function.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
