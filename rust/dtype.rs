@@ -5,8 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A supported element type.
+/// An element type. The four float types are read, measured, blended and converted; the others
+/// (masks, position ids, quantisation scales stored as integers...) can never be measured and are
+/// only ever copied byte for byte from the language expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Dtype {
     /// IEEE binary64.
     F64,
@@ -16,14 +19,57 @@ pub enum Dtype {
     F16,
     /// bfloat16 (the top half of a binary32).
     BF16,
+    /// A non-float type, by its safetensors name and element size.
+    Opaque(Opaque),
 }
 
-/// The dtype names the safetensors format defines; the ones we do not support get a clear error.
-pub const KNOWN_UNSUPPORTED: &[&str] =
-    &["BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"];
+/// Non-float safetensors types that are copied verbatim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Opaque {
+    /// Boolean, one byte.
+    Bool,
+    /// Unsigned 8-bit.
+    U8,
+    /// Signed 8-bit.
+    I8,
+    /// Signed 16-bit.
+    I16,
+    /// Unsigned 16-bit.
+    U16,
+    /// Signed 32-bit.
+    I32,
+    /// Unsigned 32-bit.
+    U32,
+    /// Signed 64-bit.
+    I64,
+    /// Unsigned 64-bit.
+    U64,
+    /// 8-bit float, 5 exponent bits (not measured: copied like an integer).
+    F8E5M2,
+    /// 8-bit float, 4 exponent bits (not measured: copied like an integer).
+    F8E4M3,
+}
+
+const OPAQUE: [(Opaque, &str, usize); 11] = [
+    (Opaque::Bool, "BOOL", 1),
+    (Opaque::U8, "U8", 1),
+    (Opaque::I8, "I8", 1),
+    (Opaque::I16, "I16", 2),
+    (Opaque::U16, "U16", 2),
+    (Opaque::I32, "I32", 4),
+    (Opaque::U32, "U32", 4),
+    (Opaque::I64, "I64", 8),
+    (Opaque::U64, "U64", 8),
+    (Opaque::F8E5M2, "F8_E5M2", 1),
+    (Opaque::F8E4M3, "F8_E4M3", 1),
+];
+
+/// The dtype names the safetensors format defines that we cannot even copy (sub-byte or complex
+/// types); they get a clear error.
+pub const KNOWN_UNSUPPORTED: &[&str] = &["F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"];
 
 impl Dtype {
-    /// All supported dtypes, for error messages.
+    /// The float dtypes, for error messages.
     pub const ALL: [Dtype; 4] = [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64];
 
     /// The name used in safetensors headers.
@@ -33,17 +79,19 @@ impl Dtype {
             Dtype::F32 => "F32",
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
+            Dtype::Opaque(o) => OPAQUE.iter().find(|(x, _, _)| *x == o).expect("listed").1,
         }
     }
 
     /// Parses a safetensors dtype name (case-insensitive; `bfloat16`/`float16`/`float32` accepted).
     pub fn parse(s: &str) -> Option<Dtype> {
-        match s.to_ascii_uppercase().as_str() {
+        let upper = s.to_ascii_uppercase();
+        match upper.as_str() {
             "F64" | "FLOAT64" => Some(Dtype::F64),
             "F32" | "FLOAT32" => Some(Dtype::F32),
             "F16" | "FLOAT16" => Some(Dtype::F16),
             "BF16" | "BFLOAT16" => Some(Dtype::BF16),
-            _ => None,
+            other => OPAQUE.iter().find(|(_, n, _)| *n == other).map(|(o, _, _)| Dtype::Opaque(*o)),
         }
     }
 
@@ -53,9 +101,31 @@ impl Dtype {
             Dtype::F64 => 8,
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::Opaque(o) => OPAQUE.iter().find(|(x, _, _)| *x == o).expect("listed").2,
         }
     }
+
+    /// Whether tensors of this type can be measured, blended and converted.
+    pub fn is_float(self) -> bool {
+        !matches!(self, Dtype::Opaque(_))
+    }
 }
+
+impl From<Dtype> for String {
+    fn from(d: Dtype) -> String {
+        d.name().to_string()
+    }
+}
+
+impl TryFrom<String> for Dtype {
+    type Error = String;
+    fn try_from(s: String) -> Result<Dtype, String> {
+        Dtype::parse(&s).ok_or_else(|| format!("unknown dtype '{s}'"))
+    }
+}
+
+/// Panic message for kernels handed a non-float tensor (the pipeline never does that).
+pub const NOT_FLOAT: &str = "non-float tensors are only copied, never decoded";
 
 impl std::fmt::Display for Dtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

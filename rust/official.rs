@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use crate::budget::BufferPool;
-use crate::dtype::{bf16_to_f32, cast, f16_to_f32, f32_to_bf16, Dtype};
+use crate::dtype::{bf16_to_f32, cast, f16_to_f32, f32_to_bf16, Dtype, NOT_FLOAT};
 use crate::error::Result;
 use crate::io::Model;
 use crate::progress::Progress;
@@ -110,6 +110,7 @@ fn decode_bf16(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
             .iter()
             .zip(out)
             .for_each(|(s, d)| *d = rb(*s as f32)),
+        Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
     }
 }
 

@@ -113,6 +113,9 @@ impl MergeOptions {
         if !(0.0..=1.0).contains(&self.alpha) {
             return Err(Error::argument(format!("alpha must be between 0 and 1, got {}", self.alpha)));
         }
+        if let Some(d) = self.out_dtype.filter(|d| !d.is_float()) {
+            return Err(Error::argument(format!("out_dtype must be a float type (BF16, F16, F32, F64), got {d}")));
+        }
         if self.threads == 0 {
             return Err(Error::argument("threads must be at least 1"));
         }

@@ -156,6 +156,7 @@ impl Session {
         self.layer_mismatch(&[("language expert", m)])?;
         let own = self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str()))?;
         own.check_assigned()?;
+        measured_are_floats(m, &own)?;
         for name in m.tensors.keys() {
             let place = own.place(name);
             if place != self.layout.place(name) {
@@ -280,7 +281,8 @@ impl Session {
         let specs: Vec<(String, Dtype, Vec<u64>)> = host
             .tensors
             .iter()
-            .map(|(n, t)| (n.clone(), options.out_dtype.unwrap_or(t.dtype), t.shape.clone()))
+            // Non-float tensors (masks, position ids) keep their type: only floats are converted.
+            .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
             .collect();
         let out_plan = OutputPlan::new(&specs, options.shard_size)?;
         let jobs: Vec<Job> = out_plan
@@ -289,7 +291,13 @@ impl Session {
             .map(|out| {
                 let place = self.layout.place(&out.name);
                 let measured = matches!(place, Place::Layer { target: true, .. });
-                let action = if self.safety.tensor(&out.name).is_none() { Action::Expert } else { plan.action(place) };
+                // Only the host has it, or it is not a float (a mask or position ids cannot be blended
+                // and never learns): the language expert's bytes.
+                let action = if self.safety.tensor(&out.name).is_none() || !out.dtype.is_float() {
+                    Action::Expert
+                } else {
+                    plan.action(place)
+                };
                 Job { out, action, check_finite: !measured && !options.allow_non_finite }
             })
             .collect();
@@ -337,6 +345,22 @@ fn splice_saved(stats: &mut [TensorStats], saved: &[TensorStats], base: &Model) 
             )));
         }
         s.diff_ss.insert(0, old.diff_ss[0]);
+    }
+    Ok(())
+}
+
+/// Every measured tensor of `m` is a float tensor (a mask or an integer buffer cannot be measured).
+pub fn measured_are_floats(m: &Model, layout: &Layout) -> Result<()> {
+    for name in layout.targets() {
+        if let Some(t) = m.tensor(name).filter(|t| !t.dtype.is_float()) {
+            return Err(Error::Layout {
+                message: format!(
+                    "measured tensor '{name}' of {} is {}; only float tensors (BF16, F16, F32, F64) can be measured",
+                    m.path.display(),
+                    t.dtype
+                ),
+            });
+        }
     }
     Ok(())
 }

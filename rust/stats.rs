@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::budget::{BufferPool, BLOCK};
-use crate::dtype::{bf16_to_f32, cast, f16_to_f32, f32_to_bf16, Dtype, Pod};
+use crate::dtype::{bf16_to_f32, cast, f16_to_f32, f32_to_bf16, Dtype, Pod, NOT_FLOAT};
 use crate::error::{Error, Result};
 use crate::io::Model;
 use crate::options::Numerics;
@@ -255,6 +255,7 @@ pub mod kernels {
             Dtype::F16 => f16_to_f32(cast::<u16>(bytes)[i]) as f64,
             Dtype::F32 => cast::<f32>(bytes)[i] as f64,
             Dtype::F64 => cast::<f64>(bytes)[i],
+            Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
         };
         match numerics {
             Numerics::Exact => v,
@@ -282,6 +283,7 @@ pub mod kernels {
             (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| to_bf16_f32(v) as f64),
             (Dtype::F64, Numerics::Exact) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| v),
             (Dtype::F64, Numerics::Official) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| to_bf16_f32(v as f32) as f64),
+            (Dtype::Opaque(_), _) => unreachable!("{}", NOT_FLOAT),
         }
     }
 
@@ -299,6 +301,7 @@ pub mod kernels {
             (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(x), |bv, xv| off(bv, xv)),
             (Dtype::F64, Numerics::Exact) => lanes(cast::<f64>(b), cast::<f64>(x), |bv, xv| xv - bv),
             (Dtype::F64, Numerics::Official) => lanes(cast::<f64>(b), cast::<f64>(x), |bv, xv| off(bv as f32, xv as f32)),
+            (Dtype::Opaque(_), _) => unreachable!("{}", NOT_FLOAT),
         }
     }
 

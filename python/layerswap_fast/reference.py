@@ -418,6 +418,10 @@ def merged_tensors(
             # Only the host has it (e.g. an untied lm_head where S ties it): the host's is all there is.
             source = "expert"
         m = M.get(name)
+        if not m.is_floating_point():
+            # Masks and position ids (BOOL, integers) are never measured or blended: the host's, unchanged.
+            yield name, "expert", m
+            continue
         yield name, source, merged_tensor(source, S.get(name) if name in S else m, m, plan.alpha, plan.numerics, dtype)
 
 

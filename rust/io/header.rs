@@ -111,7 +111,7 @@ fn parse_entry(name: &str, value: &serde_json::Value) -> Result<TensorInfo, Stri
         .ok_or_else(|| format!("tensor '{name}': missing or non-string 'dtype'"))?;
     let dtype = Dtype::parse(dtype_name).ok_or_else(|| {
         let known = if KNOWN_UNSUPPORTED.contains(&dtype_name) { "unsupported" } else { "unknown" };
-        format!("tensor '{name}': {known} dtype '{dtype_name}' (supported: BF16, F16, F32, F64)")
+        format!("tensor '{name}': {known} dtype '{dtype_name}' (supported: BF16, F16, F32, F64; integer, bool and 8-bit float tensors are copied)")
     })?;
     let shape = obj
         .get("shape")

@@ -54,6 +54,7 @@ fn inspect(py: Python<'_>, model: PathBuf, architecture: Option<String>, layout_
         let m = Model::open(&model)?;
         let names: Vec<&str> = m.tensors.keys().map(|s| s.as_str()).collect();
         let layout = Layout::detect(&names, architecture.as_deref(), custom.as_ref()).map_err(|e| e.in_model(&model))?;
+        pipeline::measured_are_floats(&m, &layout)?;
         let tensors: Vec<serde_json::Value> = m
             .tensors
             .iter()

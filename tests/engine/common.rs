@@ -13,6 +13,7 @@ pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
         Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         Dtype::F64 => values.iter().flat_map(|v| (*v as f64).to_le_bytes()).collect(),
+        Dtype::Opaque(_) => values.iter().flat_map(|v| (*v as i64).to_le_bytes()[..dtype.size()].to_vec()).collect(),
     }
 }
 
