@@ -278,4 +278,30 @@ mod tests {
         assert_eq!(u16::from_le_bytes(out), 0x7f80);
         assert_eq!(f64_to_f32_odd(1e-50), f32::from_bits(1));
     }
+
+    /// The F16 slice conversions give exactly the per-element results: every f16 bit pattern decoded,
+    /// and f32 values around every f16 rounding boundary (ties, subnormals, overflow, NaN) encoded.
+    #[test]
+    fn f16_slice_conversions_match_per_element() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut got = vec![0f32; all.len()];
+        decode32(Dtype::F16, &bytes, &mut got);
+        for (h, g) in all.iter().zip(&got) {
+            assert_eq!(g.to_bits(), crate::dtype::f16_to_f32(*h).to_bits(), "{h:#06x}");
+        }
+        // Each f16 value, the f32s just around it and the midpoints to its neighbours; odd length.
+        let mut vals = vec![];
+        for f in got.iter().filter(|f| f.is_finite()) {
+            let b = f.to_bits();
+            vals.extend([*f, f32::from_bits(b.wrapping_add(1)), f32::from_bits(b.wrapping_sub(1)), f32::from_bits(b.wrapping_add(1 << 12))]);
+        }
+        vals.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 65520.0, 65519.99, 1e-8, -1e-8, f32::MAX, f32::MIN_POSITIVE]);
+        vals.push(0.5);
+        let mut out = vec![0u8; vals.len() * 2];
+        encode32(&vals, Dtype::F16, &mut out);
+        for (v, o) in vals.iter().zip(out.chunks_exact(2)) {
+            assert_eq!(u16::from_le_bytes([o[0], o[1]]), f32_to_f16(*v), "{v:e}");
+        }
+    }
 }
