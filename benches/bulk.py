@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ from merge_e2e import lsf_exe, machine, model_files, run_child, set_cache  # noq
 
 
 def experts_for(size: str, n: int, data: Path) -> dict[str, Path]:
-    """The trio's expert plus n-1 more language experts of the same base and safety expert."""
+    """The trio's expert plus n-1 more language experts of the same base and safety expert. Runs in a
+    child process (see main): a child's peak RSS starts at its parent's, so the launcher must not
+    import numpy or the engine itself."""
     from layerswap_fast import synth
 
     trio = generate.ensure(size, root=data)
@@ -54,8 +57,14 @@ def main() -> None:
     ap.add_argument("--granularity", default="module", choices=["layer", "module"])
     ap.add_argument("--data", type=Path, default=generate.ROOT)
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    paths = experts_for(args.size, args.experts, args.data)
+    if args.prepare_only:
+        print(json.dumps({k: str(v) for k, v in experts_for(args.size, args.experts, args.data).items()}))
+        return
+    prep = subprocess.run([sys.executable, __file__, "--prepare-only", "--size", args.size, "--experts", str(args.experts), "--data", str(args.data)],
+                          check=True, capture_output=True, text=True)
+    paths = {k: Path(v) for k, v in json.loads(prep.stdout).items()}
     names = [k for k in paths if k.startswith("x")]
     work = args.data / "bulk-work"
     exe = lsf_exe()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from layerswap_fast import api, bulk, synth
+from layerswap_fast import api, bulk
 from layerswap_fast.errors import LayerswapError
 from layerswap_fast.options import from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
@@ -350,6 +350,8 @@ def demo(outdir: Path, layers: int, granularity: str, force: bool) -> None:
     The safety expert is planted to differ most from the base in the top half of the layers, the
     language expert in the bottom half: the decisions should take the top half from the safety expert.
     """
+    from layerswap_fast import synth  # numpy-heavy generation, only for the demo
+
     cfg = synth.LlamaConfig(n_layers=layers, hidden=128, intermediate=352, heads=4, kv_heads=2, vocab=512)
     click.echo(f"building base, safety and expert ({cfg.param_count():,} parameters each, bf16) in {outdir}")
     paths = synth.make_trio(outdir, cfg, shard_bytes={"base": None, "safety": 200_000, "expert": 300_000})
