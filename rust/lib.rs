@@ -8,6 +8,7 @@
 
 pub mod blend;
 pub mod budget;
+pub mod checksum;
 pub mod dtype;
 pub mod error;
 pub mod io;

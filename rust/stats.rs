@@ -525,22 +525,30 @@ pub mod kernels {
     }
 
     /// `out[0]` = Σ b² and `out[1 + i]` = Σ (x_i − b)², each bit for bit as [`sum_sq`] and
-    /// [`sum_sq_diff`] give it; for exact 16-bit data and two experts' worth (B, S and M, the usual
-    /// case) in one pass over the three inputs instead of three passes over B.
+    /// [`sum_sq_diff`] give it; for exact 16-bit data, experts are taken two at a time in one pass
+    /// over B and both (B, S and M, the usual case, in a single pass).
     pub fn block_sums(dtype: Dtype, numerics: Numerics, b: &[u8], xs: &[&[u8]], out: &mut [f64]) {
         assert!(out.len() == xs.len() + 1 && xs.iter().all(|x| x.len() == b.len()));
         #[cfg(target_arch = "x86_64")]
-        if numerics == Numerics::Exact && xs.len() == 2 && has_avx2() && x86::has_f16c() {
-            // SAFETY: AVX2 and F16C checked just above; the lengths are equal (asserted).
-            let sums = match dtype {
-                Dtype::BF16 => Some(unsafe { x86::sums3::<false>(cast(b), cast(xs[0]), cast(xs[1])) }),
-                Dtype::F16 => Some(unsafe { x86::sums3::<true>(cast(b), cast(xs[0]), cast(xs[1])) }),
-                _ => None,
-            };
-            if let Some(sums) = sums {
-                out.copy_from_slice(&sums);
-                return;
+        if numerics == Numerics::Exact && xs.len() >= 2 && matches!(dtype, Dtype::BF16 | Dtype::F16) && has_avx2() && x86::has_f16c() {
+            // Experts two at a time through the fused kernel (a bulk run has S and several M); an odd
+            // last one is paired with itself. Every sum keeps its own lanes, so each is bit for bit
+            // what a run with only that expert computes.
+            let (base_sum, rest) = out.split_first_mut().expect("out has the base slot");
+            for (pair, o) in xs.chunks(2).zip(rest.chunks_mut(2)) {
+                let (x0, x1) = (pair[0], *pair.get(1).unwrap_or(&pair[0]));
+                // SAFETY: AVX2 and F16C checked just above; the lengths are equal (asserted).
+                let sums = unsafe {
+                    if dtype == Dtype::BF16 {
+                        x86::sums3::<false>(cast(b), cast(x0), cast(x1))
+                    } else {
+                        x86::sums3::<true>(cast(b), cast(x0), cast(x1))
+                    }
+                };
+                *base_sum = sums[0];
+                o.copy_from_slice(&sums[1..1 + o.len()]);
             }
+            return;
         }
         out[0] = sum_sq(dtype, numerics, b);
         for (o, x) in out[1..].iter_mut().zip(xs) {

@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "analyze",
     "builtin_layouts",
+    "checksums",
     "inspect",
     "merge",
     "write_plan",
@@ -67,3 +68,4 @@ def write_plan(
     progress: _Progress = None,
 ) -> str: ...
 def builtin_layouts() -> list[tuple[str, str]]: ...
+def checksums(paths: list[_Path], threads: int) -> list[str]: ...

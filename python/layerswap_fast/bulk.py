@@ -2,7 +2,7 @@
 
 One statistics pass reads the base and the safety expert once for all experts (and each expert once);
 then every expert gets its own decisions and its own write pass, into ``OUT/<name>/``. A manifest
-(``OUT/layerswap_bulk.json``) records finished outputs with checksums, so a rerun skips experts whose
+(``OUT/layerswap_bulk.json``) records finished outputs with checksums (XXH3 of 8 MiB blocks), so a rerun skips experts whose
 output is verified intact and redoes the rest. One expert failing does not stop the others.
 
 Executors: ``local`` (default) runs the write passes one after another in this process (each uses all
@@ -14,7 +14,6 @@ sees at the same paths.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import re
@@ -122,17 +121,11 @@ def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
 # --- checksums and the manifest ---------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def checksums(folder: Path) -> dict[str, dict[str, Any]]:
-    """size and sha256 of every file in an output folder (hashed in parallel: hashlib releases the GIL)."""
+    """size and checksum of every file in an output folder (the engine hashes in parallel blocks)."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        digests = list(pool.map(_sha256, files))
-    return {p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+    digests = _core.checksums([str(p) for p in files], os.cpu_count() or 1)
+    return {p.name: {"size": p.stat().st_size, "checksum": d} for p, d in zip(files, digests)}
 
 
 def _verified(folder: Path, entry: dict[str, Any]) -> bool:

@@ -26,7 +26,7 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 #: How the binding words a caught engine panic (rust/python/progress.rs).
 ENGINE_PANIC = "internal error in the layerswap-fast engine"
-_USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class _Terminated(KeyboardInterrupt):

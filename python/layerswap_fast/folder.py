@@ -74,7 +74,11 @@ def copy_side_files(dest: Path, host: Path, tokenizer_source: Path) -> list[str]
             continue
         for name in names:
             if (folder / name).is_file():
-                shutil.copyfile(folder / name, dest / name)
+                try:
+                    shutil.copyfile(folder / name, dest / name)
+                except OSError as e:
+                    # Name the file being written (a full disk is about the output, not the source).
+                    raise OSError(e.errno, e.strerror, str(dest / name)) from None
                 copied.append(name)
     return copied
 

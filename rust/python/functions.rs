@@ -20,6 +20,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(write_plan, m)?)?;
     m.add_function(wrap_pyfunction!(builtin_layouts, m)?)?;
+    m.add_function(wrap_pyfunction!(checksums, m)?)?;
     Ok(())
 }
 
@@ -232,4 +233,30 @@ fn merge(
 #[pyfunction]
 fn builtin_layouts() -> Vec<(String, String)> {
     BUILTIN_LAYOUTS.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect()
+}
+
+/// Checksums of files (``xxh3-8m:`` + 16 hex digits each), hashed in parallel blocks.
+///
+/// Args:
+///     paths: the files.
+///     threads: worker threads.
+///
+/// Returns:
+///     One checksum per file, in order.
+///
+/// Raises:
+///     OSError: a file cannot be read.
+#[pyfunction]
+#[pyo3(signature = (paths, threads))]
+fn checksums(py: Python<'_>, paths: Vec<PathBuf>, threads: usize) -> PyResult<Vec<String>> {
+    if threads == 0 {
+        return Err(to_py(Error::argument("threads must be at least 1")));
+    }
+    run(py, None, move |p| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::argument(format!("cannot start {threads} worker threads: {e}")))?;
+        pool.install(|| paths.iter().map(|f| crate::checksum::file_checksum(f, p)).collect())
+    })
 }

@@ -3,6 +3,7 @@
 mod common;
 
 mod budget;
+mod checksum;
 mod header;
 mod hostile;
 mod pipeline;

@@ -53,3 +53,32 @@ fn statistics_are_independent_of_chunk_size_and_threads() {
     assert_eq!(results[0].1, results[1].1);
     assert_eq!(results[0].1, results[2].1);
 }
+
+#[test]
+fn block_sums_for_any_number_of_experts_equal_the_separate_kernels_bit_for_bit() {
+    // A bulk run's statistics must be exactly those of a run with one expert, so that its outputs are
+    // byte-identical to single runs.
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+        for n in [1usize, 9, 1000, 65_536 + 13] {
+            let aligned = |seed: u64| {
+                let v = crate::common::encode(&values(n, seed, 1.0), dtype);
+                let mut buf = AlignedBuf::new(v.len());
+                buf.bytes_mut(v.len()).copy_from_slice(&v);
+                buf
+            };
+            let len = n * dtype.size();
+            let b = aligned(1);
+            let xs: Vec<AlignedBuf> = (2..8).map(aligned).collect();
+            for k in 1..=xs.len() {
+                let refs: Vec<&[u8]> = xs[..k].iter().map(|x| x.bytes(len)).collect();
+                let mut out = vec![0f64; k + 1];
+                kernels::block_sums(dtype, Numerics::Exact, b.bytes(len), &refs, &mut out);
+                assert_eq!(out[0].to_bits(), kernels::sum_sq(dtype, Numerics::Exact, b.bytes(len)).to_bits());
+                for (i, x) in refs.iter().enumerate() {
+                    let want = kernels::sum_sq_diff(dtype, Numerics::Exact, b.bytes(len), x);
+                    assert_eq!(out[i + 1].to_bits(), want.to_bits(), "{dtype} n={n} k={k} expert {i}");
+                }
+            }
+        }
+    }
+}
