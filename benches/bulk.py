@@ -90,7 +90,7 @@ def main() -> None:
                     total["wall_s"] += r["wall_s"]
                     total["cpu_s"] += r["cpu_s"]
                     total["peak_rss_bytes"] = max(total["peak_rss_bytes"], r["peak_rss_bytes"])
-                    shutil.rmtree(work / n)
+                    # Outputs stay until the round ends, as the bulk run's do (a user keeps all four).
                 rows["singles"].append(total)
             print(f"round {rnd + 1} {what}: {rows[what][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -36,7 +36,7 @@ pub enum Error {
         message: String,
     },
     /// A tensor holds NaN or Inf, which would make its statistics meaningless.
-    #[error("{path}: tensor '{tensor}' contains NaN or Inf values; statistics would be meaningless (pass allow_non_finite to merge anyway)")]
+    #[error("{path}: tensor '{tensor}' contains NaN or Inf values; statistics would be meaningless (--allow-non-finite, or allow_non_finite=True in Python, merges anyway)")]
     NonFinite {
         /// The file holding the tensor.
         path: PathBuf,

@@ -74,3 +74,11 @@ def test_demo_runs(tmp_path):
 def test_console_script_entry_point(trio):
     r = subprocess.run([sys.executable, "-m", "layerswap_fast", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "layerswap-fast" in r.stdout
+
+
+def test_output_under_a_file_is_a_user_error(trio, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run("merge", "-b", str(trio["base"]), "-s", str(trio["safety"]), "-m", str(trio["expert"]), "-o", str(blocker / "out"))
+    assert r.exit_code == 2, r.output
+    assert str(blocker) in r.output and "Traceback" not in r.output
