@@ -581,29 +581,15 @@ def unit_of(tag: Tag, granularity: str) -> Any:
 
 def numpy_plan(paths: dict[str, Path], specs: list[Spec], granularity: str, tau: float = 0.001) -> dict[Any, dict[str, Any]]:
     """METHOD.md §1–§4 in numpy, with units taken from the specs' tags: unit -> {A_s, A_m, d, decision}."""
-    from models import decode, read_model
+    from models import decode, method_decisions, read_model
 
     B, S, M = (read_model(paths[r]) for r in ROLES)
-    scores: dict[Any, list[float]] = {}
-    for name, _, tag in specs:
-        if tag[0] not in ("attention", "mlp") or not tag[2]:
-            continue
-        b = decode(B[name][0], B[name][2])
-        nb = np.linalg.norm(b)
-        acc = scores.setdefault(unit_of(tag, granularity), [0.0, 0.0])
-        for i, X in enumerate((S, M)):
-            nd = np.linalg.norm(decode(X[name][0], X[name][2]) - b)
-            r = nd / nb if nb > 1e-8 else nd
-            acc[i] += r if granularity == "layer" else r * r
-    if granularity == "module":
-        scores = {u: [np.sqrt(a), np.sqrt(c)] for u, (a, c) in scores.items()}
-    tot_s = sum(v[0] for v in scores.values()) + 1e-8
-    tot_m = sum(v[1] for v in scores.values()) + 1e-8
-    out = {}
-    for u, (a_s, a_m) in scores.items():
-        d = a_s / tot_s - a_m / tot_m
-        out[u] = dict(A_s=a_s, A_m=a_m, d=d, decision="safety" if d > tau else "expert" if d < -tau else "blend")
-    return out
+    measured = (
+        (unit_of(tag, granularity), decode(B[name][0], B[name][2]), decode(S[name][0], S[name][2]), decode(M[name][0], M[name][2]))
+        for name, _, tag in specs
+        if tag[0] in ("attention", "mlp") and tag[2]
+    )
+    return method_decisions(measured, granularity, tau)
 
 
 def tensor_source(tag: Tag, plan: dict[Any, dict[str, Any]], granularity: str, outside: str = "blend", norms: str = "expert") -> str:

@@ -78,20 +78,15 @@ def unit_of(name: str, granularity: str) -> Any:
     return "norm"
 
 
-def numpy_plan(base: Path, safety: Path, expert: Path, granularity: str = "layer", tau: float = 0.001) -> dict[Any, dict[str, Any]]:
-    """METHOD.md §1–§4 in plain numpy: unit -> {A_s, A_m, p_s, p_m, d, decision}."""
-    B, S, M = read_model(base), read_model(safety), read_model(expert)
+def method_decisions(measured: Any, granularity: str, tau: float = 0.001) -> dict[Any, dict[str, Any]]:
+    """METHOD.md §2–§4 in plain numpy over ``(unit, B, S, M)`` float64 arrays of every measured
+    tensor: unit -> {A_s, A_m, p_s, p_m, d, decision}."""
     scores: dict[Any, list[float]] = {}
-    for name, (dtype, _, raw) in B.items():
-        m = LAYER.match(name)
-        if not m or not TARGET.match(m.group(2)):
-            continue
-        b = decode(dtype, raw)
+    for unit, b, s, m in measured:
         nb = np.linalg.norm(b)
-        unit = unit_of(name, granularity)
         acc = scores.setdefault(unit, [0.0, 0.0])
-        for i, X in enumerate((S, M)):
-            nd = np.linalg.norm(decode(X[name][0], X[name][2]) - b)
+        for i, x in enumerate((s, m)):
+            nd = np.linalg.norm(x - b)
             r = nd / nb if nb > 1e-8 else nd
             acc[i] += r if granularity == "layer" else r * r
     if granularity == "module":
@@ -104,6 +99,19 @@ def numpy_plan(base: Path, safety: Path, expert: Path, granularity: str = "layer
         d = ps - pm
         out[u] = dict(A_s=a_s, A_m=a_m, p_s=ps, p_m=pm, d=d, decision="safety" if d > tau else "expert" if d < -tau else "blend")
     return out
+
+
+def numpy_plan(base: Path, safety: Path, expert: Path, granularity: str = "layer", tau: float = 0.001) -> dict[Any, dict[str, Any]]:
+    """METHOD.md §1–§4 in plain numpy for Llama names: unit -> {A_s, A_m, p_s, p_m, d, decision}."""
+    B, S, M = read_model(base), read_model(safety), read_model(expert)
+
+    def measured() -> Any:
+        for name, (dtype, _, raw) in B.items():
+            m = LAYER.match(name)
+            if m and TARGET.match(m.group(2)):
+                yield unit_of(name, granularity), decode(dtype, raw), decode(S[name][0], S[name][2]), decode(M[name][0], M[name][2])
+
+    return method_decisions(measured(), granularity, tau)
 
 
 def engine_units(plan: Any) -> dict[Any, Any]:
