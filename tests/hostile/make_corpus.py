@@ -190,6 +190,8 @@ def index_cases(root: Path, good: Path) -> dict[str, list[str]]:
     write_index(d, wm)
     (d / s2).unlink()
     (d / s2).mkdir()
+    # git keeps no empty folders: without a file inside, a clean clone would lack this "shard".
+    (d / s2 / ".keep").write_bytes(b"")
     d, wm = case("tensor_listed_twice", [first, "listed twice"])
     body = json.dumps({"weight_map": wm}, indent=1)
     write_index(d, None, body.replace("{\n", '{\n  "%s": "%s",\n' % (first, s1), 2).replace('{\n  "weight_map"', '{\n "weight_map"').encode())
