@@ -65,10 +65,16 @@ def test_missing_input_names_the_path(trio, tmp_path):
     assert r.exit_code == 2 and str(tmp_path / "nope") in r.output
 
 
-def test_demo_runs(tmp_path):
-    r = run("demo", str(tmp_path / "d"), "--layers", "4")
-    assert r.exit_code == 0, r.output
-    assert "layer 3" in r.output and (tmp_path / "d" / "merged" / "model.safetensors").exists()
+def test_demo_runs_and_reruns_but_spares_other_folders(tmp_path):
+    for _ in range(2):
+        r = run("demo", str(tmp_path / "d"), "--layers", "4")
+        assert r.exit_code == 0, r.output
+        assert "layer 3" in r.output and (tmp_path / "d" / "merged" / "model.safetensors").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = run("demo", str(tmp_path / "mine"), "--layers", "4")
+    assert r.exit_code == 2 and "earlier demo" in r.output
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_console_script_entry_point(trio):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import click
 
 from layerswap_fast import api, bulk
-from layerswap_fast.errors import LayerswapError
+from layerswap_fast.errors import LayerswapError, OutputExistsError
 from layerswap_fast.options import from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
 from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary
@@ -342,20 +342,27 @@ def verify(out: Path, base: Path, safety: Path, expert: Path, layout: Optional[P
 @click.argument("outdir", type=click.Path(path_type=Path))
 @click.option("--layers", default=8, show_default=True, help="Decoder layers of the toy model.")
 @click.option("-g", "--granularity", type=click.Choice(("layer", "module")), default="layer", show_default=True)
-@click.option("--force", is_flag=True, help="Replace OUTDIR/merged if it exists.")
+@click.option("--force", is_flag=True, help="Use OUTDIR even if it is a non-empty folder that an earlier demo did not make.")
 @_errors
 def demo(outdir: Path, layers: int, granularity: str, force: bool) -> None:
     """Build a small base / safety / language-expert trio with planted structure in OUTDIR and merge it.
 
     The safety expert is planted to differ most from the base in the top half of the layers, the
     language expert in the bottom half: the decisions should take the top half from the safety expert.
+    Running it again in the same OUTDIR rebuilds everything.
     """
     from layerswap_fast import synth  # numpy-heavy generation, only for the demo
+
+    marker = outdir / ".layerswap-demo"
+    if outdir.exists() and any(outdir.iterdir()) and not marker.exists() and not force:
+        raise OutputExistsError(f"{outdir}: exists and is not a folder an earlier demo made; choose another or pass --force")
+    outdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by layerswap-fast demo\n")
 
     cfg = synth.LlamaConfig(n_layers=layers, hidden=128, intermediate=352, heads=4, kv_heads=2, vocab=512)
     click.echo(f"building base, safety and expert ({cfg.param_count():,} parameters each, bf16) in {outdir}")
     paths = synth.make_trio(outdir, cfg, shard_bytes={"base": None, "safety": 200_000, "expert": 300_000})
-    report = api.merge(paths["base"], paths["safety"], paths["expert"], outdir / "merged", granularity=granularity, force=force)
+    report = api.merge(paths["base"], paths["safety"], paths["expert"], outdir / "merged", granularity=granularity, force=True)
     plan = api.analyze(paths["base"], paths["safety"], paths["expert"], granularity=granularity)
     click.echo(decision_table(plan))
     click.echo(merge_summary(report, str(outdir / "merged")))
