@@ -16,7 +16,7 @@ used at their real size.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -62,23 +62,30 @@ def layernorm(out: list, name: str, size: int, tag: Tag, bias: bool = True) -> N
 # --- decoder families ------------------------------------------------------------------------------
 
 
+def llama_attention(out: list, p: str, i: int, c: dict, qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    """A Llama-style layer's input norm, q/k/v/o projections (optional q/k norms) and post-attention
+    norm, under the layer prefix ``p``: shared by the Llama, Gemma, Mixtral and Qwen-MoE builders."""
+    h, n_h, n_kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or h // n_h
+    layernorm(out, p + "input_layernorm", h, norm(i), bias=False)
+    linear(out, p + "self_attn.q_proj", n_h * hd, h, attn(i), qkv_bias)
+    linear(out, p + "self_attn.k_proj", n_kv * hd, h, attn(i), qkv_bias)
+    linear(out, p + "self_attn.v_proj", n_kv * hd, h, attn(i), qkv_bias)
+    linear(out, p + "self_attn.o_proj", h, n_h * hd, attn(i))
+    if qk_norm:
+        out.append((p + "self_attn.q_norm.weight", (hd,), attn(i, False)))
+        out.append((p + "self_attn.k_norm.weight", (hd,), attn(i, False)))
+    layernorm(out, p + "post_attention_layernorm", h, norm(i), bias=False)
+
+
 def llama_like(c: dict, prefix: str = "model.", lm_head: str = "lm_head", qkv_bias: bool = False, qk_norm: bool = False,
                extra_norms: bool = False) -> list[Spec]:
     """Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 text decoder under ``prefix``."""
-    h, n_h, n_kv, inter = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
-    hd = c.get("head_dim") or h // n_h
+    h, inter = c["hidden_size"], c["intermediate_size"]
     out: list[Spec] = [(f"{prefix}embed_tokens.weight", (c["vocab_size"], h), VOCAB)]
     for i in range(c["num_hidden_layers"]):
         p = f"{prefix}layers.{i}."
-        layernorm(out, p + "input_layernorm", h, norm(i), bias=False)
-        linear(out, p + "self_attn.q_proj", n_h * hd, h, attn(i), qkv_bias)
-        linear(out, p + "self_attn.k_proj", n_kv * hd, h, attn(i), qkv_bias)
-        linear(out, p + "self_attn.v_proj", n_kv * hd, h, attn(i), qkv_bias)
-        linear(out, p + "self_attn.o_proj", h, n_h * hd, attn(i))
-        if qk_norm:
-            out.append((p + "self_attn.q_norm.weight", (hd,), attn(i, False)))
-            out.append((p + "self_attn.k_norm.weight", (hd,), attn(i, False)))
-        layernorm(out, p + "post_attention_layernorm", h, norm(i), bias=False)
+        llama_attention(out, p, i, c, qkv_bias, qk_norm)
         if extra_norms:
             layernorm(out, p + "pre_feedforward_layernorm", h, norm(i), bias=False)
             layernorm(out, p + "post_feedforward_layernorm", h, norm(i), bias=False)
@@ -150,16 +157,11 @@ def phi2(c: dict) -> list[Spec]:
 
 def mixtral(c: dict) -> list[Spec]:
     """Mixtral (mistralai/Mixtral-8x7B shape, scaled): router block_sparse_moe.gate + experts w1/w2/w3."""
-    h, n_h, n_kv, inter, n_e = (c[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_local_experts"))
-    hd = h // n_h
+    h, inter, n_e = (c[k] for k in ("hidden_size", "intermediate_size", "num_local_experts"))
     out: list[Spec] = [("model.embed_tokens.weight", (c["vocab_size"], h), VOCAB)]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        layernorm(out, p + "input_layernorm", h, norm(i), bias=False)
-        for proj, rows in (("q_proj", n_h * hd), ("k_proj", n_kv * hd), ("v_proj", n_kv * hd)):
-            linear(out, p + f"self_attn.{proj}", rows, h, attn(i))
-        linear(out, p + "self_attn.o_proj", h, n_h * hd, attn(i))
-        layernorm(out, p + "post_attention_layernorm", h, norm(i), bias=False)
+        llama_attention(out, p, i, c)
         linear(out, p + "block_sparse_moe.gate", n_e, h, mlp(i))  # the router: measured
         for e in range(n_e):
             q = p + f"block_sparse_moe.experts.{e}."
@@ -173,21 +175,12 @@ def mixtral(c: dict) -> list[Spec]:
 
 def qwen_moe(c: dict, shared: bool, qk_norm: bool, qkv_bias: bool) -> list[Spec]:
     """Qwen2-MoE (Qwen1.5-MoE-A2.7B shape, scaled; mlp_only_layers are dense) / Qwen3-MoE."""
-    h, n_h, n_kv, n_e = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["num_experts"]
-    hd = c.get("head_dim") or h // n_h
+    h, n_e = c["hidden_size"], c["num_experts"]
     moe_i, dense_i = c["moe_intermediate_size"], c["intermediate_size"]
     out: list[Spec] = [("model.embed_tokens.weight", (c["vocab_size"], h), VOCAB)]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        layernorm(out, p + "input_layernorm", h, norm(i), bias=False)
-        linear(out, p + "self_attn.q_proj", n_h * hd, h, attn(i), qkv_bias)
-        linear(out, p + "self_attn.k_proj", n_kv * hd, h, attn(i), qkv_bias)
-        linear(out, p + "self_attn.v_proj", n_kv * hd, h, attn(i), qkv_bias)
-        linear(out, p + "self_attn.o_proj", h, n_h * hd, attn(i))
-        if qk_norm:
-            out.append((p + "self_attn.q_norm.weight", (hd,), attn(i, False)))
-            out.append((p + "self_attn.k_norm.weight", (hd,), attn(i, False)))
-        layernorm(out, p + "post_attention_layernorm", h, norm(i), bias=False)
+        llama_attention(out, p, i, c, qkv_bias, qk_norm)
         if i in c.get("mlp_only_layers", []):
             for proj, rows, cols in (("gate_proj", dense_i, h), ("up_proj", dense_i, h), ("down_proj", h, dense_i)):
                 linear(out, p + f"mlp.{proj}", rows, cols, mlp(i))

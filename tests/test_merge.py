@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import layerswap_fast as lsf
 from layerswap_fast import synth
-from models import engine_units, expected_bytes, numpy_plan, read_model, tensor_decision
+from models import expected_bytes, numpy_plan, read_model, tensor_decision
 from conftest import tree_digest
 
 # Tensors of 96 x 1001 elements straddle the 65 536-element chunks a 66 MiB budget forces.

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core
 from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
-from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
+from layerswap_fast.errors import InvalidOptionError, LayerswapError
 from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage, staged_output
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
