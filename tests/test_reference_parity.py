@@ -12,6 +12,8 @@ What must hold, per METHOD.md and the contract of each numerics mode:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import json
 import math
 import struct
@@ -35,19 +37,26 @@ from layerswap_fast.verify import verify  # noqa: E402
 STRADDLE = synth.LlamaConfig(n_layers=3, hidden=72, intermediate=1001, heads=4, kv_heads=2, vocab=301)
 
 
-def zero_tensor(model: Path, name: str) -> None:
-    """Overwrites one tensor of a model folder with zeros, in place (a zero-norm base tensor)."""
+def overwrite_tensor(model: Path, name: str, raw_for: Callable[[int], bytes]) -> None:
+    """Overwrites one tensor of a model folder in place with ``raw_for(nbytes)``."""
     for f in reference.shard_files(model):
         data = f.read_bytes()
         (n,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + n])
         if name in header:
             lo, hi = header[name]["data_offsets"]
+            raw = raw_for(hi - lo)
+            assert len(raw) == hi - lo
             with open(f, "r+b") as fh:
                 fh.seek(8 + n + lo)
-                fh.write(b"\0" * (hi - lo))
+                fh.write(raw)
             return
     raise KeyError(name)
+
+
+def zero_tensor(model: Path, name: str) -> None:
+    """Overwrites one tensor of a model folder with zeros, in place (a zero-norm base tensor)."""
+    overwrite_tensor(model, name, lambda nbytes: b"\0" * nbytes)
 
 
 def merge_and_verify(paths: dict[str, Path], out: Path, **options: object) -> tuple[dict, "lsf.VerifyResult"]:
@@ -169,19 +178,7 @@ def test_official_norms_are_torch_norms_on_large_tensors(tmp_path):
 
 def write_tensor(model: Path, name: str, values: "torch.Tensor") -> None:
     """Overwrites one bf16 tensor of a model folder in place with ``values`` (same element count)."""
-    for f in reference.shard_files(model):
-        data = f.read_bytes()
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        if name in header:
-            lo, hi = header[name]["data_offsets"]
-            raw = values.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
-            assert len(raw) == hi - lo
-            with open(f, "r+b") as fh:
-                fh.seek(8 + n + lo)
-                fh.write(raw)
-            return
-    raise KeyError(name)
+    overwrite_tensor(model, name, lambda nbytes: values.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
 
 
 CRAFTED = "model.layers.0.self_attn.q_proj.weight"
