@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 from layerswap_fast import _core
 from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
-from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage, staged_output
+from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
@@ -159,18 +159,27 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 # --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
 
 
-def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-               layout_json: Optional[str], replace: bool, progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
-    """Stages, writes, finishes and commits one expert's output; returns its report and checksums."""
+def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: dict[str, Any], opts: MergeOptions,
+                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
+    """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
+    beside ``target``; returns the stage and the report. On any error the stage is removed."""
     started = time.perf_counter()
-    out_p = Path(out)
-    plan = Plan.from_engine(plan_dict)
-    with staged_output(out_p, force=replace) as stage:
-        write = json.loads(_core.write_plan(base, safety, expert, str(stage), json.dumps(plan_dict),
-                                            architecture(Path(expert)), layout_json, progress=progress))
-        report = finish_output(stage, plan, write, 0, opts, (Path(base), Path(safety), Path(expert)), started)
-        sums = checksums(stage)
-    return {"report": report, "files": sums}
+    stage = new_stage(target)
+    try:
+        write = json.loads(_core.write_plan(base, safety, str(expert), str(stage), json.dumps(plan_dict),
+                                            architecture(expert), layout_json, sync, progress))
+        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
+        return stage, report
+    except BaseException:
+        discard_stage(stage)
+        raise
+
+
+def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
+               layout_json: Optional[str]) -> dict[str, Any]:
+    """One Ray task: an expert's write pass, then its checksums, sync and rename into place."""
+    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None)
+    return _publish(stage, Path(out), report)
 
 
 # --- the bulk run ----------------------------------------------------------------------------------
@@ -310,19 +319,11 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
         try:
             for e, plan in jobs:
                 target = out / e.name
-                started = time.perf_counter()
-                stage = new_stage(target)
                 try:
-                    write = json.loads(_core.write_plan(base, safety, str(e.path), str(stage), json.dumps(plan),
-                                                        architecture(e.path), layout_json, False, progress))
-                    report = finish_output(stage, Plan.from_engine(plan), write, 0, e.options, (Path(base), Path(safety), e.path), started)
+                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress)
                 except (LayerswapError, OSError) as err:
-                    discard_stage(stage)
                     record(e, _failure(err))
                     continue
-                except BaseException:
-                    discard_stage(stage)
-                    raise
                 future = committer.submit(_publish, stage, target, report)
                 if pending is not None:
                     record(pending[0], pending[1].result())
@@ -343,7 +344,7 @@ def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> No
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(_write_one)
-    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, True): e for e, plan in jobs}
+    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json): e for e, plan in jobs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
