@@ -124,18 +124,15 @@ fn same_tensor(name: &str, a: (&str, &Model), b: (&str, &Model)) -> Result<()> {
 }
 
 impl Session {
-    fn layer_count(&self, m: &Model) -> usize {
-        self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str())).map(|l| l.n_layers).unwrap_or(0)
-    }
-
     fn layer_mismatch(&self, models: &[(&str, &Model)]) -> Result<()> {
-        // A model whose names the layout does not fit at all (another family) says so, not "0 layers".
+        let mut counts: Vec<(String, usize)> = vec![];
         for (role, m) in models {
-            if let Err(e) = self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str())) {
-                return Err(Error::Incompatible { message: format!("the {} does not have the language expert's layout: {e}", describe(role, m)) });
-            }
+            // A model whose names the layout does not fit at all (another family) says so, not "0 layers".
+            let l = self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str())).map_err(|e| Error::Incompatible {
+                message: format!("the {} does not have the language expert's layout: {e}", describe(role, m)),
+            })?;
+            counts.push((describe(role, m), l.n_layers));
         }
-        let counts: Vec<(String, usize)> = models.iter().map(|(r, m)| (describe(r, m), self.layer_count(m))).collect();
         if counts.iter().any(|(_, n)| *n != self.layout.n_layers) {
             let list: Vec<String> = counts.iter().map(|(d, n)| format!("{n} in the {d}")).collect();
             return Err(Error::Incompatible {
