@@ -60,9 +60,18 @@ pub fn write(
                 let src = if job.action == Action::Safety { safety } else { expert };
                 let t = src.tensor(&out.name).expect("checked by caller");
                 let verbatim = t.dtype == out.dtype && (numerics == Numerics::Exact || t.dtype == Dtype::BF16 || !t.dtype.is_float());
-                if verbatim && !job.check_finite {
-                    // A byte copy nobody needs to look at: in the kernel, without passing through us.
+                if verbatim && (!job.check_finite || writer.may_clone()) {
+                    // A byte copy: in the kernel, without passing through us, or shared with the
+                    // source's blocks on a copy-on-write file system. Where values must be checked,
+                    // they are read for the check only (still cheaper than writing them).
                     let (size, n) = (t.dtype.size() as u64, c.len * t.dtype.size());
+                    if job.check_finite {
+                        let bytes = read_elems(src, t, c.start, c.len, b)?;
+                        if !all_finite(t.dtype, bytes) {
+                            return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                        }
+                        progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     writer.copy_from(out.shard, dst, src.shard_of(t), t.offset + c.start * size, n, a.bytes_mut(n))?;
                     progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                     progress.bytes_written.fetch_add(out_bytes as u64, Ordering::Relaxed);

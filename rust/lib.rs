@@ -27,7 +27,7 @@ mod python;
 
 pub use error::{Error, Result};
 pub use options::{Granularity, MergeOptions, Numerics, SourcePolicy};
-pub use pipeline::{open, Session, WriteSummary};
+pub use pipeline::{open, Measured, Session, WriteSummary};
 pub use plan::{Decision, Plan};
 
 /// The crate version, reported in every merge report.

@@ -31,6 +31,15 @@ pub struct Session {
     pub layout: Layout,
 }
 
+/// The model a share of a distributed statistics pass measures against B ([`Session::sums_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measured {
+    /// The safety expert S.
+    Safety,
+    /// Language expert number `k` of the session.
+    Expert(usize),
+}
+
 /// What a write pass did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WriteSummary {
@@ -38,8 +47,11 @@ pub struct WriteSummary {
     pub files: Vec<PathBuf>,
     /// Output tensors.
     pub tensors: usize,
-    /// Bytes of tensor data written.
+    /// Bytes of tensor data written (all of it, less what was cloned).
     pub bytes_written: u64,
+    /// Bytes of tensor data shared with an input's blocks instead of written (copy-on-write file
+    /// systems only; 0 elsewhere).
+    pub bytes_cloned: u64,
     /// Seconds spent.
     pub seconds: f64,
     /// Tensors outside the layers that only the language expert has (not the safety expert): copied
@@ -248,16 +260,86 @@ impl Session {
             models.push(&self.safety);
         }
         models.extend(self.experts.iter());
-        let budget = Budget::plan(pass.max_memory, pass.threads, models.len() + 1, self.widest(pass))?;
+        let mut stats = self.pass(&models, pass, progress)?;
+        if let Some(saved) = saved {
+            splice_saved(&mut stats, saved, &self.base)?;
+        }
+        let plans = options.iter().enumerate().map(|(k, o)| Plan::new(&stats, &self.layout, o, k + 1)).collect();
+        Ok((stats, plans))
+    }
+
+    /// The statistics pass over B and `models`: Σ B² and Σ (X − B)² per measured tensor, one
+    /// `diff_ss` entry per model in order.
+    fn pass(&self, models: &[&Model], options: &MergeOptions, progress: &Progress) -> Result<Vec<TensorStats>> {
+        let budget = Budget::plan(options.max_memory, options.threads, models.len() + 1, self.widest(options))?;
         let targets = self.layout.targets();
         let total: u64 = targets.iter().map(|n| self.base.tensor(n).unwrap().nbytes).sum::<u64>() * (models.len() as u64 + 1);
         progress.start(Phase::Stats, total);
-        let mut stats = run_pool(budget.workers, || {
+        run_pool(budget.workers, || {
             let pool = BufferPool::new(&budget);
-            stats::compute_allowing(&targets, &self.base, &models, pass.numerics, pass.allow_non_finite, budget.chunk_elems, &pool, progress)
-        })??;
-        if let Some(saved) = saved {
-            splice_saved(&mut stats, saved, &self.base)?;
+            stats::compute_allowing(&targets, &self.base, models, options.numerics, options.allow_non_finite, budget.chunk_elems, &pool, progress)
+        })?
+    }
+
+    /// One share of a statistics pass split across machines: B and one model only (the safety expert,
+    /// or language expert `k`), with one `diff_ss` entry. Every sum keeps its own lanes whatever the
+    /// other models of a pass are, so these are the same bits as the single pass over all models
+    /// gives; [`Session::plans_from_parts`] puts the shares together.
+    pub fn sums_of(&self, model: Measured, options: &MergeOptions, progress: &Progress) -> Result<Vec<TensorStats>> {
+        options.validate()?;
+        let m = match model {
+            Measured::Safety => &self.safety,
+            Measured::Expert(k) => self.experts.get(k).ok_or_else(|| Error::argument(format!("no language expert {k} in this session")))?,
+        };
+        self.pass(&[m], options, progress)
+    }
+
+    /// Plans from statistics computed in shares ([`Session::sums_of`], or saved ones): `safety` holds
+    /// the safety expert's sums and `experts[k]` language expert `k`'s. Every share must cover the
+    /// measured tensors of this session with bit-identical base sums (else they were not computed
+    /// from the same base model). Returns the combined statistics (safety first) and one plan per
+    /// expert, as [`Session::analyze_with`] does.
+    pub fn plans_from_parts(&self, options: &[MergeOptions], safety: &[TensorStats], experts: &[Vec<TensorStats>]) -> Result<(Vec<TensorStats>, Vec<Plan>)> {
+        if options.len() != self.experts.len() || experts.len() != self.experts.len() {
+            return Err(Error::argument(format!(
+                "{} option sets and {} sets of sums for {} experts",
+                options.len(),
+                experts.len(),
+                self.experts.len()
+            )));
+        }
+        for o in options {
+            o.validate()?;
+            if o.numerics != options[0].numerics {
+                return Err(Error::argument("all experts of one run must use the same numerics (statistics are shared)"));
+            }
+        }
+        let mut stats: Vec<TensorStats> = self
+            .layout
+            .targets()
+            .iter()
+            .map(|n| TensorStats { name: n.to_string(), numel: self.base.tensor(n).unwrap().numel(), base_ss: 0.0, diff_ss: vec![] })
+            .collect();
+        for (k, part) in std::iter::once(safety).chain(experts.iter().map(|e| e.as_slice())).enumerate() {
+            let by_name: std::collections::HashMap<&str, &TensorStats> = part.iter().map(|s| (s.name.as_str(), s)).collect();
+            let whose = if k == 0 { "the safety expert".to_string() } else { self.experts[k - 1].path.display().to_string() };
+            if by_name.len() != stats.len() {
+                return Err(Error::argument(format!("sums for {whose} cover {} tensors; this model has {} measured tensors", by_name.len(), stats.len())));
+            }
+            for s in stats.iter_mut() {
+                let Some(p) = by_name.get(s.name.as_str()).filter(|p| p.numel == s.numel && p.diff_ss.len() == 1) else {
+                    return Err(Error::argument(format!("sums for {whose} have no entry for tensor '{}' of {} elements", s.name, s.numel)));
+                };
+                if k == 0 {
+                    s.base_ss = p.base_ss;
+                } else if p.base_ss.to_bits() != s.base_ss.to_bits() {
+                    return Err(Error::argument(format!(
+                        "sums for {whose} were not computed from the same base model as the safety expert's (tensor '{}' differs)",
+                        s.name
+                    )));
+                }
+                s.diff_ss.push(p.diff_ss[0]);
+            }
         }
         let plans = options.iter().enumerate().map(|(k, o)| Plan::new(&stats, &self.layout, o, k + 1)).collect();
         Ok((stats, plans))
@@ -281,7 +363,12 @@ impl Session {
             // Non-float tensors (masks, position ids) keep their type: only floats are converted.
             .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
             .collect();
-        let out_plan = OutputPlan::new(&specs, options.shard_size)?;
+        // Laid out like the host's own shards where possible, so that on a copy-on-write file system
+        // the tensors copied whole share the inputs' blocks instead of being written.
+        let out_plan = match OutputPlan::like(host, &specs, options.shard_size)? {
+            Some(p) => p,
+            None => OutputPlan::new(&specs, options.shard_size)?,
+        };
         let jobs: Vec<Job> = out_plan
             .tensors
             .iter()
@@ -310,11 +397,13 @@ impl Session {
             m.check_unchanged()?;
         }
         progress.start(Phase::Sync, 0);
+        let cloned = writer.bytes_cloned();
         let files = writer.finish(&out_plan, sync)?;
         Ok(WriteSummary {
             files,
             tensors: out_plan.tensors.len(),
-            bytes_written: out_plan.total_data_bytes(),
+            bytes_written: out_plan.total_data_bytes() - cloned,
+            bytes_cloned: cloned,
             seconds: started.elapsed().as_secs_f64(),
             expert_only: host.tensors.keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
         })

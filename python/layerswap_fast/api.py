@@ -173,6 +173,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
             "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
             "tensors": write["tensors"],
             "bytes_written": write["bytes_written"],
+            # Shared with the inputs' blocks instead of written (copy-on-write file systems only).
+            "bytes_cloned": write["bytes_cloned"],
         },
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),
