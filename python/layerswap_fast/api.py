@@ -135,7 +135,7 @@ def merge(
     """
     opts = _options(options, kwargs)
     base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
-    check_output(out_p, [base_p, safety_p, expert_p], force)
+    check_output(out_p, [base_p, safety_p, expert_p, Path(layout) if layout is not None else None], force)
     started = time.perf_counter()
     with staged_output(out_p, force) as stage:
         result = json.loads(

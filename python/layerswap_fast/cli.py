@@ -1,8 +1,8 @@
 """The ``layerswap-fast`` command line.
 
 Exit status: 0 success; 2 bad input or options (one line on stderr naming the file and tensor);
-1 other failures such as a full disk; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). A failed or
-interrupted merge leaves no output folder behind.
+1 other failures such as a full disk; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 129 hung up
+(SIGHUP). A failed or interrupted merge leaves no output folder and no staging folder behind.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,6 +19,7 @@ import click
 
 from layerswap_fast import api, bulk
 from layerswap_fast.errors import LayerswapError, OutputExistsError
+from layerswap_fast.folder import LeftoverWarning, check_not_input
 from layerswap_fast.options import from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
 from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary
@@ -30,11 +32,31 @@ _USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADi
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that the engine is cancelled and the staging folder removed."""
+    """SIGTERM or SIGHUP, turned into an exception so that the engine is cancelled and the staging
+    folder removed (only SIGKILL can leave one behind)."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+#: Signals that would otherwise end the process without cleanup: the terminal closing, kill's default.
+_CAUGHT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    click.echo(f"layerswap-fast: warning: {' '.join(str(message).split())}", err=True)
+
+
+def _interrupted(e: KeyboardInterrupt, verb: str) -> str:
+    """What an interrupted run wrote, truthfully (a bulk run names the outputs it published)."""
+    written = getattr(e, "written", None)
+    return f"layerswap-fast: {verb}; {written or 'nothing was written'}"
 
 
 def _errors(f: Callable) -> Callable:
@@ -42,18 +64,23 @@ def _errors(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        previous = signal.getsignal(signal.SIGTERM)
-        try:
-            signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            previous = None
+        previous = {}
+        for sig in _CAUGHT_SIGNALS:
+            try:
+                previous[sig] = signal.signal(sig, _on_signal)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        warnings.simplefilter("always", LeftoverWarning)  # the user must see these, once each
+        warnings.showwarning = _show_warning
         try:
             return f(*args, **kwargs)
-        except _Terminated:
-            click.echo("layerswap-fast: terminated; nothing was written", err=True)
-            sys.exit(143)
-        except KeyboardInterrupt:
-            click.echo("layerswap-fast: interrupted; nothing was written", err=True)
+        except _Terminated as e:
+            click.echo(_interrupted(e, "terminated" if e.signum == signal.SIGTERM else f"terminated by {signal.Signals(e.signum).name}"), err=True)
+            sys.exit(128 + e.signum)
+        except KeyboardInterrupt as e:
+            click.echo(_interrupted(e, "interrupted"), err=True)
             sys.exit(130)
         except (LayerswapError, *_USER_OS_ERRORS) as e:
             click.echo(f"layerswap-fast: error: {_one_line(e)}", err=True)
@@ -69,8 +96,9 @@ def _errors(f: Callable) -> Callable:
             click.echo(f"layerswap-fast: {_one_line(e)}", err=True)
             sys.exit(EXIT_FAILURE)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            caught.__exit__(None, None, None)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     return wrapper
 
@@ -159,6 +187,8 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
     decision, exactly as thresholded.
     """
     options = from_cli(params)
+    if save_stats is not None:
+        bulk.check_stats_path(save_stats, [base, safety, expert, layout])
     if compare_numerics:
         _compare_numerics(base, safety, expert, layout, options, as_json)
         return
@@ -168,7 +198,7 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
     finally:
         bar.close()
     if save_stats is not None:
-        bulk.save_stats(save_stats, plan, base, safety)
+        bulk.save_stats(save_stats, plan, base, safety, expert)
     click.echo(plan.to_json() if as_json else decision_table(plan))
 
 
@@ -226,6 +256,7 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
         specs = [bulk.ExpertSpec(n, p, options) for n, p in experts]
     if out is None:
         raise click.UsageError("give -o/--out (or 'out' in the plan file)")
+    check_not_input(out, [plan_file])
     bar = ProgressBar(enabled=False if quiet else None)
 
     def said(name: str, entry: dict[str, Any]) -> None:

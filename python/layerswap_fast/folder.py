@@ -5,12 +5,18 @@ that is renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from layerswap_fast.errors import InvalidModelError, OutputExistsError
 
@@ -92,19 +98,161 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuses an output that exists (without force) or that overlaps an input."""
-    out_r = out.resolve()
+#: Files that mark a folder as an output of this tool (single merge, bulk run): only such a folder, or
+#: an empty one, is ever replaced by ``force``.
+BULK_MANIFEST = "layerswap_bulk.json"
+OUTPUT_MARKERS = (REPORT_FILE, BULK_MANIFEST)
+
+
+def check_not_input(path: Path, inputs: Iterable[Optional[Path]], what: str = "output") -> None:
+    """Refuses a path this tool is about to write when it is, contains or lies inside any input.
+
+    Every writer (the output folder, ``--save-stats``, bulk manifests and summaries, reports) calls
+    this with every input of the run, so that no write can land on a model, a layout or a plan file.
+    ``None`` inputs are skipped.
+    """
+    target = Path(path).resolve()
     for p in inputs:
-        p_r = p.resolve()
-        folder = p_r if p_r.is_dir() else p_r.parent
-        if _inside(out_r, folder if p_r.is_dir() else p_r) or _inside(p_r, out_r):
-            raise OutputExistsError(f"{out}: output overlaps the input {p}; choose a folder outside the inputs")
+        if p is None:
+            continue
+        p_r = Path(p).resolve()
+        if _inside(target, p_r) or _inside(p_r, target):
+            raise OutputExistsError(f"{path}: {what} overlaps the input {p}; choose a path outside the inputs")
+
+
+def _mount_points() -> set[str]:
+    """Every mount point of this process's mount namespace (Linux); empty elsewhere."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    # Field 5 is the mount point, with spaces and the like written as octal escapes.
+    return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in lines if len(line.split()) > 4}
+
+
+def unreplaceable_reason(out: Path) -> Optional[str]:
+    """Why an existing folder cannot be swapped for a new one by a rename, or None if it can."""
+    r = Path(out).resolve()
+    if r == Path(r.anchor):
+        return "is the filesystem root"
+    if os.path.ismount(r) or str(r) in _mount_points():
+        return "is a mount point (a renamed folder cannot replace it)"
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        cwd = None
+    if cwd is not None and _inside(cwd, r):
+        return "is the current directory or one of its parents"
+    return None
+
+
+def replace_refusal(out: Path) -> Optional[str]:
+    """Why ``force`` must not replace the existing ``out``, or None when it may (an empty folder, or a
+    folder holding ``layerswap_report.json`` or ``layerswap_bulk.json``)."""
+    if out.is_symlink() or not out.is_dir():
+        return "exists and is not a folder"
+    reason = unreplaceable_reason(out)
+    if reason:
+        return f"{reason}; give a new folder inside it, e.g. {out / 'merged'}"
+    try:
+        names = {p.name for p in out.iterdir()}
+    except OSError as e:
+        return f"cannot be listed ({e.strerror})"
+    if not names or names & set(OUTPUT_MARKERS):
+        return None
+    return (f"is not empty and not an output of layerswap-fast (no {' or '.join(OUTPUT_MARKERS)}); "
+            "--force replaces only those, so nothing in it was touched")
+
+
+def check_output(out: Path, inputs: Iterable[Optional[Path]], force: bool) -> None:
+    """Refuses, before any work: an output that overlaps an input; one that exists (without
+    ``force``); and, with ``force``, one that is not this tool's to replace or cannot be replaced by a
+    rename (see :func:`replace_refusal`). Also clears stale staging leftovers of killed runs."""
+    out = Path(out)
+    check_not_input(out, inputs)
     if out.exists() or out.is_symlink():
         if not force:
             raise OutputExistsError(f"{out}: output already exists (use --force to replace it)")
-        if not out.is_dir():
-            raise OutputExistsError(f"{out}: exists and is not a folder; refusing to replace it")
+        reason = replace_refusal(out)
+        if reason:
+            raise OutputExistsError(f"{out}: {reason}")
+    clear_stale(out)
+
+
+# --- staging folders ------------------------------------------------------------------------------------
+
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+_STAGE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover (not Linux)
+    os.umask(mask)
+    return mask
+
+
+def _mkdtemp(parent: Path, name: str, kind: str) -> Path:
+    """A new hidden folder ``.NAME.KIND-HOST-PID-RANDOM`` in ``parent`` with the permissions ``mkdir``
+    gives under the umask (tempfile makes it 0700, which no model server of another user can read)."""
+    d = Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-{_HOST}-{os.getpid()}-", dir=parent))
+    os.chmod(d, 0o777 & ~_umask())
+    return d
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale(out: Path) -> list[Path]:
+    """Finds hidden staging leftovers of ``out`` (``.NAME.partial-*``, ``.NAME.old-*``) that a run
+    killed by SIGKILL left beside it. Those of a process of this host that is gone are removed; an
+    ``.old-*`` one that holds the only copy of a previous output (``out`` is missing) is kept; any
+    other is named in a warning. Returns what was kept."""
+    out = Path(out)
+    parent = out.absolute().parent
+    kept: list[Path] = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return kept
+    for p in entries:
+        if not (p.name.startswith(f".{out.name}.partial-") or p.name.startswith(f".{out.name}.old-")):
+            continue
+        m = _STAGE.match(p.name)
+        dead = m is not None and m["name"] == out.name and m["host"] == _HOST and not _alive(int(m["pid"]))
+        if dead and m is not None and m["kind"] == "old" and not out.exists() and (p / out.name).exists():
+            warnings.warn(LeftoverWarning(f"{p / out.name}: the previous output, moved aside by a run that was killed before it "
+                                          f"finished; {out} does not exist, so it was kept (move it back with mv)"))
+            kept.append(p)
+        elif dead:
+            shutil.rmtree(p, ignore_errors=True)
+            if p.exists():
+                warnings.warn(LeftoverWarning(f"{p}: leftover of a killed run that could not be removed; remove it by hand"))
+                kept.append(p)
+            else:
+                warnings.warn(LeftoverWarning(f"{p}: removed the leftover of an earlier run that was killed"))
+        else:
+            why = "of a run still going" if m is not None and m["host"] == _HOST else "perhaps of a run on another machine"
+            warnings.warn(LeftoverWarning(f"{p}: a staging folder {why}; left alone (remove it by hand if that run is gone)"))
+            kept.append(p)
+    return kept
+
+
+class LeftoverWarning(UserWarning):
+    """A staging folder beside an output, left by a killed run: removed, or kept and named."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,16 +264,37 @@ def _fsync_dir(path: Path) -> None:
 
 
 def new_stage(out: Path) -> Path:
-    """A fresh, empty staging folder beside ``out`` (same filesystem, so publishing is one rename)."""
+    """A fresh, empty staging folder beside ``out`` (same filesystem, so publishing is one rename),
+    with the permissions ``mkdir`` would give it under the umask."""
     out = Path(out)
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    return _mkdtemp(parent, out.name, "partial")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def commit_stage(stage: Path, out: Path, force: bool) -> None:
     """Syncs every file of ``stage`` to disk, then renames it to ``out`` (replacing an existing ``out``
-    only when ``force``). Until the rename nothing is visible at ``out``."""
+    only when ``force``). Until the rename nothing is visible at ``out``; at every instant ``out`` is
+    either the old folder or the new one (an atomic exchange where the OS has one, else two renames
+    rolled back on failure)."""
     out = Path(out)
     parent = out.absolute().parent
     for f in stage.iterdir():
@@ -136,15 +305,29 @@ def commit_stage(stage: Path, out: Path, force: bool) -> None:
             finally:
                 os.close(fd)
     _fsync_dir(stage)
-    old = None
-    if out.exists():
-        if not force:
-            raise OutputExistsError(f"{out}: output appeared during the run; refusing to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-        os.replace(out, old / out.name)
-    os.replace(stage, out)
-    _fsync_dir(parent)
-    if old is not None:
+    if not (out.exists() or out.is_symlink()):
+        os.rename(stage, out)
+        _fsync_dir(parent)
+        return
+    if not force:
+        raise OutputExistsError(f"{out}: output appeared during the run; refusing to replace it")
+    reason = replace_refusal(out)
+    if reason:
+        raise OutputExistsError(f"{out}: {reason}")
+    if _exchange(stage, out):
+        _fsync_dir(parent)
+        shutil.rmtree(stage, ignore_errors=True)  # now the old output
+        return
+    old = _mkdtemp(parent, out.name, "old")
+    try:
+        os.rename(out, old / out.name)
+        try:
+            os.rename(stage, out)
+        except BaseException:
+            os.rename(old / out.name, out)
+            raise
+        _fsync_dir(parent)
+    finally:
         shutil.rmtree(old, ignore_errors=True)
 
 
