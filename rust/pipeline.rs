@@ -295,7 +295,7 @@ impl Session {
                 } else {
                     plan.action(place)
                 };
-                Job { out, action, check_finite: !measured && !options.allow_non_finite }
+                Job { out, action, check_finite: !measured && !options.allow_non_finite, refuse_overflow: !options.allow_non_finite }
             })
             .collect();
         let budget = Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?;

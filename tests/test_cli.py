@@ -9,6 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from layerswap_fast import synth
 from layerswap_fast.cli import main
 
 
@@ -88,3 +89,32 @@ def test_output_under_a_file_is_a_user_error(trio, tmp_path):
     r = run("merge", "-b", str(trio["base"]), "-s", str(trio["safety"]), "-m", str(trio["expert"]), "-o", str(blocker / "out"))
     assert r.exit_code == 2, r.output
     assert str(blocker) in r.output and "Traceback" not in r.output
+
+
+def test_first_progress_update_shows_no_invented_rate(monkeypatch):
+    """The first update of a phase may already count bytes done before it: no rate until the phase has
+    run long enough, then the rate of what was done since."""
+    import io
+
+    from layerswap_fast import progress as progress_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
+    stream = io.StringIO()
+    bar = progress_mod.ProgressBar(stream=stream, enabled=True)
+    bar("write", 10 << 30, 20 << 30)
+    assert "/s" not in stream.getvalue(), stream.getvalue()
+    clock[0] += 2.0
+    bar("write", 12 << 30, 20 << 30)
+    assert stream.getvalue().rstrip("\x1b[K").endswith("1.0 GiB/s"), stream.getvalue()
+
+
+def test_one_layer_is_singular_and_demo_prints_units_once(tmp_path):
+    paths = synth.make_trio(tmp_path / "one", synth.LlamaConfig(n_layers=1))
+    r = run("inspect", str(paths["expert"]))
+    assert r.exit_code == 0 and "1 layer," in r.output and "1 layers" not in r.output, r.output
+    r = run("analyze", "-b", str(paths["base"]), "-s", str(paths["safety"]), "-m", str(paths["expert"]))
+    assert r.exit_code == 0 and "1 layer," in r.output and "1 layers" not in r.output, r.output
+    r = run("demo", str(tmp_path / "d"), "--layers", "2")
+    assert r.exit_code == 0, r.output
+    assert sum(line.startswith("units:") for line in r.output.splitlines()) == 1, r.output

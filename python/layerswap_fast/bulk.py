@@ -18,18 +18,17 @@ import contextlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
+from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
-                                   discard_stage, new_stage, replace_refusal)
-from layerswap_fast.options import MergeOptions
+                                   discard_stage, new_stage, plan_side_files, replace_refusal)
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
 MANIFEST = BULK_MANIFEST
@@ -57,9 +56,7 @@ class ExpertSpec:
         reserved = {n.lower() for n in OWN_FILES}
         if self.name.lower() in reserved or self.name.lower().startswith("layerswap"):
             raise InvalidOptionError(f"expert name {self.name!r} is the name of a file layerswap-fast writes in the output folder; choose another")
-        if not isinstance(self.path, (str, os.PathLike)):
-            raise InvalidOptionError(f"expert {self.name!r}: path must be a path, not {type(self.path).__name__}")
-        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "path", path_arg(self.path, f"path of expert {self.name!r}"))
         if not isinstance(self.options, MergeOptions):
             raise InvalidOptionError(f"expert {self.name!r}: options must be MergeOptions, not {type(self.options).__name__}")
 
@@ -99,10 +96,7 @@ def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
             raise InvalidOptionError(f"{p}: YAML plan files need PyYAML (pip install pyyaml); TOML needs nothing") from None
         data = yaml.safe_load(text)
     else:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
+        tomllib = toml()
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -236,8 +230,10 @@ def bulk_merge(
         The summary (also written to ``out/layerswap_bulk_summary.json``): per expert status, decisions,
         time, and the cross-language table of decisions per unit.
     """
-    if executor not in EXECUTORS:
+    if not isinstance(executor, str) or executor not in EXECUTORS:
         raise InvalidOptionError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if isinstance(experts, (str, bytes, os.PathLike)) or not isinstance(experts, Iterable):
+        raise TypeError(f"experts must be a list of ExpertSpec, not {type(experts).__name__} {experts!r}")
     specs = list(experts)
     if not specs:
         raise InvalidOptionError("no language experts given")
@@ -247,9 +243,12 @@ def bulk_merge(
     names = [e.name for e in specs]
     if len({n.lower() for n in names}) != len(names):
         raise InvalidOptionError(f"expert names must be unique (without regard to case); got {names}")
-    base_p, safety_p, out_p = Path(base), Path(safety), Path(out)
-    inputs = [base_p, safety_p, *(e.path for e in specs),
-              Path(layout) if layout is not None else None, Path(saved_stats) if saved_stats is not None else None]
+    base_p, safety_p, out_p = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(out, "out")
+    flag_arg(force, "force")
+    callback_arg(progress, "progress")
+    callback_arg(on_expert, "on_expert")
+    inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
+              path_arg(saved_stats, "saved_stats", optional=True)]
     check_bulk_out(out_p, inputs)
     created = not out_p.exists()
     published: list[str] = []
@@ -317,6 +316,12 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
             refusal = "exists and is not a finished output of this run (use --force to replace it)"
         if refusal:
             entries[e.name] = {"status": "failed", "error": f"{target}: {refusal}", "kind": "OutputExistsError"}
+            _notify(on_expert, e.name, entries[e.name])
+            continue
+        try:  # a side file that is a FIFO or a dangling link fails this expert now, not after its merge
+            plan_side_files(e.path, _tokenizer_source(e.options, (base_p, safety_p, e.path)))
+        except LayerswapError as err:
+            entries[e.name] = _failure(err)
             _notify(on_expert, e.name, entries[e.name])
             continue
         clear_stale(target)

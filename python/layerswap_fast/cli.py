@@ -22,7 +22,7 @@ from layerswap_fast.errors import LayerswapError, OutputExistsError
 from layerswap_fast.folder import LeftoverWarning, check_not_input
 from layerswap_fast.options import from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
-from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary
+from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary, plural
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -212,14 +212,18 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
               help="Where the per-expert write passes run: here, or on Ray (cluster from RAY_ADDRESS; shared filesystem).")
 @click.option("--stats", "saved_stats", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Reuse base and safety statistics saved by analyze --save-stats (the safety expert is then not re-read).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete); in bulk runs, redo finished experts.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder that is empty or an earlier output of this tool (only once the new one is complete); "
+                                            "anything else is refused untouched. In bulk runs, redo finished experts.")
+@click.option("--config-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Model folder whose config, processor and tokenizer files go to the output (for a language expert given as a bare .safetensors file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @method_options
 @resource_options
 @output_options
 @_errors
 def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path], out: Optional[Path],
-          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, quiet: bool, **params: Any) -> None:
+          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, config_from: Optional[Path], quiet: bool,
+          **params: Any) -> None:
     """Merge the safety expert into the language expert(s) and write Hugging Face folders.
 
     The output holds merged safetensors shards (and their index), the language expert's config, the
@@ -241,7 +245,8 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
             raise click.UsageError("give -o/--out")
         bar = ProgressBar(enabled=False if quiet else None)
         try:
-            report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar)
+            report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar,
+                               config_from=config_from)
         finally:
             bar.close()
         if not quiet:
@@ -256,6 +261,8 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
         specs = [bulk.ExpertSpec(n, p, options) for n, p in experts]
     if out is None:
         raise click.UsageError("give -o/--out (or 'out' in the plan file)")
+    if config_from is not None:
+        raise click.UsageError("--config-from applies to a merge of one expert (without --plan, NAME=PATH or --stats)")
     check_not_input(out, [plan_file])
     bar = ProgressBar(enabled=False if quiet else None)
 
@@ -314,7 +321,7 @@ def _layout_summary(model: str, info: dict[str, Any], show_all: bool = False) ->
 
     lines = [
         f"{model}: layout {info['layout']}: {info['description']}",
-        f"{n} layers, {len(info['tensors'])} tensors, {fmt_bytes(info['data_bytes'])} in {info['shards']} shard(s)",
+        f"{plural(n, 'layer')}, {plural(len(info['tensors']), 'tensor')}, {fmt_bytes(info['data_bytes'])} in {plural(info['shards'], 'shard')}",
         f"units: {n} in layer granularity, {2 * n} in module granularity (attention and MLP of each layer)",
         f"  {'per layer':<22} {'tensors':>8} {'measured':>9}",
     ]
@@ -349,19 +356,23 @@ def _compare_numerics(base: Path, safety: Path, expert: Path, layout: Optional[P
 @method_options
 @output_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
+@click.option("--max-ulp", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Accept computed values up to N units in the last place off (for outputs of other tools); 0 requires every byte.")
 @_errors
-def verify(out: Path, base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, **params: Any) -> None:
+def verify(out: Path, base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, max_ulp: int, **params: Any) -> None:
     """Recompute a merge with the torch reference and check OUT against it (needs torch).
 
     Pass the same method options as to merge. Checks that every unit's decision matches, that every
-    tensor is present with the right dtype and shape, that tensors copied whole are byte-identical
-    to their source and blended ones within 1 unit in the last place, and that the folder (index,
-    shard headers, side files) is complete. Prints a table and every mismatch; exits 1 on any.
+    tensor is present with the right dtype and shape, that every byte equals the reference's (exact
+    and official numerics are reproducible bit for bit; --max-ulp N allows a tolerance), and that the
+    folder (index, shard headers, side files, the dtype config.json states) is complete. The
+    reference finds each family's units in its own table, not in the engine's layout files. Prints a
+    table and every mismatch; exits 1 on any.
     """
     from layerswap_fast.verify import verify as run_verify
 
     try:
-        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout)
+        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout, max_ulp=max_ulp)
     except ImportError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
@@ -396,4 +407,4 @@ def demo(outdir: Path, layers: int, granularity: str, force: bool) -> None:
     report = api.merge(paths["base"], paths["safety"], paths["expert"], outdir / "merged", granularity=granularity, force=True)
     plan = api.analyze(paths["base"], paths["safety"], paths["expert"], granularity=granularity)
     click.echo(decision_table(plan))
-    click.echo(merge_summary(report, str(outdir / "merged")))
+    click.echo(merge_summary(report, str(outdir / "merged"), units=False))

@@ -12,9 +12,11 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -22,7 +24,9 @@ from layerswap_fast.errors import InvalidModelError, OutputExistsError
 
 #: Files copied from the host (language expert) model: its configuration.
 CONFIG_FILES = ("config.json", "generation_config.json")
-#: Tokenizer files copied from whichever model ``tokenizer_from`` names.
+#: Processor configurations of the multimodal families (copied from the host too).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+#: Tokenizer files copied from whichever model ``tokenizer_from`` names (chat templates go with them).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -40,6 +44,13 @@ TOKENIZER_FILES = (
 REPORT_FILE = "layerswap_report.json"
 #: Largest config.json read (real ones are a few kilobytes).
 MAX_CONFIG_BYTES = 16 << 20
+#: Output dtype -> the name config.json uses for it (``torch_dtype`` / ``dtype``).
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64"}
+#: Hugging Face weight file names a folder without an index is made of.
+SHARD_NAME = re.compile(r"^model-(\d{1,9})-of-(\d{1,9})\.safetensors$")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def model_dir(path: Path) -> Optional[Path]:
@@ -47,10 +58,42 @@ def model_dir(path: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def _not_regular(path: Path) -> Optional[str]:
+    """What ``path`` is when it exists but is not a readable regular file (never opens it: opening a
+    FIFO would block); None when it is one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "a dangling symbolic link" if os.path.islink(path) else None
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return None if os.access(path, os.R_OK) else "not readable"
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(st.st_mode):
+            return kind
+    return "not a regular file"
+
+
+def check_side_file(path: Path) -> bool:
+    """True if a side file exists (as a readable regular file); False if it does not exist at all.
+
+    Raises:
+        InvalidModelError: it exists but is a FIFO, device, folder, dangling link or unreadable.
+    """
+    if not os.path.lexists(path):
+        return False
+    kind = _not_regular(path)
+    if kind:
+        raise InvalidModelError(f"{path}: exists but is {kind}, not a readable regular file; remove it or replace it with the real file")
+    return True
+
+
 def read_config(path: Path) -> Optional[dict[str, Any]]:
     """config.json of a model folder, if there is one."""
     folder = model_dir(path)
-    if folder is None or not (folder / "config.json").is_file():
+    if folder is None or not check_side_file(folder / "config.json"):
         return None
     size = (folder / "config.json").stat().st_size
     if size > MAX_CONFIG_BYTES:  # a hostile (e.g. sparse) file must not be read into memory whole
@@ -71,22 +114,134 @@ def architecture(path: Path) -> Optional[str]:
     return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
-def copy_side_files(dest: Path, host: Path, tokenizer_source: Path) -> list[str]:
-    """Copies config files from the host and tokenizer files from ``tokenizer_source``."""
-    copied = []
-    for src_model, names in ((host, CONFIG_FILES), (tokenizer_source, TOKENIZER_FILES)):
-        folder = model_dir(src_model)
-        if folder is None:
+def _json_side(path: Path) -> dict[str, Any]:
+    """A small JSON side file read for its ``auto_map`` (empty dict when it is not a JSON object)."""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidModelError(f"{path}: {path.stat().st_size} bytes is not a config (limit {MAX_CONFIG_BYTES})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidModelError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def auto_map_files(folder: Path, config_name: str) -> tuple[list[str], list[str]]:
+    """The Python files ``auto_map`` in ``folder/config_name`` names (``"modeling_x.XModel"`` ->
+    ``modeling_x.py``; code in another repository, ``"repo--modeling_x.XModel"``, is not local).
+    Returns (files present, notes about files named but absent)."""
+    if not check_side_file(folder / config_name):
+        return [], []
+    auto = _json_side(folder / config_name).get("auto_map")
+    refs: list[str] = []
+    if isinstance(auto, dict):
+        for v in auto.values():
+            refs += [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
+    files, notes = [], []
+    for ref in refs:
+        if "--" in ref or "." not in ref:
             continue
-        for name in names:
-            if (folder / name).is_file():
-                try:
-                    shutil.copyfile(folder / name, dest / name)
-                except OSError as e:
-                    # Name the file being written (a full disk is about the output, not the source).
-                    raise OSError(e.errno, e.strerror, str(dest / name)) from None
-                copied.append(name)
+        module = ref.rsplit(".", 1)[0]
+        if not _MODULE.match(module):
+            continue
+        name = f"{module}.py"
+        if name in files:
+            continue
+        if check_side_file(folder / name):
+            files.append(name)
+        else:
+            notes.append(f"{folder / config_name}: auto_map names {name}, which is not in {folder}; the output lacks it too")
+    return files, notes
+
+
+@dataclass
+class SideFiles:
+    """The side files an output gets: (source file, name in the output), and notes for the user."""
+
+    copies: list[tuple[Path, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_side_files(host: Path, tokenizer_source: Path, config_from: Optional[Path] = None) -> SideFiles:
+    """Which side files go to the output, checked before any work.
+
+    Config, generation config, processor configs and the ``auto_map`` code of config.json come from
+    the host (the language expert); tokenizer files, chat templates and the ``auto_map`` code of
+    tokenizer_config.json from ``tokenizer_source``. ``config_from`` (a folder) replaces both.
+
+    Raises:
+        InvalidModelError: a side file exists but is not a readable regular file.
+    """
+    plan = SideFiles()
+    if config_from is not None:
+        if not Path(config_from).is_dir():
+            raise InvalidModelError(f"{config_from}: --config-from must be a model folder (with config.json and tokenizer files)")
+        host = tokenizer_source = Path(config_from)
+    seen: set[str] = set()
+    for src_model, names, config_name in ((host, CONFIG_FILES + PROCESSOR_FILES, "config.json"),
+                                          (tokenizer_source, TOKENIZER_FILES, "tokenizer_config.json")):
+        folder = model_dir(Path(src_model))
+        if folder is None:
+            what = "config.json" if config_name == "config.json" else "tokenizer files"
+            plan.notes.append(f"{src_model} is a single .safetensors file: the output has no {what}; --config-from FOLDER supplies them")
+            continue
+        code, notes = auto_map_files(folder, config_name)
+        plan.notes += notes
+        for name in list(names) + code:
+            if name not in seen and check_side_file(folder / name):
+                plan.copies.append((folder / name, name))
+                seen.add(name)
+    if host == tokenizer_source and len(plan.notes) == 2 and config_from is None:
+        plan.notes = [f"{host} is a single .safetensors file: the output has no config.json and no tokenizer files; "
+                      "--config-from FOLDER supplies them"]
+    return plan
+
+
+def with_out_dtype(config: Any, out_dtype: str) -> Any:
+    """config.json data stating ``out_dtype`` wherever it states a dtype (``torch_dtype``, and
+    ``dtype`` as newer transformers write it, in nested text/vision configs too)."""
+    if isinstance(config, dict):
+        return {k: (TORCH_DTYPE_NAMES[out_dtype] if k in ("torch_dtype", "dtype") and isinstance(v, str) and v != "auto"
+                    else with_out_dtype(v, out_dtype)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [with_out_dtype(v, out_dtype) for v in config]
+    return config
+
+
+def copy_side_files(dest: Path, side: SideFiles, out_dtype: Optional[str] = None) -> list[str]:
+    """Copies the planned side files into ``dest``; config.json states ``out_dtype`` when one is given."""
+    copied = []
+    for src, name in side.copies:
+        try:
+            if name == "config.json" and out_dtype is not None:
+                data = with_out_dtype(_json_side(src), out_dtype)
+                (dest / name).write_text(json.dumps(data, indent=2) + "\n")
+            else:
+                shutil.copyfile(src, dest / name)
+        except OSError as e:
+            # Name the file being written (a full disk is about the output, not the source).
+            raise OSError(e.errno, e.strerror, str(dest / name)) from None
+        copied.append(name)
     return copied
+
+
+def ignored_model_files(model: Path) -> list[str]:
+    """``*.safetensors`` files in a model folder that are not its weights (and are never read): all
+    but the index's shards, ``model.safetensors``, or, without either, the Hugging Face shard names."""
+    folder = model_dir(Path(model))
+    if folder is None:
+        return []
+    present = sorted(p.name for p in folder.glob("*.safetensors"))
+    if (folder / INDEX_FILE).is_file():
+        try:
+            wm = json.loads((folder / INDEX_FILE).read_text()).get("weight_map", {})
+            used = set(wm.values()) if isinstance(wm, dict) else set()
+        except (OSError, ValueError, AttributeError):
+            used = set()
+    elif SINGLE_FILE in present:
+        used = {SINGLE_FILE}
+    else:
+        used = {n for n in present if SHARD_NAME.match(n)}
+    return [n for n in present if n not in used]
 
 
 def _inside(a: Path, b: Path) -> bool:
