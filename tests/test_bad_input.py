@@ -574,4 +574,4 @@ def test_toml_layouts_work_without_tomllib(tmp_path: Path, monkeypatch: pytest.M
     plan.write_text(f'base = "{GOOD["base"]}"\nsafety = "{GOOD["safety"]}"\n[experts.ko]\npath = "{GOOD["expert"]}"\n')
     from layerswap_fast import bulk
 
-    assert bulk.load_plan_file(plan).experts[0].name == "ko"
+    assert bulk.load_bulk_file(plan).experts[0].name == "ko"

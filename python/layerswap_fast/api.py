@@ -22,7 +22,7 @@ from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
-#: ``progress(phase, done, total)``: phase is "statistics", "write" or "sync"; done/total in bytes.
+#: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -65,7 +65,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
 
     Args:
         model: a Hugging Face folder or a ``.safetensors`` file.
-        layout: a custom layout definition file (JSON), overriding detection.
+        layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
         ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
@@ -88,7 +88,7 @@ def analyze(
     **kwargs: Any,
 ) -> Plan:
     """Computes the plan: per unit, the scores of the safety and language experts, p_S, p_M, d and the
-    decision (METHOD.md §2–§4). Reads the models once, writes nothing.
+    decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
@@ -110,7 +110,7 @@ def analyze(
         _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
                       progress=progress)
     )
-    return Plan.from_engine(out["plans"][0], out["stats"])
+    return Plan.from_engine(out["plans"][0])
 
 
 def merge(
@@ -166,7 +166,7 @@ def merge(
                 architecture(expert_p), _layout_json(layout), progress,
             )
         )
-        plan = Plan.from_engine(result["plan"], result["stats"])
+        plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
                                config_from=config_p)
     return report

@@ -53,7 +53,7 @@ def parse_size(value: int | str) -> int:
 
 @dataclass(frozen=True)
 class MergeOptions:
-    """Everything that shapes a merge. See ``../shared/METHOD.md`` for the method options.
+    """Everything that shapes a merge. The method options are described in the README, "How it works".
 
     Attributes:
         granularity: ``layer`` (one unit per decoder layer) or ``module`` (attention and MLP separately).
@@ -62,7 +62,7 @@ class MergeOptions:
         numerics: ``exact`` (float64 statistics, float32 blends rounded once) or ``official`` (the
             authors' bf16 arithmetic, bit for bit).
         outside: what embeddings, final norm and lm_head are made of: blend, expert or safety.
-        norms: module granularity: what a layer's own norms are made of (METHOD.md: expert).
+        norms: module granularity: what a layer's own norms are made of (the method, §5: expert).
         vocab_from: the vocabulary tensors (token embeddings, lm_head): ``outside`` treats them like the
             other outside tensors, and then the safety and language experts must have the same vocabulary
             shapes (a clear error otherwise); ``expert`` always takes them from the language expert, for

@@ -25,17 +25,19 @@ class ProgressBar:
         self.phase = ""
         self.started = time.perf_counter()
         self.done_at_start = 0
+        self.last_done = 0
         self.drawn = False
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if not self.enabled or phase == "idle":
             return
         now = time.perf_counter()
-        if phase != self.phase:
+        if phase != self.phase or done < self.last_done:  # a new phase, or the same phase again (next expert)
             # The rate is measured from the first update of a phase: bytes done before it (work that
             # started before the callback saw it) would otherwise count as done in no time at all.
             self.phase = phase
             self.started, self.done_at_start = now, done
+        self.last_done = done
         elapsed = now - self.started
         frac = min(done / total, 1.0) if total else 1.0
         filled = int(frac * self.width)

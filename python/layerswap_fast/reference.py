@@ -1,7 +1,7 @@
-"""A plain torch implementation of ``METHOD.md``, written to check the engine, not to be fast.
+"""A plain torch implementation of the method (README, "How it works", §1–§6), written to check the engine, not to be fast.
 
 It is a second, independent implementation: it never imports ``layerswap_fast._core`` and shares no
-code with the engine. It finds units from tensor names with its own patterns (Llama naming, METHOD.md
+code with the engine. It finds units from tensor names with its own patterns (Llama naming, the method
 §1), loads every tensor whole with safetensors' torch API, and writes the formulas out again (§2–§5).
 
 Two numerics, as in the engine:
@@ -35,7 +35,7 @@ LayoutArg = Union[None, PathLike, dict[str, Any], "Patterns"]
 
 INSTALL_HINT = "pip install 'layerswap-fast[check]'"
 
-#: METHOD.md §1 for Llama naming: a decoder layer's tensors, and the measured ones inside it.
+#: the method §1 for Llama naming: a decoder layer's tensors, and the measured ones inside it.
 LAYER_PATTERN = r"^model\.layers\.(\d+)\."
 ATTENTION_PATTERN = r"^self_attn\."
 MLP_PATTERN = r"^mlp\."
@@ -43,9 +43,9 @@ TARGET_PATTERN = r"^(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|b
 #: Tensors outside the layers with a vocabulary axis (for ``vocab_from="expert"``).
 VOCAB_PATTERN = r"^(model\.embed_tokens|lm_head)\.weight$"
 
-#: Below this base norm the relative change is not divided (METHOD.md §2).
+#: Below this base norm the relative change is not divided (the method §2).
 BASE_NORM_EPS = 1e-8
-#: Added to the sum of scores before normalising (METHOD.md §4).
+#: Added to the sum of scores before normalising (the method §4).
 SUM_EPS = 1e-8
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -115,7 +115,7 @@ class Checkpoint:
         return self._where[name].get_tensor(name)
 
 
-# --- units (METHOD.md §1, §3, §5) -------------------------------------------------------------------
+# --- units (the method §1, §3, §5) -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Place:
 
 @dataclass(frozen=True)
 class Patterns:
-    """Name patterns that say where tensors belong. The defaults are METHOD.md's Llama naming, written
+    """Name patterns that say where tensors belong. The defaults are the method's Llama naming, written
     here independently of the engine; another family's patterns can be given as data, in the engine's
     layout format (``layer``, ``attention``, ``mlp``, ``targets``, optional ``norms``, ``exclude``,
     ``vocab``). ``layer`` is matched at the start of the name; the others are searched, the way the
@@ -294,7 +294,7 @@ def unit_keys(n_layers: int, granularity: str) -> list[tuple[int, Optional[str]]
     return [(i, part) for i in range(n_layers) for part in ("attention", "mlp")]
 
 
-# --- the plan (METHOD.md §2–§4) -----------------------------------------------------------------------
+# --- the plan (the method §2–§4) -----------------------------------------------------------------------
 
 
 @dataclass
@@ -359,7 +359,7 @@ def _as_numerics(t: "torch.Tensor", numerics: str) -> "torch.Tensor":
 
 
 def decide(a_s: list[float], a_m: list[float], tau: float) -> list[tuple[float, float, float, str]]:
-    """METHOD.md §4: p_X = A_X / (Σ A_X + 1e-8), d = p_S − p_M, thresholded at ±τ (|d| ≤ τ blends)."""
+    """the method §4: p_X = A_X / (Σ A_X + 1e-8), d = p_S − p_M, thresholded at ±τ (|d| ≤ τ blends)."""
     sum_s = sum(a_s) + SUM_EPS
     sum_m = sum(a_m) + SUM_EPS
     out = []
@@ -381,7 +381,7 @@ def compute_plan(
     numerics: str = "exact",
     layout: LayoutArg = None,
 ) -> RefPlan:
-    """Scores and decisions of every unit (METHOD.md §1–§4), tensor by tensor.
+    """Scores and decisions of every unit (the method §1–§4), tensor by tensor.
 
     Args:
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
@@ -435,11 +435,11 @@ def compute_plan(
     return RefPlan(granularity, numerics, float(tau), float(alpha), n_layers, units, norms)
 
 
-# --- the merged tensors (METHOD.md §5, §6) ---------------------------------------------------------------
+# --- the merged tensors (the method §5, §6) ---------------------------------------------------------------
 
 
 def source_of(place: Place, plan: RefPlan, outside: str = "blend", norms: str = "expert", vocab_from: str = "outside") -> str:
-    """Where an output tensor comes from: ``safety``, ``expert`` or ``blend`` (METHOD.md §5).
+    """Where an output tensor comes from: ``safety``, ``expert`` or ``blend`` (the method §5).
     ``vocab_from="expert"`` keeps the language expert's embeddings and lm_head; a layer tensor no
     pattern claims (``unassigned``) stays the language expert's."""
     if place.layer is None:
