@@ -26,7 +26,7 @@ __all__ = [
     "merge",
     "plans_from_sums",
     "sums",
-    "write_plan",
+    "write",
 ]
 
 class LayerswapError(Exception): ...
@@ -58,7 +58,7 @@ def merge(
     layout_json: Optional[str] = None,
     progress: _Progress = None,
 ) -> str: ...
-def write_plan(
+def write(
     base: _Path,
     safety: _Path,
     expert: _Path,

