@@ -456,6 +456,18 @@ def _connect_ray() -> Any:
     return ray
 
 
+def _placer(ray: Any) -> Callable[[Any, int], Any]:
+    """Task i goes to node i mod N of the cluster's live nodes with CPUs (soft affinity: elsewhere if
+    that node goes away). Every task reads or writes whole models, so spreading them evenly uses
+    every node's disk and link; Ray's own policies pack small tasks onto the first node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # type: ignore[import-not-found]
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    if not nodes:
+        return lambda task, i: task
+    return lambda task, i: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True))
+
+
 def _node() -> str:
     """The Ray node this task runs on (recorded in the summary: which node did what)."""
     import ray  # type: ignore[import-not-found]
@@ -491,16 +503,17 @@ def _analyze_ray(base: str, safety: str, todo: list[ExpertSpec], layout_json: Op
     same base sums and makes the plans here, from sums of a few bytes per tensor. The result has the
     shape of ``_core.analyze``'s (an expert whose task failed is in ``failures``)."""
     ray = _connect_ray()
-    # SPREAD: every task reads whole models, so they go to as many nodes (disks, links) as there are.
-    task = ray.remote(_sums_task).options(scheduling_strategy="SPREAD")
+    place = _placer(ray)
+    task = ray.remote(_sums_task)
     # The pass follows the first expert's options (numerics, non-finite policy), as a local run's does.
     pass_json = todo[0].options.to_engine_json()
     arch = architecture(todo[0].path)
     numerics = {e.options.numerics for e in todo}
     if len(numerics) > 1:
         raise InvalidOptionError("all experts of one run must use the same numerics (statistics are shared)")
-    safety_ref = None if saved_json else task.remote(base, safety, str(todo[0].path), "safety", pass_json, arch, layout_json)
-    refs = [task.remote(base, safety, str(e.path), "expert", pass_json, architecture(e.path), layout_json) for e in todo]
+    safety_ref = None if saved_json else place(task, 0).remote(base, safety, str(todo[0].path), "safety", pass_json, arch, layout_json)
+    refs = [place(task, i + 1).remote(base, safety, str(e.path), "expert", pass_json, architecture(e.path), layout_json)
+            for i, e in enumerate(todo)]
     safety_sums = ""
     if saved_json:  # the safety expert's share, from its saved statistics
         safety_sums = json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "diff_ss": [t["safety_ss"]]}
@@ -543,8 +556,10 @@ def _kinds() -> dict[str, type[Exception]]:
 def _run_ray(jobs, base, safety, out: Path, layout_json, record, nodes: dict[str, str]) -> None:
     """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
     ray = _connect_ray()
-    task = ray.remote(_write_task).options(scheduling_strategy="SPREAD")
-    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json): e for e, plan in jobs}
+    place = _placer(ray)
+    task = ray.remote(_write_task)
+    pending = {place(task, i).remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json): e
+               for i, (e, plan) in enumerate(jobs)}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
