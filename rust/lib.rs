@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod error;
 pub mod io;
 pub mod layout;
+pub mod lora;
 pub mod official;
 pub mod options;
 pub mod pipeline;

@@ -6,6 +6,7 @@ mod budget;
 mod checksum;
 mod header;
 mod hostile;
+mod lora;
 mod pipeline;
 mod plan;
 mod stats;
