@@ -10,6 +10,7 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use crate::budget::BufferPool;
 use crate::dtype::{bf16_to_f32, cast, cast_mut, f32_to_bf16, f32_to_f16, Dtype, NOT_FLOAT};
 use crate::error::{Error, Result};
+use crate::expert::{Expert, Term};
 use crate::io::writer::OutputTensor;
 use crate::io::{Model, OutputWriter};
 use crate::options::Numerics;
@@ -19,6 +20,9 @@ use crate::stream::{chunks, read_elems};
 
 /// Elements converted at a time inside a chunk (fits in L1 alongside its sources).
 const SUB: usize = 2048;
+/// Buffers per worker when a source is a LoRA adapter: the three of the plain write pass (two
+/// sources, one output) and two float64 value arrays.
+pub const BUFFERS_LORA: usize = 5;
 
 /// One output tensor and how to make it.
 #[derive(Debug, Clone)]
@@ -37,8 +41,9 @@ pub struct Job<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     jobs: &[Job<'_>],
-    safety: &Model,
-    expert: &Model,
+    base: &Model,
+    safety_src: &Expert,
+    expert_src: &Expert,
     numerics: Numerics,
     writer: &OutputWriter,
     chunk_elems: usize,
@@ -52,13 +57,39 @@ pub fn write(
         let job = &jobs[c.tensor];
         let out = job.out;
         let mut bufs = pool.take();
-        let [a, b, o] = &mut bufs[..3] else { unreachable!("write pass needs three buffers") };
         let out_bytes = c.len * out.dtype.size();
         let dst = out.offset + c.start * out.dtype.size() as u64;
+        // Full models (and tensors an adapter leaves alone or saved whole) are bytes; a tensor an
+        // adapter updates is B + ΔW, computed in float64 and rounded once.
+        let terms = match job.action {
+            Action::Safety => [Some(safety_src.term(&out.name, base)), None],
+            Action::Expert => [None, Some(expert_src.term(&out.name, base))],
+            Action::Blend(_) => [Some(safety_src.term(&out.name, base)), Some(expert_src.term(&out.name, base))],
+        };
+        let plain = match terms {
+            [Some(Term::Bytes(s, ts)), Some(Term::Bytes(m, tm))] => Some((s, m, ts.dtype == tm.dtype)),
+            [Some(Term::Bytes(s, _)), None] => Some((s, s, true)),
+            [None, Some(Term::Bytes(m, _))] => Some((m, m, true)),
+            _ => None,
+        };
+        let (safety, expert) = match plain {
+            Some((s, m, true)) => (s, m),
+            _ => {
+                let read = write_f64(job, terms, c.start, c.len, &mut bufs, numerics, writer, dst)?;
+                progress.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+                progress.bytes_written.fetch_add(out_bytes as u64, Ordering::Relaxed);
+                progress.advance(out_bytes as u64);
+                return Ok(());
+            }
+        };
+        let [a, b, o] = &mut bufs[..3] else { unreachable!("write pass needs three buffers") };
         let read = match job.action {
             Action::Safety | Action::Expert => {
                 let src = if job.action == Action::Safety { safety } else { expert };
-                let t = src.tensor(&out.name).expect("checked by caller");
+                let t = match terms {
+                    [Some(Term::Bytes(_, t)), None] | [None, Some(Term::Bytes(_, t))] => t,
+                    _ => unreachable!("a copy has one byte source"),
+                };
                 let verbatim = t.dtype == out.dtype && (numerics == Numerics::Exact || t.dtype == Dtype::BF16 || !t.dtype.is_float());
                 if verbatim && !job.check_finite {
                     // A byte copy nobody needs to look at: in the kernel, without passing through us.
@@ -82,8 +113,7 @@ pub fn write(
                 bytes.len()
             }
             Action::Blend(alpha) => {
-                let ts = safety.tensor(&out.name).expect("checked by caller");
-                let tm = expert.tensor(&out.name).expect("checked by caller");
+                let [Some(Term::Bytes(_, ts)), Some(Term::Bytes(_, tm))] = terms else { unreachable!("a plain blend has two byte sources") };
                 let s = read_elems(safety, ts, c.start, c.len, a)?;
                 let m = read_elems(expert, tm, c.start, c.len, b)?;
                 if job.check_finite {
@@ -103,6 +133,80 @@ pub fn write(
         progress.advance(out_bytes as u64);
         Ok(())
     })
+}
+
+/// Writes one chunk of a tensor with a LoRA source, or whose two sources differ in dtype: every term
+/// as float64 values, blended in float64 if there are two, rounded once to the output dtype. Returns
+/// the bytes read.
+#[allow(clippy::too_many_arguments)]
+fn write_f64(
+    job: &Job<'_>,
+    terms: [Option<Term<'_>>; 2],
+    start: u64,
+    len: usize,
+    bufs: &mut [crate::dtype::AlignedBuf],
+    numerics: Numerics,
+    writer: &OutputWriter,
+    dst: u64,
+) -> Result<usize> {
+    debug_assert_eq!(numerics, Numerics::Exact, "LoRA sources are refused with official numerics");
+    let out = job.out;
+    let [raw, o, vs, vm, _] = bufs else { unreachable!("{BUFFERS_LORA} buffers with LoRA sources") };
+    let mut read = 0;
+    let mut values = |term: Term<'_>, v: &mut crate::dtype::AlignedBuf| -> Result<()> {
+        let v = &mut cast_mut::<f64>(v.bytes_mut(len * 8))[..];
+        let (path, bytes, name) = match term {
+            Term::Bytes(model, t) => {
+                let bytes = read_elems(model, t, start, len, raw)?;
+                decode_f64(t.dtype, bytes, v);
+                (model.shard_of(t).path.clone(), bytes.len(), &out.name)
+            }
+            Term::Delta { adapter, module, base, tensor } => {
+                adapter.delta_into(module, start, v)?;
+                let bytes = read_elems(base, tensor, start, len, raw)?;
+                let mut b = [0f64; SUB];
+                for (lo, vv) in (0..len).step_by(SUB).zip(v.chunks_mut(SUB)) {
+                    let b = &mut b[..vv.len()];
+                    let sz = tensor.dtype.size();
+                    decode_f64(tensor.dtype, &bytes[lo * sz..(lo + vv.len()) * sz], b);
+                    vv.iter_mut().zip(b.iter()).for_each(|(d, b)| *d += *b);
+                }
+                (adapter.file.path.clone(), bytes.len(), &module.a)
+            }
+        };
+        if job.check_finite && !v.iter().fold(true, |acc, x| acc & x.is_finite()) {
+            return Err(Error::NonFinite { path, tensor: name.clone() });
+        }
+        read += bytes;
+        Ok(())
+    };
+    let alpha = match job.action {
+        Action::Blend(a) => a,
+        _ => 1.0,
+    };
+    match terms {
+        [Some(t), None] | [None, Some(t)] => values(t, vs)?,
+        [Some(s), Some(m)] => {
+            values(s, vs)?;
+            values(m, vm)?;
+            let (ws, wm) = (alpha, 1.0 - alpha);
+            let vm = cast::<f64>(vm.bytes(len * 8));
+            cast_mut::<f64>(vs.bytes_mut(len * 8)).iter_mut().zip(vm).for_each(|(a, b)| *a = ws * *a + wm * *b);
+        }
+        [None, None] => unreachable!("every output tensor has a source"),
+    }
+    let out_bytes = len * out.dtype.size();
+    encode64(cast::<f64>(vs.bytes(len * 8)), out.dtype, o.bytes_mut(out_bytes));
+    writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
+    Ok(read)
+}
+
+/// Decodes raw elements to f64 (exact).
+fn decode_f64(dtype: Dtype, src: &[u8], dst: &mut [f64]) {
+    for (lo, d) in (0..dst.len()).step_by(SUB).zip(dst.chunks_mut(SUB)) {
+        let size = dtype.size();
+        decode64(dtype, &src[lo * size..(lo + d.len()) * size], d);
+    }
 }
 
 /// True when no element of `bytes` is NaN or ±Inf (exponent bits all ones). Branch-free so that it

@@ -11,6 +11,7 @@ pub mod budget;
 pub mod checksum;
 pub mod dtype;
 pub mod error;
+pub mod expert;
 pub mod io;
 pub mod layout;
 pub mod lora;

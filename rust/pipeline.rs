@@ -11,6 +11,7 @@ use crate::blend::{self, Job};
 use crate::budget::{Budget, BufferPool};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::expert::{Expert, TensorSet};
 use crate::io::{Model, OutputPlan, OutputWriter};
 use crate::layout::{Layout, LayoutDef, Place};
 use crate::options::{MergeOptions, VocabSource};
@@ -23,10 +24,10 @@ use crate::stats::{self, TensorStats};
 pub struct Session {
     /// Base model B.
     pub base: Model,
-    /// Safety expert S.
-    pub safety: Model,
-    /// Language experts M (the hosts).
-    pub experts: Vec<Model>,
+    /// Safety expert S (a full model or a LoRA adapter over B).
+    pub safety: Expert,
+    /// Language experts M (the hosts; full models or LoRA adapters over B).
+    pub experts: Vec<Expert>,
     /// Layout resolved on the first expert's tensor names.
     pub layout: Layout,
 }
@@ -70,14 +71,14 @@ pub fn open_lenient(
         return Err(Error::argument("at least one language expert is needed"));
     }
     let base = Model::open(base)?;
-    let safety = Model::open(safety)?;
-    let mut opened: Vec<Result<Model>> = experts.iter().map(|p| Model::open(p)).collect();
+    let safety = Expert::open(safety, &base)?;
+    let mut opened: Vec<Result<Expert>> = experts.iter().map(|p| Expert::open(p, &base)).collect();
     let first = match opened.iter().position(|m| m.is_ok()) {
         Some(i) => i,
         None => return Err(opened.remove(0).unwrap_err()),
     };
-    let host_names: Vec<&str> = opened[first].as_ref().unwrap().tensors.keys().map(|s| s.as_str()).collect();
-    let host = &opened[first].as_ref().unwrap().path;
+    let host_names: Vec<&str> = opened[first].as_ref().unwrap().tensors().keys().map(|s| s.as_str()).collect();
+    let host = opened[first].as_ref().unwrap().path();
     let layout = Layout::detect(&host_names, architecture, layout).map_err(|e| e.in_model(host))?;
     let mut session = Session { base, safety, experts: vec![], layout };
     session.check_shared()?;
@@ -96,11 +97,11 @@ pub fn open_lenient(
     Ok((session, outcomes))
 }
 
-fn describe(role: &str, m: &Model) -> String {
-    format!("{role} ({})", m.path.display())
+fn describe(role: &str, m: &dyn TensorSet) -> String {
+    format!("{role} ({})", m.path().display())
 }
 
-fn same_tensor(name: &str, a: (&str, &Model), b: (&str, &Model)) -> Result<()> {
+fn same_tensor(name: &str, a: (&str, &dyn TensorSet), b: (&str, &dyn TensorSet)) -> Result<()> {
     let ta = a.1.tensor(name).expect("caller looked it up");
     let Some(tb) = b.1.tensor(name) else {
         return Err(Error::Incompatible {
@@ -124,14 +125,14 @@ fn same_tensor(name: &str, a: (&str, &Model), b: (&str, &Model)) -> Result<()> {
 }
 
 impl Session {
-    fn layer_mismatch(&self, models: &[(&str, &Model)]) -> Result<()> {
+    fn layer_mismatch(&self, models: &[(&str, &dyn TensorSet)]) -> Result<()> {
         let mut counts: Vec<(String, usize)> = vec![];
         for (role, m) in models {
             // A model whose names the layout does not fit at all (another family) says so, not "0 layers".
-            let l = self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str())).map_err(|e| Error::Incompatible {
-                message: format!("the {} does not have the language expert's layout: {e}", describe(role, m)),
+            let l = self.layout.def.resolve(m.tensors().keys().map(|s| s.as_str())).map_err(|e| Error::Incompatible {
+                message: format!("the {} does not have the language expert's layout: {e}", describe(role, *m)),
             })?;
-            counts.push((describe(role, m), l.n_layers));
+            counts.push((describe(role, *m), l.n_layers));
         }
         if counts.iter().any(|(_, n)| *n != self.layout.n_layers) {
             let list: Vec<String> = counts.iter().map(|(d, n)| format!("{n} in the {d}")).collect();
@@ -149,12 +150,12 @@ impl Session {
 
     /// Every tensor of the expert exists in S with the same shape and dtype; every measured tensor
     /// exists in B too; the expert has the same number of layers.
-    fn check_expert(&self, m: &Model) -> Result<()> {
+    fn check_expert(&self, m: &Expert) -> Result<()> {
         self.layer_mismatch(&[("language expert", m)])?;
-        let own = self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str()))?;
+        let own = self.layout.def.resolve(m.tensors().keys().map(|s| s.as_str()))?;
         own.check_assigned()?;
         measured_are_floats(m, &own)?;
-        for name in m.tensors.keys() {
+        for name in m.tensors().keys() {
             let place = own.place(name);
             if place != self.layout.place(name) {
                 return Err(Error::Incompatible {
@@ -170,8 +171,8 @@ impl Session {
             }
         }
         // The measured tensors are the same in B, S and M (else the units would be measured differently).
-        for (role, other) in [("base model", &self.base), ("safety expert", &self.safety)] {
-            if let Ok(l) = self.layout.def.resolve(other.tensors.keys().map(|s| s.as_str())) {
+        for (role, other) in [("base model", &self.base as &dyn TensorSet), ("safety expert", &self.safety)] {
+            if let Ok(l) = self.layout.def.resolve(other.tensors().keys().map(|s| s.as_str())) {
                 if let Some(name) = l.targets().into_iter().find(|n| m.tensor(n).is_none()) {
                     return Err(Error::Incompatible {
                         message: format!("measured tensor '{name}' is in the {} but missing from the {}", describe(role, other), describe("language expert", m)),
@@ -195,7 +196,7 @@ impl Session {
             return Ok(());
         }
         let m = &self.experts[expert];
-        for (name, t) in &m.tensors {
+        for (name, t) in m.tensors() {
             let Some(s) = self.safety.tensor(name) else { continue };
             if self.layout.place(name) == Place::Vocab && s.shape != t.shape {
                 return Err(Error::Incompatible {
@@ -214,7 +215,7 @@ impl Session {
     }
 
     fn widest(&self, options: &MergeOptions) -> usize {
-        let inputs = self.experts[0].tensors.values().map(|t| t.dtype.size()).max().unwrap_or(2);
+        let inputs = self.experts[0].tensors().values().map(|t| t.dtype.size()).max().unwrap_or(2);
         inputs.max(options.out_dtype.map(Dtype::size).unwrap_or(0))
     }
 
@@ -243,18 +244,47 @@ impl Session {
             }
         }
         let pass = &options[0];
-        let mut models: Vec<&Model> = vec![];
+        // Statistics rows, in order: S (unless saved), then every expert. Full models are read
+        // element by element in one fused pass; LoRA adapters are measured from their factors.
+        let mut sources: Vec<&Expert> = vec![];
         if saved.is_none() {
-            models.push(&self.safety);
+            sources.push(&self.safety);
         }
-        models.extend(self.experts.iter());
+        sources.extend(self.experts.iter());
+        let lora = sources.iter().any(|e| e.adapter().is_some());
+        if lora && pass.numerics == crate::options::Numerics::Official {
+            return Err(Error::argument(
+                "numerics 'official' reproduces the authors' scripts, which take full models only; LoRA adapter experts need numerics 'exact'",
+            ));
+        }
+        let models: Vec<&Model> = sources.iter().filter_map(|e| if let Expert::Full(m) = e { Some(m) } else { None }).collect();
         let budget = Budget::plan(pass.max_memory, pass.threads, models.len() + 1, self.widest(pass))?;
         let targets = self.layout.targets();
         let total: u64 = targets.iter().map(|n| self.base.tensor(n).unwrap().nbytes).sum::<u64>() * (models.len() as u64 + 1);
         progress.start(Phase::Stats, total);
-        let mut stats = run_pool(budget.workers, || {
+        let mut stats = run_pool(budget.workers, || -> Result<Vec<TensorStats>> {
             let pool = BufferPool::new(&budget);
-            stats::compute_allowing(&targets, &self.base, &models, pass.numerics, pass.allow_non_finite, budget.chunk_elems, &pool, progress)
+            let full = stats::compute_allowing(&targets, &self.base, &models, pass.numerics, pass.allow_non_finite, budget.chunk_elems, &pool, progress)?;
+            if !lora {
+                return Ok(full);
+            }
+            let mut from_factors = vec![];
+            for e in &sources {
+                if let Some(a) = e.adapter() {
+                    progress.check()?;
+                    from_factors.push(a.diff_sum_sq(&targets, &self.base, budget.chunk_elems)?);
+                }
+            }
+            // Interleave: each source takes its next column from its own kind.
+            Ok(full
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut s)| {
+                    let (mut f, mut l) = (s.diff_ss.iter(), from_factors.iter());
+                    s.diff_ss = sources.iter().map(|e| if e.adapter().is_some() { l.next().unwrap()[i] } else { *f.next().unwrap() }).collect();
+                    s
+                })
+                .collect())
         })??;
         if let Some(saved) = saved {
             splice_saved(&mut stats, saved, &self.base)?;
@@ -276,7 +306,7 @@ impl Session {
         let started = Instant::now();
         let host = &self.experts[expert];
         let specs: Vec<(String, Dtype, Vec<u64>)> = host
-            .tensors
+            .tensors()
             .iter()
             // Non-float tensors (masks, position ids) keep their type: only floats are converted.
             .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
@@ -298,15 +328,25 @@ impl Session {
                 Job { out, action, check_finite: !measured && !options.allow_non_finite }
             })
             .collect();
-        let budget = Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?;
+        // A tensor made from LoRA factors is computed in float64 in two more chunk-sized buffers.
+        let lora = self.safety.adapter().is_some() || host.adapter().is_some();
+        if lora && options.numerics == crate::options::Numerics::Official {
+            return Err(Error::argument("numerics 'official' takes full models only; LoRA adapter experts need numerics 'exact'"));
+        }
+        let budget = if lora {
+            Budget::plan(options.max_memory, options.threads, blend::BUFFERS_LORA, 8)?
+        } else {
+            Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?
+        };
         let writer = OutputWriter::create(out_dir, &out_plan)?;
         progress.start(Phase::Write, out_plan.total_data_bytes());
         run_pool(budget.workers, || {
             let pool = BufferPool::new(&budget);
-            blend::write(&jobs, &self.safety, host, options.numerics, &writer, budget.chunk_elems, &pool, progress)
+            blend::write(&jobs, &self.base, &self.safety, host, options.numerics, &writer, budget.chunk_elems, &pool, progress)
         })??;
         // Data read from a file that changed meanwhile may mix old and new bytes: refuse to finish.
-        for m in [&self.base, &self.safety, host] {
+        self.base.check_unchanged()?;
+        for m in [&self.safety, host] {
             m.check_unchanged()?;
         }
         progress.start(Phase::Sync, 0);
@@ -316,7 +356,7 @@ impl Session {
             tensors: out_plan.tensors.len(),
             bytes_written: out_plan.total_data_bytes(),
             seconds: started.elapsed().as_secs_f64(),
-            expert_only: host.tensors.keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
+            expert_only: host.tensors().keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
         })
     }
 
@@ -347,13 +387,13 @@ fn splice_saved(stats: &mut [TensorStats], saved: &[TensorStats], base: &Model) 
 }
 
 /// Every measured tensor of `m` is a float tensor (a mask or an integer buffer cannot be measured).
-pub fn measured_are_floats(m: &Model, layout: &Layout) -> Result<()> {
+pub fn measured_are_floats(m: &dyn TensorSet, layout: &Layout) -> Result<()> {
     for name in layout.targets() {
         if let Some(t) = m.tensor(name).filter(|t| !t.dtype.is_float()) {
             return Err(Error::Layout {
                 message: format!(
                     "measured tensor '{name}' of {} is {}; only float tensors (BF16, F16, F32, F64) can be measured",
-                    m.path.display(),
+                    m.path().display(),
                     t.dtype
                 ),
             });

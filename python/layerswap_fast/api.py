@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Union
 from layerswap_fast import _core
 from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
 from layerswap_fast.errors import InvalidOptionError
+from layerswap_fast.lora import model_of, tokenizer_of
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
@@ -95,7 +96,7 @@ def analyze(
     """
     opts = _options(options, kwargs)
     out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
+        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
                       progress=progress)
     )
     return Plan.from_engine(out["plans"][0], out["stats"])
@@ -141,26 +142,31 @@ def merge(
         result = json.loads(
             _core.merge(
                 str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
-                architecture(expert_p), _layout_json(layout), progress,
+                architecture(model_of(expert_p, base_p)), _layout_json(layout), progress,
             )
         )
         plan = Plan.from_engine(result["plan"], result["stats"])
-        report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started)
+        report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
+                               result.get("sources"))
     return report
 
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Path, Path, Path], started: float) -> dict[str, Any]:
+                  inputs: tuple[Path, Path, Path], started: float, sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
-    a staged output whose shards the engine has written. Returns the report."""
+    a staged output whose shards the engine has written. Returns the report. ``sources`` (from the
+    engine) says whether each expert is a full model or a LoRA adapter, and where its statistics come
+    from."""
     base_p, safety_p, expert_p = inputs
-    tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
-    side_files = copy_side_files(stage, expert_p, tok_source)
+    tok_source = tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
+    # A LoRA host stands for B + ΔW: the base model's config.
+    side_files = copy_side_files(stage, model_of(expert_p, base_p), tok_source)
     report = {
         "tool": "layerswap-fast",
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
         "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p)},
+        **({"sources": sources} if sources else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,

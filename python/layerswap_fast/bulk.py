@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 from layerswap_fast import _core
 from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
+from layerswap_fast.lora import model_of
 from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
@@ -167,8 +168,9 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
     stage = new_stage(target)
     try:
         write = json.loads(_core.write_plan(base, safety, str(expert), str(stage), json.dumps(plan_dict),
-                                            architecture(expert), layout_json, sync, progress))
-        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
+                                            architecture(model_of(expert, Path(base))), layout_json, sync, progress))
+        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
+                               plan_dict.get("sources"))
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -251,7 +253,7 @@ def bulk_merge(
         saved_json = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
         result = json.loads(
             _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
-                          architecture(todo[0].path), layout_json, saved_json, True, progress)
+                          architecture(model_of(todo[0].path, Path(base))), layout_json, saved_json, True, progress)
         )
         stats_seconds = time.perf_counter() - t0
         failed = {f["index"]: f for f in result["failures"]}
@@ -261,7 +263,9 @@ def bulk_merge(
                 entries[e.name] = {"status": "failed", "error": failed[i]["message"], "kind": failed[i]["kind"]}
                 _notify(on_expert, e.name, entries[e.name])
                 continue
-            jobs.append((e, result["plans"][i]))
+            # The engine's word on each expert (full or LoRA) rides with its plan into its report.
+            src = {"safety": result["sources"]["safety"], "expert": result["sources"]["experts"][i]}
+            jobs.append((e, {**result["plans"][i], "sources": src}))
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
                 entries[e.name] = outcome

@@ -87,7 +87,9 @@ fn inspect(py: Python<'_>, model: PathBuf, architecture: Option<String>, layout_
 ///     progress: called as ``progress(phase, done, total)`` about ten times a second.
 ///
 /// Returns:
-///     JSON text: ``{"stats": [...], "plans": [plan or null per expert], "failures": [{"index", "kind", "message"}]}``.
+///     JSON text: ``{"stats": [...], "plans": [plan or null per expert], "failures": [{"index", "kind", "message"}],
+///     "sources": {"safety": info, "experts": [info or null per expert]}}``; an info says whether the
+///     expert is a full model or a LoRA adapter (``kind``, ``rank``, ``stats_source``...).
 ///
 /// Raises:
 ///     InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
@@ -120,6 +122,7 @@ fn analyze(
         let (session, outcomes) = pipeline::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
         let mut failures = vec![];
         let mut kept_options = vec![];
+        let mut kept_info = session.experts.iter().map(|e| e.info());
         for (i, o) in outcomes.into_iter().enumerate() {
             match o {
                 Ok(_) => kept_options.push(options[if options.len() == 1 { 0 } else { i }].clone()),
@@ -131,7 +134,11 @@ fn analyze(
         let failed: std::collections::HashSet<u64> = failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
         let mut it = plans.into_iter();
         let all: Vec<Option<crate::plan::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
-        Ok(serde_json::json!({"stats": stats, "plans": all, "failures": failures}).to_string())
+        let info: Vec<Option<crate::expert::ExpertInfo>> =
+            (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { kept_info.next() }).collect();
+        Ok(serde_json::json!({"stats": stats, "plans": all, "failures": failures,
+                              "sources": {"safety": session.safety.info(), "experts": info}})
+        .to_string())
     })
 }
 
@@ -194,7 +201,7 @@ fn write_plan(
 ///     options_json, architecture, layout_json, progress: as for ``analyze``.
 ///
 /// Returns:
-///     JSON text: ``{"plan": {...}, "stats": [...], "write": {...}, "bytes_read": n}``.
+///     JSON text: ``{"plan": {...}, "stats": [...], "write": {...}, "bytes_read": n, "sources": {"safety", "expert"}}``.
 ///
 /// Raises:
 ///     InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError,
@@ -224,6 +231,7 @@ fn merge(
             "stats": stats,
             "write": write,
             "bytes_read": p.bytes_read.load(std::sync::atomic::Ordering::Relaxed),
+            "sources": {"safety": session.safety.info(), "expert": session.experts[0].info()},
         })
         .to_string())
     })
