@@ -21,7 +21,7 @@ from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
-#: ``progress(phase, done, total)``: phase is "statistics", "write" or "sync"; done/total in bytes.
+#: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -99,7 +99,7 @@ def analyze(
         _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
                       progress=progress)
     )
-    return Plan.from_engine(out["plans"][0], out["stats"])
+    return Plan.from_engine(out["plans"][0])
 
 
 def merge(
@@ -145,7 +145,7 @@ def merge(
                 architecture(model_of(expert_p, base_p)), _layout_json(layout), progress,
             )
         )
-        plan = Plan.from_engine(result["plan"], result["stats"])
+        plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
                                result.get("sources"))
     return report
@@ -154,9 +154,7 @@ def merge(
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Path, Path, Path], started: float, sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
-    a staged output whose shards the engine has written. Returns the report. ``sources`` (from the
-    engine) says whether each expert is a full model or a LoRA adapter, and where its statistics come
-    from."""
+    a staged output whose shards the engine has written. Returns the report."""
     base_p, safety_p, expert_p = inputs
     tok_source = tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
     # A LoRA host stands for B + ΔW: the base model's config.
@@ -166,6 +164,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
         "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p)},
+        # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
         **({"sources": sources} if sources else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},

@@ -7,6 +7,6 @@ mod checksum;
 mod header;
 mod hostile;
 mod lora;
-mod pipeline;
+mod session;
 mod plan;
-mod stats;
+mod sums;

@@ -1,0 +1,215 @@
+//! The open stage: open B, S and the language experts once, and check that they fit together (one
+//! layout, the same layers, and the same shape and dtype for every tensor that is measured or mixed).
+//! The later stages, [`crate::analyze`] and [`crate::write`], run on the [`Session`] this returns and
+//! refuse to finish if a file changed since it was opened.
+
+use std::path::Path;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::expert::{Expert, TensorSet};
+use crate::io::Model;
+use crate::layout::{Layout, LayoutDef, Place};
+use crate::options::{MergeOptions, VocabSource};
+
+/// The three (or more) opened models and the layout they share.
+#[derive(Debug)]
+pub struct Session {
+    /// Base model B.
+    pub base: Model,
+    /// Safety expert S (a full model or a LoRA adapter over B).
+    pub safety: Expert,
+    /// Language experts M (the hosts; full models or LoRA adapters over B).
+    pub experts: Vec<Expert>,
+    /// Layout resolved on the first expert's tensor names.
+    pub layout: Layout,
+}
+
+/// Opens the models and checks that they can be merged; any bad expert is an error.
+pub fn open(base: &Path, safety: &Path, experts: &[&Path], architecture: Option<&str>, layout: Option<&LayoutDef>) -> Result<Session> {
+    let (session, outcomes) = open_lenient(base, safety, experts, architecture, layout)?;
+    for outcome in outcomes {
+        outcome?;
+    }
+    Ok(session)
+}
+
+/// Opens B and S (any error is fatal) and every expert; an expert that cannot be opened or does not
+/// fit B and S is left out of the session and reported in its slot of the returned list, so one bad
+/// expert does not stop the others. Slot `i` holds the expert's index in [`Session::experts`].
+pub fn open_lenient(
+    base: &Path,
+    safety: &Path,
+    experts: &[&Path],
+    architecture: Option<&str>,
+    layout: Option<&LayoutDef>,
+) -> Result<(Session, Vec<Result<usize>>)> {
+    if experts.is_empty() {
+        return Err(Error::argument("at least one language expert is needed"));
+    }
+    let base = Model::open(base)?;
+    let safety = Expert::open(safety, &base)?;
+    let mut opened: Vec<Result<Expert>> = experts.iter().map(|p| Expert::open(p, &base)).collect();
+    let first = match opened.iter().position(|m| m.is_ok()) {
+        Some(i) => i,
+        None => return Err(opened.remove(0).unwrap_err()),
+    };
+    let host_names: Vec<&str> = opened[first].as_ref().unwrap().tensors().keys().map(|s| s.as_str()).collect();
+    let host = opened[first].as_ref().unwrap().path();
+    let layout = Layout::detect(&host_names, architecture, layout).map_err(|e| e.in_model(host))?;
+    let mut session = Session { base, safety, experts: vec![], layout };
+    session.check_shared()?;
+    let mut outcomes = vec![];
+    for m in opened {
+        outcomes.push(m.and_then(|m| {
+            session.check_expert(&m)?;
+            session.experts.push(m);
+            Ok(session.experts.len() - 1)
+        }));
+    }
+    if session.experts.is_empty() {
+        let err = outcomes.into_iter().find_map(|o| o.err()).expect("no expert opened");
+        return Err(err);
+    }
+    Ok((session, outcomes))
+}
+
+fn describe(role: &str, m: &dyn TensorSet) -> String {
+    format!("{role} ({})", m.path().display())
+}
+
+fn same_tensor(name: &str, a: (&str, &dyn TensorSet), b: (&str, &dyn TensorSet)) -> Result<()> {
+    let ta = a.1.tensor(name).expect("caller looked it up");
+    let Some(tb) = b.1.tensor(name) else {
+        return Err(Error::Incompatible {
+            message: format!("tensor '{name}' is in the {} but missing from the {}", describe(a.0, a.1), describe(b.0, b.1)),
+        });
+    };
+    if ta.shape != tb.shape || ta.dtype != tb.dtype {
+        return Err(Error::Incompatible {
+            message: format!(
+                "tensor '{name}': {:?} {} in the {} but {:?} {} in the {}",
+                ta.shape,
+                ta.dtype,
+                describe(a.0, a.1),
+                tb.shape,
+                tb.dtype,
+                describe(b.0, b.1)
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Session {
+    fn layer_mismatch(&self, models: &[(&str, &dyn TensorSet)]) -> Result<()> {
+        let mut counts: Vec<(String, usize)> = vec![];
+        for (role, m) in models {
+            // A model whose names the layout does not fit at all (another family) says so, not "0 layers".
+            let l = self.layout.def.resolve(m.tensors().keys().map(|s| s.as_str())).map_err(|e| Error::Incompatible {
+                message: format!("the {} does not have the language expert's layout: {e}", describe(role, *m)),
+            })?;
+            counts.push((describe(role, *m), l.n_layers));
+        }
+        if counts.iter().any(|(_, n)| *n != self.layout.n_layers) {
+            let list: Vec<String> = counts.iter().map(|(d, n)| format!("{n} in the {d}")).collect();
+            return Err(Error::Incompatible {
+                message: format!("the models have different numbers of decoder layers: {} (language expert: {})", list.join(", "), self.layout.n_layers),
+            });
+        }
+        Ok(())
+    }
+
+    /// B and S have the layer count of the layout.
+    fn check_shared(&self) -> Result<()> {
+        self.layer_mismatch(&[("base", &self.base), ("safety expert", &self.safety)])
+    }
+
+    /// Every tensor of the expert exists in S with the same shape and dtype; every measured tensor
+    /// exists in B too; the expert has the same number of layers.
+    fn check_expert(&self, m: &Expert) -> Result<()> {
+        self.layer_mismatch(&[("language expert", m)])?;
+        let own = self.layout.def.resolve(m.tensors().keys().map(|s| s.as_str()))?;
+        own.check_assigned()?;
+        measured_are_floats(m, &own)?;
+        for name in m.tensors().keys() {
+            let place = own.place(name);
+            if place != self.layout.place(name) {
+                return Err(Error::Incompatible {
+                    message: format!("tensor '{name}' of the {} is not in the first language expert", describe("language expert", m)),
+                });
+            }
+            match (place, self.safety.tensor(name), m.tensor(name)) {
+                // Only the host has it, outside the layers: copied from the host (see WriteSummary).
+                (Place::Outside | Place::Vocab, None, _) => continue,
+                // Vocabulary shapes may differ; whether that is allowed depends on the options (check_vocab).
+                (Place::Vocab, Some(s), Some(t)) if s.shape != t.shape => continue,
+                _ => same_tensor(name, ("language expert", m), ("safety expert", &self.safety))?,
+            }
+        }
+        // The measured tensors are the same in B, S and M (else the units would be measured differently).
+        for (role, other) in [("base model", &self.base as &dyn TensorSet), ("safety expert", &self.safety)] {
+            if let Ok(l) = self.layout.def.resolve(other.tensors().keys().map(|s| s.as_str())) {
+                if let Some(name) = l.targets().into_iter().find(|n| m.tensor(n).is_none()) {
+                    return Err(Error::Incompatible {
+                        message: format!("measured tensor '{name}' is in the {} but missing from the {}", describe(role, other), describe("language expert", m)),
+                    });
+                }
+            }
+        }
+        for name in self.layout.targets() {
+            if m.tensor(name).is_none() {
+                return Err(Error::Incompatible { message: format!("tensor '{name}' is missing from the {}", describe("language expert", m)) });
+            }
+            same_tensor(name, ("language expert", m), ("base model", &self.base))?;
+        }
+        Ok(())
+    }
+
+    /// A vocabulary tensor whose shape differs between the safety and language experts is an error
+    /// unless `options.vocab_from` takes it from the language expert.
+    pub(crate) fn check_vocab(&self, expert: usize, options: &MergeOptions) -> Result<()> {
+        if options.vocab_from == VocabSource::Expert {
+            return Ok(());
+        }
+        let m = &self.experts[expert];
+        for (name, t) in m.tensors() {
+            let Some(s) = self.safety.tensor(name) else { continue };
+            if self.layout.place(name) == Place::Vocab && s.shape != t.shape {
+                return Err(Error::Incompatible {
+                    message: format!(
+                        "tensor '{name}': vocabulary shape {:?} in the {} but {:?} in the {}; to take the vocabulary \
+                         tensors (embeddings, lm_head) from the language expert, pass --vocab-from expert",
+                        t.shape,
+                        describe("language expert", m),
+                        s.shape,
+                        describe("safety expert", &self.safety)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Widest element size in bytes among the inputs and the output dtype (sizes the buffers).
+    pub(crate) fn widest(&self, options: &MergeOptions) -> usize {
+        let inputs = self.experts[0].tensors().values().map(|t| t.dtype.size()).max().unwrap_or(2);
+        inputs.max(options.out_dtype.map(Dtype::size).unwrap_or(0))
+    }
+}
+
+/// Every measured tensor of `m` is a float tensor (a mask or an integer buffer cannot be measured).
+pub fn measured_are_floats(m: &dyn TensorSet, layout: &Layout) -> Result<()> {
+    for name in layout.targets() {
+        if let Some(t) = m.tensor(name).filter(|t| !t.dtype.is_float()) {
+            return Err(Error::Layout {
+                message: format!(
+                    "measured tensor '{name}' of {} is {}; only float tensors (BF16, F16, F32, F64) can be measured",
+                    m.path().display(),
+                    t.dtype
+                ),
+            });
+        }
+    }
+    Ok(())
+}
