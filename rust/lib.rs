@@ -17,6 +17,7 @@ pub mod analyze;
 pub mod budget;
 pub mod checksum;
 pub mod dtype;
+pub mod emit;
 pub mod error;
 pub mod expert;
 pub mod io;

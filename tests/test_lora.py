@@ -232,3 +232,54 @@ def test_unsupported_adapters_are_named(lora: dict[str, Path], tmp_path: Path) -
     assert r.exit_code == 2 and "DoRA" in r.output and not (tmp_path / "o").exists(), r.output
     r = CliRunner().invoke(main, ["analyze", "-b", str(base), "-s", str(lora["s-bf16"]), "-m", str(lora["m-bf16"]), "--numerics", "official"])
     assert r.exit_code == 2 and "LoRA" in r.output, r.output
+
+
+def load_merged(base: Path, adapter: Path) -> dict[str, np.ndarray]:
+    """PEFT's own reading of an adapter: loaded on ``base`` in float32 and merged into it."""
+    model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach().double().numpy() for k, v in merged.state_dict().items()}
+
+
+@pytest.mark.parametrize("tau,granularity", [(0.001, "module"), (1.0, "layer")])
+def test_emitted_adapter_loads_in_peft_and_equals_the_full_output(lora: dict[str, Path], tmp_path: Path, tau: float, granularity: str) -> None:
+    """--emit adapter: swapped modules keep their adapter's factors (and rank), blended modules are the
+    rank concatenation; PEFT loads the result and its merge equals the full-model output."""
+    base, s, m = lora["base-f32"], lora["s-f32"], lora["m-f32"]
+    opts = dict(granularity=granularity, tau=tau, alpha=0.3, outside="expert")
+    full = tmp_path / "full"
+    lsf.merge(base, s, m, full, **opts)
+    emitted = tmp_path / "adapter"
+    r = CliRunner().invoke(main, ["merge", "-b", str(base), "-s", str(s), "-m", str(m), "-o", str(emitted), "--emit", "adapter",
+                                  "-g", granularity, "--tau", str(tau), "--alpha", "0.3", "--outside", "expert"])
+    assert r.exit_code == 0, r.output
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "layerswap_report.json"} <= {p.name for p in emitted.iterdir()}
+    got = load_merged(base, emitted)
+    F = read_model(full)
+    assert set(got) == set(F)
+    for name, (dtype, shape, raw) in F.items():
+        want = decode(dtype, raw).reshape(shape)
+        assert np.abs(got[name] - want).max() <= 1e-5 * np.abs(want).max(), name
+    report = json.loads((emitted / "layerswap_report.json").read_text())
+    kinds = {mod["source"] for mod in report["output"]["modules"]}
+    assert kinds >= ({"blend"} if tau == 1.0 else {"safety", "expert"})
+    cfg = json.loads((emitted / "adapter_config.json").read_text())
+    ranks = {mod["module"]: mod["rank"] for mod in report["output"]["modules"]}
+    # A blended module has both ranks (S: 8, down_proj 4; M: 4), a swapped one its own adapter's.
+    for mod in report["output"]["modules"]:
+        name = mod["module"].rsplit(".", 1)[1]
+        s_rank = 0 if name == "gate_proj" else 4 if name == "down_proj" else 8
+        m_rank = 0 if name in ("k_proj", "o_proj") else 4
+        want_rank = {"blend": s_rank + m_rank, "safety": s_rank, "expert": m_rank}[mod["source"]]
+        assert ranks[mod["module"]] == want_rank, mod
+    assert cfg["modules_to_save"] == ["lm_head"]
+
+
+def test_emit_adapter_refuses_what_an_adapter_cannot_express(lora: dict[str, Path], tmp_path: Path) -> None:
+    base, s, m = lora["base-f32"], lora["s-f32"], lora["m-f32"]
+    # M saved lm_head whole: blending it (the default outside policy) needs a full tensor.
+    r = CliRunner().invoke(main, ["merge", "-b", str(base), "-s", str(s), "-m", str(m), "-o", str(tmp_path / "a"), "--emit", "adapter"])
+    assert r.exit_code == 2 and "lm_head.weight" in r.output and "--outside" in r.output and not (tmp_path / "a").exists(), r.output
+    # A full expert cannot be written as an adapter.
+    r = CliRunner().invoke(main, ["merge", "-b", str(base), "-s", str(s), "-m", str(base), "-o", str(tmp_path / "b"), "--emit", "adapter"])
+    assert r.exit_code == 2 and "full model" in r.output and not (tmp_path / "b").exists(), r.output

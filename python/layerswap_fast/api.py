@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 from layerswap_fast import _core
 from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
 from layerswap_fast.errors import InvalidOptionError
-from layerswap_fast.lora import model_of, tokenizer_of
+from layerswap_fast.lora import model_of, tokenizer_of, write_adapter_config
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
@@ -112,6 +112,7 @@ def merge(
     layout: Optional[PathLike] = None,
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
+    emit: str = "model",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
@@ -126,6 +127,9 @@ def merge(
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
         force: replace an existing ``out``.
+        emit: ``"model"`` (default) writes a full model. ``"adapter"`` (both experts PEFT LoRA
+            adapters) writes the merge as an exact PEFT adapter for ``base`` instead:
+            ``adapter_model.safetensors`` and ``adapter_config.json``.
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -135,6 +139,8 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
+    if emit not in ("model", "adapter"):
+        raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
     base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
     check_output(out_p, [base_p, safety_p, expert_p], force)
     started = time.perf_counter()
@@ -142,7 +148,7 @@ def merge(
         result = json.loads(
             _core.merge(
                 str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
-                architecture(model_of(expert_p, base_p)), _layout_json(layout), progress,
+                architecture(model_of(expert_p, base_p)), _layout_json(layout), progress, emit,
             )
         )
         plan = Plan.from_engine(result["plan"])
@@ -157,8 +163,12 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
     a staged output whose shards the engine has written. Returns the report."""
     base_p, safety_p, expert_p = inputs
     tok_source = tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
-    # A LoRA host stands for B + ΔW: the base model's config.
-    side_files = copy_side_files(stage, model_of(expert_p, base_p), tok_source)
+    if "modules" in write:
+        # An emitted adapter: its adapter_config.json, and the tokenizer (no model config: B has it).
+        side_files = [write_adapter_config(stage, write, base_p, safety_p, expert_p)] + copy_side_files(stage, None, tok_source)
+    else:
+        # A LoRA host stands for B + ΔW: the base model's config.
+        side_files = copy_side_files(stage, model_of(expert_p, base_p), tok_source)
     report = {
         "tool": "layerswap-fast",
         "version": _core.__version__,
@@ -178,6 +188,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
             "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
             "tensors": write["tensors"],
             "bytes_written": write["bytes_written"],
+            **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if "modules" in write
+               else {"kind": "model"}),
         },
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),

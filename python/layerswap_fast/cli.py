@@ -184,12 +184,15 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
               help="Reuse base and safety statistics saved by analyze --save-stats (the safety expert is then not re-read).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete); in bulk runs, redo finished experts.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--emit", type=click.Choice(("model", "adapter")), default="model", show_default=True,
+              help="What to write: a full model, or (both experts PEFT LoRA adapters) the merge as an exact PEFT adapter for the base.")
 @method_options
 @resource_options
 @output_options
 @_errors
 def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path], out: Optional[Path],
-          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, quiet: bool, **params: Any) -> None:
+          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, quiet: bool, emit: str,
+          **params: Any) -> None:
     """Merge the safety expert into the language expert(s) and write Hugging Face folders.
 
     The output holds merged safetensors shards (and their index), the language expert's config, the
@@ -211,12 +214,14 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
             raise click.UsageError("give -o/--out")
         bar = ProgressBar(enabled=False if quiet else None)
         try:
-            report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar)
+            report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar, emit=emit)
         finally:
             bar.close()
         if not quiet:
             click.echo(merge_summary(report, str(out)))
         return
+    if emit != "model":
+        raise click.UsageError("--emit adapter writes one adapter: give one -m/--expert without a name (bulk runs write full models)")
     if plan_file is not None:
         plan = bulk.load_bulk_file(plan_file, options)
         base, safety = base or plan.base, safety or plan.safety

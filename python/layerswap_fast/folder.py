@@ -65,11 +65,11 @@ def architecture(path: Path) -> Optional[str]:
     return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
-def copy_side_files(dest: Path, host: Path, tokenizer_source: Path) -> list[str]:
-    """Copies config files from the host and tokenizer files from ``tokenizer_source``."""
+def copy_side_files(dest: Path, host: Optional[Path], tokenizer_source: Path) -> list[str]:
+    """Copies config files from the host (None: none) and tokenizer files from ``tokenizer_source``."""
     copied = []
     for src_model, names in ((host, CONFIG_FILES), (tokenizer_source, TOKENIZER_FILES)):
-        folder = model_dir(src_model)
+        folder = model_dir(src_model) if src_model is not None else None
         if folder is None:
             continue
         for name in names:

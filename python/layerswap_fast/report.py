@@ -49,7 +49,8 @@ def merge_summary(report: dict[str, Any], out: str) -> str:
     rate = report["bytes_read"] / secs if secs > 0 else 0.0
     return "\n".join(
         [
-            f"wrote {out}: {report['output']['tensors']} tensors in {len([f for f in report['output']['files'] if f.endswith('.safetensors')])} shard(s)",
+            f"wrote {out}: {report['output']['tensors']} tensors in {len([f for f in report['output']['files'] if f.endswith('.safetensors')])} shard(s)"
+            + (f" (a PEFT adapter of {len(report['output']['modules'])} LoRA modules)" if report["output"].get("kind") == "adapter" else ""),
             f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend ({report['granularity']} granularity, {report['numerics']} numerics)",
             f"read {fmt_bytes(report['bytes_read'])}, wrote {fmt_bytes(report['output']['bytes_written'])} "
             f"in {secs:.2f} s ({fmt_bytes(rate)}/s read); peak memory {fmt_bytes(report['peak_rss_bytes'])}",

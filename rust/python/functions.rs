@@ -187,6 +187,8 @@ fn write(
 ///     base, safety, expert: folders or files of B, S and M.
 ///     out_dir: empty staging folder to write shards (and index) into.
 ///     options_json, architecture, layout_json, progress: as for ``analyze``.
+///     emit: ``"model"`` (a full model) or ``"adapter"`` (both experts LoRA: the merge as a PEFT
+///         adapter file; ``write`` then also says what its adapter_config.json must hold).
 ///
 /// Returns:
 ///     JSON text: ``{"plan": {...}, "write": {...}, "bytes_read": n, "sources": {"safety", "expert"}}``.
@@ -195,7 +197,7 @@ fn write(
 ///     InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError,
 ///     KeyboardInterrupt (Ctrl-C: the engine stops within one chunk).
 #[pyfunction]
-#[pyo3(signature = (base, safety, expert, out_dir, options_json, architecture=None, layout_json=None, progress=None))]
+#[pyo3(signature = (base, safety, expert, out_dir, options_json, architecture=None, layout_json=None, progress=None, emit="model"))]
 #[allow(clippy::too_many_arguments)]
 fn merge(
     py: Python<'_>,
@@ -207,13 +209,31 @@ fn merge(
     architecture: Option<String>,
     layout_json: Option<String>,
     progress: Option<Py<PyAny>>,
+    emit: &str,
 ) -> PyResult<String> {
     let options = parse_options(options_json)?;
     let custom = parse_layout(layout_json)?;
+    let adapter = match emit {
+        "model" => false,
+        "adapter" => true,
+        other => return Err(to_py(Error::argument(format!("emit must be 'model' or 'adapter', got '{other}'")))),
+    };
     run(py, progress, move |p| {
         let session = open::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        if adapter && (session.safety.adapter().is_none() || session.experts[0].adapter().is_none()) {
+            // Before the analyze pass, not after it.
+            let full = if session.safety.adapter().is_none() { session.safety.path() } else { session.experts[0].path() };
+            return Err(Error::argument(format!(
+                "--emit adapter needs two LoRA adapter experts, but {} is a full model; write a full model instead",
+                full.display()
+            )));
+        }
         let plans = session.analyze(&options, p)?;
-        let write = session.write(0, &plans[0], &out_dir, true, p)?;
+        let write = if adapter {
+            serde_json::to_value(session.emit_adapter(0, &plans[0], &out_dir, p)?).expect("json")
+        } else {
+            serde_json::to_value(session.write(0, &plans[0], &out_dir, true, p)?).expect("json")
+        };
         Ok(serde_json::json!({
             "plan": plans[0],
             "write": write,
