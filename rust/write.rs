@@ -86,7 +86,7 @@ impl Session {
                 } else {
                     plan.decision_at(place)
                 };
-                Job { out, decision, alpha, check_finite: !measured && !options.allow_non_finite }
+                Job { out, decision, alpha, check_finite: !measured && !options.allow_non_finite, refuse_overflow: !options.allow_non_finite }
             })
             .collect();
         // A tensor made from LoRA factors is computed in float64 in two more chunk-sized buffers.
@@ -135,6 +135,9 @@ pub struct Job<'a> {
     /// does not read (embeddings, norms, lm_head), unless the user allowed non-finite values: the
     /// data is in cache here anyway, so the check costs next to nothing.
     pub check_finite: bool,
+    /// Refuse a converted or blended value that comes out ±Inf from finite inputs (a narrowing
+    /// `out_dtype` overflowing), unless the user allowed non-finite values.
+    pub refuse_overflow: bool,
 }
 
 /// Writes `jobs` on the current rayon pool.
@@ -207,6 +210,9 @@ pub fn write(
                     writer.write_at(out.shard, dst, bytes)?;
                 } else {
                     convert(t.dtype, bytes, out.dtype, o.bytes_mut(out_bytes), numerics);
+                    if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && all_finite(t.dtype, bytes) {
+                        return Err(overflow(&src.shard_of(t).path, &out.name, t.dtype, out.dtype));
+                    }
                     writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
                 }
                 bytes.len()
@@ -223,6 +229,9 @@ pub fn write(
                     }
                 }
                 blend(ts.dtype, s, m, out.dtype, o.bytes_mut(out_bytes), job.alpha, numerics);
+                if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && all_finite(ts.dtype, s) && all_finite(tm.dtype, m) {
+                    return Err(overflow(&expert.shard_of(tm).path, &out.name, ts.dtype, out.dtype));
+                }
                 writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
                 s.len() + m.len()
             }
@@ -240,6 +249,7 @@ fn write_f64(job: &Job<'_>, terms: [Option<Term<'_>>; 2], start: u64, len: usize
     let out = job.out;
     let [raw, o, vs, vm, ..] = bufs else { unreachable!("{BUFFERS_LORA} buffers with LoRA sources") };
     let mut read = 0;
+    let mut source = (std::path::PathBuf::new(), out.dtype);
     let mut values = |term: Term<'_>, v: &mut AlignedBuf| -> Result<()> {
         let v = cast_mut::<f64>(v.bytes_mut(len * 8));
         let (path, name) = match term {
@@ -247,6 +257,7 @@ fn write_f64(job: &Job<'_>, terms: [Option<Term<'_>>; 2], start: u64, len: usize
                 let bytes = read_elems(model, t, start, len, raw)?;
                 decode_all_f64(t.dtype, bytes, v);
                 read += bytes.len();
+                source = (model.shard_of(t).path.clone(), t.dtype);
                 (model.shard_of(t).path.clone(), out.name.clone())
             }
             Term::Delta { adapter, module, base, tensor } => {
@@ -260,6 +271,7 @@ fn write_f64(job: &Job<'_>, terms: [Option<Term<'_>>; 2], start: u64, len: usize
                     vv.iter_mut().zip(b.iter()).for_each(|(d, b)| *d += *b);
                 }
                 read += bytes.len();
+                source = (adapter.file.path.clone(), tensor.dtype);
                 (adapter.file.path.clone(), module.a.clone())
             }
         };
@@ -280,7 +292,11 @@ fn write_f64(job: &Job<'_>, terms: [Option<Term<'_>>; 2], start: u64, len: usize
         [None, None] => unreachable!("every output tensor has a source"),
     }
     let out_bytes = len * out.dtype.size();
-    encode_f64(cast::<f64>(vs.bytes(len * 8)), out.dtype, o.bytes_mut(out_bytes));
+    let v = cast::<f64>(vs.bytes(len * 8));
+    encode_f64(v, out.dtype, o.bytes_mut(out_bytes));
+    if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && v.iter().all(|x| x.is_finite()) {
+        return Err(overflow(&source.0, &out.name, source.1, out.dtype));
+    }
     writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
     Ok(read)
 }
@@ -291,6 +307,15 @@ fn decode_all_f64(dtype: Dtype, src: &[u8], dst: &mut [f64]) {
     for (lo, d) in (0..dst.len()).step_by(BATCH).zip(dst.chunks_mut(BATCH)) {
         decode_f64(dtype, &src[lo * size..(lo + d.len()) * size], d);
     }
+}
+
+/// The error for finite values that became ±Inf in a narrower output dtype.
+fn overflow(path: &std::path::Path, tensor: &str, from: Dtype, to: Dtype) -> Error {
+    Error::argument(format!(
+        "{}: tensor '{tensor}': {from} values overflow to Inf in the output dtype {to}; choose a wider --out-dtype \
+         (--allow-non-finite, or allow_non_finite=True in Python, writes them anyway)",
+        path.display()
+    ))
 }
 
 /// True when no element of `bytes` is NaN or ±Inf (exponent bits all ones). Branch-free so that it

@@ -6,6 +6,7 @@ byte of tensor data is read, reduced, blended and written by the Rust engine in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
+from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+                                   staged_output)
 from layerswap_fast.errors import InvalidOptionError
-from layerswap_fast.lora import model_of, tokenizer_of, write_adapter_config
-from layerswap_fast.options import MergeOptions
+from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
@@ -25,7 +27,16 @@ PathLike = Union[str, os.PathLike]
 ProgressCallback = Callable[[str, int, int], None]
 
 
+_path, _flag, _callback = path_arg, flag_arg, callback_arg
+
+
 def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOptions:
+    """The options of a call: ``options`` with keyword overrides. Unknown keywords are a TypeError
+    naming them (as for any function), wrong values an InvalidOptionError naming the field."""
+    options_arg(options)
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(MergeOptions)})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} (MergeOptions fields and the documented parameters only)")
     if options is None:
         return MergeOptions(**kwargs)
     return options.replace(**kwargs) if kwargs else options
@@ -35,11 +46,10 @@ def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
     """A custom layout file as the engine reads it: JSON as is; TOML (``.toml``) converted to JSON."""
     if layout is None:
         return None
-    p = Path(layout)
+    p = path_arg(layout, "layout")
     if p.suffix.lower() != ".toml":
         return p.read_text()
-    import tomllib
-
+    tomllib = toml()
     try:
         return json.dumps(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as e:
@@ -56,7 +66,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
 
     Args:
         model: a Hugging Face folder or a ``.safetensors`` file.
-        layout: a custom layout definition file (JSON), overriding detection.
+        layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
         ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
@@ -64,7 +74,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = Path(model)
+    p = path_arg(model, "model")
     return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
 
 
@@ -79,7 +89,7 @@ def analyze(
     **kwargs: Any,
 ) -> Plan:
     """Computes the plan: per unit, the scores of the safety and language experts, p_S, p_M, d and the
-    decision (METHOD.md §2–§4). Reads the models once, writes nothing.
+    decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
@@ -95,6 +105,8 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
+    base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
+    callback_arg(progress, "progress")
     out = json.loads(
         _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
                       progress=progress)
@@ -112,6 +124,7 @@ def merge(
     layout: Optional[PathLike] = None,
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
+    config_from: Optional[PathLike] = None,
     emit: str = "model",
     **kwargs: Any,
 ) -> dict[str, Any]:
@@ -126,10 +139,13 @@ def merge(
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` if it is empty or an earlier output of this tool (it holds
+            ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
+        config_from: a model folder whose config, processor and tokenizer files go to the output
+            instead of the language expert's (for a language expert given as a bare ``.safetensors``).
         emit: ``"model"`` (default) writes a full model. ``"adapter"`` (both experts PEFT LoRA
             adapters) writes the merge as an exact PEFT adapter for ``base`` instead:
-            ``adapter_model.safetensors`` and ``adapter_config.json``.
+            ``adapter_model.safetensors`` and ``adapter_config.json`` (and the tokenizer).
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -139,10 +155,16 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
+    base_p, safety_p, expert_p, out_p = (_path(base, "base"), _path(safety, "safety"), _path(expert, "expert"), _path(out, "out"))
+    layout_p = _path(layout, "layout", optional=True)
+    config_p = _path(config_from, "config_from", optional=True)
+    _flag(force, "force")
+    _callback(progress, "progress")
     if emit not in ("model", "adapter"):
         raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
-    base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
-    check_output(out_p, [base_p, safety_p, expert_p], force)
+    check_output(out_p, [base_p, safety_p, expert_p, layout_p, config_p], force)
+    # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
+    plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
     with staged_output(out_p, force) as stage:
         result = json.loads(
@@ -153,27 +175,44 @@ def merge(
         )
         plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               result.get("sources"))
+                               config_from=config_p, sources=result.get("sources"))
     return report
 
 
-def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Path, Path, Path], started: float, sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
-    a staged output whose shards the engine has written. Returns the report."""
+def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
-    tok_source = tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
-    if "modules" in write:
-        # An emitted adapter: its adapter_config.json, and the tokenizer (no model config: B has it).
-        side_files = [write_adapter_config(stage, write, base_p, safety_p, expert_p)] + copy_side_files(stage, None, tok_source)
-    else:
-        # A LoRA host stands for B + ΔW: the base model's config.
-        side_files = copy_side_files(stage, model_of(expert_p, base_p), tok_source)
+    # A LoRA adapter's tokenizer is its own if it saved one, else the base model's.
+    return tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
+
+
+def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
+                  inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
+                  sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
+    ``config_from``) and the report to a staged output whose shards the engine has written. Returns
+    the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
+    adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
+    base_p, safety_p, expert_p = inputs
+    side = plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, inputs), config_from)
+    adapter_out = "modules" in write
+    if adapter_out:
+        side.copies = [(src, name) for src, name in side.copies if name in TOKENIZER_FILES]
+    side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    if adapter_out:
+        side_files.append(write_adapter_config(stage, write, base_p, safety_p, expert_p))
+    notes = list(side.notes)
+    for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
+        ignored = [] if is_adapter(p) else ignored_model_files(p)
+        if ignored:
+            notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
+                         "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
     report = {
         "tool": "layerswap-fast",
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
-        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p)},
+        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
+                   **({"config_from": str(config_from)} if config_from is not None else {})},
         # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
         **({"sources": sources} if sources else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
@@ -188,12 +227,13 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
             "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
             "tensors": write["tensors"],
             "bytes_written": write["bytes_written"],
-            **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if "modules" in write
+            **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
                else {"kind": "model"}),
         },
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
+        "notes": notes,
         "warnings": [
             f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
             for name in write.get("expert_only", [])
