@@ -15,18 +15,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.folder import (REPORT_FILE, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
 from layerswap_fast.errors import InvalidOptionError
+from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
 #: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
 ProgressCallback = Callable[[str, int, int], None]
-
-
-_path, _flag, _callback = path_arg, flag_arg, callback_arg
 
 
 def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOptions:
@@ -107,7 +105,7 @@ def analyze(
     base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
     callback_arg(progress, "progress")
     out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
+        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
                       progress=progress)
     )
     return Plan.from_engine(out["plans"][0])
@@ -124,6 +122,7 @@ def merge(
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
     config_from: Optional[PathLike] = None,
+    emit: str = "model",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
@@ -141,6 +140,9 @@ def merge(
             ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
         config_from: a model folder whose config, processor and tokenizer files go to the output
             instead of the language expert's (for a language expert given as a bare ``.safetensors``).
+        emit: ``"model"`` (default) writes a full model. ``"adapter"`` (both experts PEFT LoRA
+            adapters) writes the merge as an exact PEFT adapter for ``base`` instead:
+            ``adapter_model.safetensors`` and ``adapter_config.json`` (and the tokenizer).
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -150,44 +152,55 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    base_p, safety_p, expert_p, out_p = (_path(base, "base"), _path(safety, "safety"), _path(expert, "expert"), _path(out, "out"))
-    layout_p = _path(layout, "layout", optional=True)
-    config_p = _path(config_from, "config_from", optional=True)
-    _flag(force, "force")
-    _callback(progress, "progress")
+    base_p, safety_p, expert_p, out_p = (path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert"), path_arg(out, "out"))
+    layout_p = path_arg(layout, "layout", optional=True)
+    config_p = path_arg(config_from, "config_from", optional=True)
+    flag_arg(force, "force")
+    callback_arg(progress, "progress")
+    if emit not in ("model", "adapter"):
+        raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
     check_output(out_p, [base_p, safety_p, expert_p, layout_p, config_p], force)
     # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
-    plan_side_files(expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
+    plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
     with staged_output(out_p, force) as stage:
         result = json.loads(
             _core.merge(
                 str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
-                architecture(expert_p), _layout_json(layout), progress,
+                architecture(model_of(expert_p, base_p)), _layout_json(layout), progress, emit,
             )
         )
         plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               config_from=config_p)
+                               config_from=config_p, sources=result.get("sources"))
     return report
 
 
 def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
-    return {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+    # A LoRA adapter's tokenizer is its own if it saved one, else the base model's.
+    return tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
 
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None) -> dict[str, Any]:
+                  inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
+                  sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
     ``config_from``) and the report to a staged output whose shards the engine has written. Returns
-    the report."""
+    the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
+    adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
     base_p, safety_p, expert_p = inputs
-    side = plan_side_files(expert_p, _tokenizer_source(opts, inputs), config_from)
+    side = plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, inputs), config_from)
+    adapter_out = "modules" in write
+    if adapter_out:
+        side.copies = [(src, name) for src, name in side.copies if name in TOKENIZER_FILES]
     side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    if adapter_out:
+        side_files.append(write_adapter_config(stage, write, base_p, safety_p, expert_p))
     notes = list(side.notes)
     for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
-        ignored = ignored_model_files(p)
+        ignored = [] if is_adapter(p) else ignored_model_files(p)
         if ignored:
             notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
                          "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
@@ -197,6 +210,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
         "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
                    **({"config_from": str(config_from)} if config_from is not None else {})},
+        # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
+        **({"sources": sources} if sources else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,
@@ -210,7 +225,9 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
             "tensors": write["tensors"],
             "bytes_written": write["bytes_written"],
             # Shared with the inputs' blocks instead of written (copy-on-write file systems only).
-            "bytes_cloned": write["bytes_cloned"],
+            "bytes_cloned": write.get("bytes_cloned", 0),
+            **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
+               else {"kind": "model"}),
         },
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),

@@ -30,6 +30,7 @@ from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
                                    discard_stage, new_stage, plan_side_files, replace_refusal)
+from layerswap_fast.lora import model_of
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
@@ -182,8 +183,9 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
     stage = new_stage(target)
     try:
         write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
-                                            architecture(expert), layout_json, sync, progress))
-        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
+                                            architecture(model_of(expert, Path(base))), layout_json, sync, progress))
+        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
+                               sources=plan_dict.get("sources"))
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -321,7 +323,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
             _notify(on_expert, e.name, entries[e.name])
             continue
         try:  # a side file that is a FIFO or a dangling link fails this expert now, not after its merge
-            plan_side_files(e.path, _tokenizer_source(e.options, (base_p, safety_p, e.path)))
+            plan_side_files(model_of(e.path, base_p), _tokenizer_source(e.options, (base_p, safety_p, e.path)))
         except LayerswapError as err:
             entries[e.name] = _failure(err)
             _notify(on_expert, e.name, entries[e.name])
@@ -338,7 +340,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
         else:
             result = json.loads(
                 _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
-                              architecture(todo[0].path), layout_json, saved_json, True, progress)
+                              architecture(model_of(todo[0].path, base_p)), layout_json, saved_json, True, progress)
             )
         stats_seconds = time.perf_counter() - t0
         failed = {f["index"]: f for f in result["failures"]}
@@ -348,7 +350,9 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 entries[e.name] = {"status": "failed", "error": failed[i]["message"], "kind": failed[i]["kind"]}
                 _notify(on_expert, e.name, entries[e.name])
                 continue
-            jobs.append((e, result["plans"][i]))
+            # The engine's word on each expert (full or LoRA) rides with its plan into its report.
+            src = {"safety": result["sources"]["safety"], "expert": result["sources"]["experts"][i]}
+            jobs.append((e, {**result["plans"][i], "sources": src}))
 
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
@@ -507,12 +511,12 @@ def _analyze_ray(base: str, safety: str, todo: list[ExpertSpec], layout_json: Op
     task = ray.remote(_sums_task)
     # The pass follows the first expert's options (numerics, non-finite policy), as a local run's does.
     pass_json = todo[0].options.to_engine_json()
-    arch = architecture(todo[0].path)
+    arch = architecture(model_of(todo[0].path, Path(base)))
     numerics = {e.options.numerics for e in todo}
     if len(numerics) > 1:
         raise InvalidOptionError("all experts of one run must use the same numerics (statistics are shared)")
     safety_ref = None if saved_json else place(task, 0).remote(base, safety, str(todo[0].path), "safety", pass_json, arch, layout_json)
-    refs = [place(task, i + 1).remote(base, safety, str(e.path), "expert", pass_json, architecture(e.path), layout_json)
+    refs = [place(task, i + 1).remote(base, safety, str(e.path), "expert", pass_json, architecture(model_of(e.path, Path(base))), layout_json)
             for i, e in enumerate(todo)]
     safety_sums = ""
     if saved_json:  # the safety expert's share, from its saved statistics
@@ -525,7 +529,7 @@ def _analyze_ray(base: str, safety: str, todo: list[ExpertSpec], layout_json: Op
         safety_sums = share
     ok: list[int] = []
     shares: list[str] = []
-    result: dict[str, Any] = {"plans": [None] * len(todo), "failures": []}
+    result: dict[str, Any] = {"plans": [None] * len(todo), "failures": [], "sources": {"safety": None, "experts": [None] * len(todo)}}
     for i, (e, ref) in enumerate(zip(todo, refs)):
         share, nodes[f"statistics:{e.name}"] = ray.get(ref)
         if isinstance(share, dict):
@@ -539,8 +543,10 @@ def _analyze_ray(base: str, safety: str, todo: list[ExpertSpec], layout_json: Op
         for f in planned["failures"]:
             i = ok[f["index"]]
             result["failures"].append({**f, "index": i})
-        for i, p in zip(ok, planned["plans"]):
+        for i, p, src in zip(ok, planned["plans"], planned["sources"]["experts"]):
             result["plans"][i] = p
+            result["sources"]["experts"][i] = src
+        result["sources"]["safety"] = planned["sources"]["safety"]
     return result
 
 

@@ -10,9 +10,10 @@ use std::collections::HashMap;
 
 use crate::budget::{run_pool, Budget, BufferPool};
 use crate::error::{Error, Result};
+use crate::expert::Expert;
 use crate::io::Model;
 use crate::open::Session;
-use crate::options::MergeOptions;
+use crate::options::{MergeOptions, Numerics};
 use crate::progress::{Phase, Progress};
 
 pub use plan::{Decision, Plan, TensorStats, UnitDecision};
@@ -44,12 +45,14 @@ impl Session {
             }
         }
         let pass = &options[0];
-        let mut models: Vec<&Model> = vec![];
+        // Rows of sums, in order: S (unless saved), then every expert. Full models are read element
+        // by element in one fused pass; LoRA adapters are measured from their factors.
+        let mut sources: Vec<&Expert> = vec![];
         if saved.is_none() {
-            models.push(&self.safety);
+            sources.push(&self.safety);
         }
-        models.extend(self.experts.iter());
-        let sums = self.sums(&models, pass, progress)?;
+        sources.extend(self.experts.iter());
+        let sums = self.sums(&sources, pass, progress)?;
         let safety_ss: Vec<f64> = match saved {
             Some(saved) => saved_safety_sums(&sums, saved, &self.base)?,
             None => sums.iter().map(|s| s.diff_ss[0]).collect(),
@@ -75,17 +78,46 @@ impl Session {
             .collect())
     }
 
-    /// The pass over B and `models`: Σ B² and Σ (X − B)² per measured tensor, one `diff_ss` entry per
-    /// model in order.
-    fn sums(&self, models: &[&Model], options: &MergeOptions, progress: &Progress) -> Result<Vec<sums::Sums>> {
+    /// The pass over B and `sources`: Σ B² and Σ (X − B)² per measured tensor, one `diff_ss` entry
+    /// per source in order. Full models are read element by element in one fused pass; LoRA adapters
+    /// are measured from their factors.
+    fn sums(&self, sources: &[&Expert], options: &MergeOptions, progress: &Progress) -> Result<Vec<sums::Sums>> {
+        let lora = sources.iter().any(|e| e.adapter().is_some());
+        if lora && options.numerics == Numerics::Official {
+            return Err(Error::argument(
+                "numerics 'official' reproduces the authors' scripts, which take full models only; LoRA adapter experts need numerics 'exact'",
+            ));
+        }
+        let models: Vec<&Model> = sources.iter().filter_map(|e| if let Expert::Full(m) = e { Some(m) } else { None }).collect();
         let budget = Budget::plan(options.max_memory, options.threads, models.len() + 1, self.widest(options))?;
         let targets = self.layout.targets();
         let total: u64 = targets.iter().map(|n| self.base.tensor(n).unwrap().nbytes).sum::<u64>() * (models.len() as u64 + 1);
         progress.start(Phase::Analyze, total);
-        run_pool(budget.workers, || {
+        let sums = run_pool(budget.workers, || -> Result<Vec<sums::Sums>> {
             let pool = BufferPool::new(&budget);
-            sums::compute_allowing(&targets, &self.base, models, options.numerics, options.allow_non_finite, budget.chunk_elems, &pool, progress)
-        })?
+            let full = sums::compute_allowing(&targets, &self.base, &models, options.numerics, options.allow_non_finite, budget.chunk_elems, &pool, progress)?;
+            if !lora {
+                return Ok(full);
+            }
+            let mut from_factors = vec![];
+            for e in sources {
+                if let Some(a) = e.adapter() {
+                    progress.check()?;
+                    from_factors.push(a.diff_sum_sq(&targets, &self.base, budget.chunk_elems)?);
+                }
+            }
+            // Each source takes its next column from its own kind.
+            Ok(full
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut s)| {
+                    let (mut f, mut l) = (s.diff_ss.iter(), from_factors.iter());
+                    s.diff_ss = sources.iter().map(|e| if e.adapter().is_some() { l.next().unwrap()[i] } else { *f.next().unwrap() }).collect();
+                    s
+                })
+                .collect())
+        })??;
+        Ok(sums)
     }
 
     /// One share of a pass split across machines: B and one model only (the safety expert, or
@@ -141,13 +173,13 @@ impl Session {
         let s = share(safety, &|| "the safety expert".to_string())?;
         let mut plans = vec![];
         for (k, (part, o)) in experts.iter().zip(options).enumerate() {
-            let m = share(part, &|| self.experts[k].path.display().to_string())?;
+            let m = share(part, &|| self.experts[k].path().display().to_string())?;
             let mut stats = Vec::with_capacity(targets.len());
             for (i, n) in targets.iter().enumerate() {
                 if m[i].0.to_bits() != s[i].0.to_bits() {
                     return Err(Error::argument(format!(
                         "sums for {} were not computed from the same base model as the safety expert's (tensor '{n}' differs)",
-                        self.experts[k].path.display()
+                        self.experts[k].path().display()
                     )));
                 }
                 stats.push(TensorStats { name: n.to_string(), numel: self.base.tensor(n).unwrap().numel(), base_ss: s[i].0, safety_ss: s[i].1, expert_ss: m[i].1 });
