@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from layerswap_fast import _core
+from layerswap_fast import _core, hub
 from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
 from layerswap_fast.errors import InvalidOptionError
 from layerswap_fast.options import MergeOptions
@@ -54,7 +54,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
     """Opens one model and describes it: detected layout, layers, and where every tensor belongs.
 
     Args:
-        model: a Hugging Face folder or a ``.safetensors`` file.
+        model: a Hugging Face folder, a ``.safetensors`` file or a hub id ``org/name[@REVISION]``.
         layout: a custom layout definition file (JSON), overriding detection.
 
     Returns:
@@ -63,7 +63,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = Path(model)
+    p = hub.resolve(model).path
     return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
 
 
@@ -81,7 +81,8 @@ def analyze(
     decision (METHOD.md §2–§4). Reads the models once, writes nothing.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        base, safety, expert: model folders, ``.safetensors`` files or hub ids (``org/name[@REVISION]``,
+            looked up in the hub cache; an existing local path wins) of B, S and M.
         options: a :class:`MergeOptions`; keyword arguments (``granularity=``, ``tau=``, ``alpha=``,
             ``numerics=``, ``max_memory=``, ``threads=``...) override its fields.
         layout: a custom layout definition file.
@@ -94,8 +95,9 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
+    base_p, safety_p, expert_p = (hub.resolve(m).path for m in (base, safety, expert))
     out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
+        _core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], architecture(expert_p), _layout_json(layout),
                       progress=progress)
     )
     return Plan.from_engine(out["plans"][0], out["stats"])
@@ -121,7 +123,8 @@ def merge(
     failure or Ctrl-C there is no ``out`` and no leftover. Inputs are only ever read.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        base, safety, expert: model folders, ``.safetensors`` files or hub ids of B, S and M (as for
+            :func:`analyze`); the report records each hub id with the commit it resolved to.
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
         force: replace an existing ``out``.
@@ -134,7 +137,8 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
+    sources = {role: hub.resolve(m) for role, m in (("base", base), ("safety", safety), ("expert", expert))}
+    base_p, safety_p, expert_p, out_p = sources["base"].path, sources["safety"].path, sources["expert"].path, Path(out)
     check_output(out_p, [base_p, safety_p, expert_p], force)
     started = time.perf_counter()
     with staged_output(out_p, force) as stage:
@@ -145,14 +149,16 @@ def merge(
             )
         )
         plan = Plan.from_engine(result["plan"], result["stats"])
-        report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started)
+        report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
+                               hub_inputs=hub.hub_report(sources))
     return report
 
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Path, Path, Path], started: float) -> dict[str, Any]:
+                  inputs: tuple[Path, Path, Path], started: float, hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
-    a staged output whose shards the engine has written. Returns the report."""
+    a staged output whose shards the engine has written. Returns the report. ``hub_inputs`` (role ->
+    ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the report's ``"hub"``."""
     base_p, safety_p, expert_p = inputs
     tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
     side_files = copy_side_files(stage, expert_p, tok_source)
@@ -161,6 +167,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
         "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p)},
+        **({"hub": hub_inputs} if hub_inputs else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,

@@ -14,6 +14,7 @@ sees at the same paths.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
-from layerswap_fast import _core
+from layerswap_fast import _core, hub
 from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
 from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage
@@ -110,12 +111,20 @@ def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
             spec = dict(spec) if isinstance(spec, dict) else {"path": spec}
             if "path" not in spec:
                 raise InvalidOptionError(f"{p}: expert '{name}' has no path")
-            epath = root / spec.pop("path")
+            epath = _plan_path(root, spec.pop("path"))
             experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common))
     except TypeError as e:
         raise InvalidOptionError(f"{p}: {e}") from None
     out = root / data["out"] if data.get("out") else None
-    return BulkPlan(root / data["base"], root / data["safety"], tuple(experts), out)
+    return BulkPlan(_plan_path(root, data["base"]), _plan_path(root, data["safety"]), tuple(experts), out)
+
+
+def _plan_path(root: Path, value: Any) -> Path:
+    """A model named in a plan file: a path relative to the file, or a hub id when no such path exists."""
+    local = root / str(value)
+    if not (local.exists() or local.is_symlink()) and hub.looks_like_hub_id(str(value)):
+        return Path(str(value))
+    return local
 
 
 # --- checksums and the manifest ---------------------------------------------------------------------
@@ -160,7 +169,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: dict[str, Any], opts: MergeOptions,
-                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
+                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback],
+                 hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
     beside ``target``; returns the stage and the report. On any error the stage is removed."""
     started = time.perf_counter()
@@ -168,7 +178,8 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
     try:
         write = json.loads(_core.write_plan(base, safety, str(expert), str(stage), json.dumps(plan_dict),
                                             architecture(expert), layout_json, sync, progress))
-        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
+        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
+                               hub_inputs=hub_inputs)
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -176,9 +187,9 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
 
 
 def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-               layout_json: Optional[str]) -> dict[str, Any]:
+               layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
     """One Ray task: an expert's write pass, then its checksums, sync and rename into place."""
-    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None)
+    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None, hub_inputs)
     return _publish(stage, Path(out), report)
 
 
@@ -201,8 +212,9 @@ def bulk_merge(
     """Merges the safety expert into every expert, writing ``out/<name>/`` for each.
 
     Args:
-        base, safety: model folders or files of B and S.
-        experts: :class:`ExpertSpec` per language expert (name, path, options).
+        base, safety: model folders or files of B and S, or hub ids (``org/name[@REVISION]``).
+        experts: :class:`ExpertSpec` per language expert (name, path or hub id, options). An expert
+            whose hub id cannot be resolved fails alone.
         out: parent folder of the outputs (created if needed); holds the manifest and summary.
         layout: custom layout definition file.
         executor: ``local`` or ``ray``.
@@ -225,14 +237,28 @@ def bulk_merge(
     names = [e.name for e in specs]
     if len(set(names)) != len(names):
         raise InvalidOptionError(f"expert names must be unique; got {names}")
-    base_p, safety_p, out_p = Path(base), Path(safety), Path(out)
-    check_output(out_p, [base_p, safety_p, *(e.path for e in specs)], force=True)
+    shared = {"base": hub.resolve(base), "safety": hub.resolve(safety)}
+    base_p, safety_p, out_p = shared["base"].path, shared["safety"].path, Path(out)
+    entries: dict[str, dict[str, Any]] = {}
+    given = {e.name: str(e.path) for e in specs}
+    hub_inputs: dict[str, dict[str, dict[str, str]]] = {}
+    resolved = []
+    for e in specs:
+        try:
+            src = hub.resolve(e.path)
+        except LayerswapError as err:
+            entries[e.name] = _failure(err)
+            continue
+        hub_inputs[e.name] = hub.hub_report({**shared, "expert": src})
+        resolved.append(dataclasses.replace(e, path=src.path))
+    check_output(out_p, [base_p, safety_p, *(e.path for e in resolved)], force=True)
     out_p.mkdir(parents=True, exist_ok=True)
+    for name, entry in entries.items():
+        _notify(on_expert, name, entry)
     manifest = _read_manifest(out_p)
     layout_json = _layout_json(layout)
-    entries: dict[str, dict[str, Any]] = {}
     todo: list[ExpertSpec] = []
-    for e in specs:
+    for e in resolved:
         old = manifest["experts"].get(e.name)
         target = out_p / e.name
         if not force and old and old.get("status") == "ok" and _same_output(old.get("options"), e.options) and _verified(target, old):
@@ -268,13 +294,13 @@ def bulk_merge(
             else:
                 r = outcome["report"]
                 entries[e.name] = {"status": "ok", "options": e.options.to_dict(), "files": outcome["files"], "counts": r["counts"],
-                                   "seconds": r["seconds"], "units": r["units"], "expert": str(e.path)}
+                                   "seconds": r["seconds"], "units": r["units"], "expert": given[e.name]}
                 manifest["experts"][e.name] = {k: entries[e.name][k] for k in ("status", "options", "files", "counts", "units", "expert")}
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])
 
         run = _run_ray if executor == "ray" else _run_local
-        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record)
+        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record, hub_inputs)
     summary = _summary(entries, names, stats_seconds)
     _write_json_atomic(out_p / SUMMARY, summary)
     return summary
@@ -311,7 +337,7 @@ def _publish(stage: Path, target: Path, report: dict[str, Any]) -> dict[str, Any
         raise
 
 
-def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+def _run_local(jobs, base, safety, out: Path, layout_json, progress, record, hub_inputs) -> None:
     """Write passes one after another; each expert's disk sync, checksums and rename run in a
     background thread while the next expert is being written, so the disk and the cores work at once."""
     pending: Optional[tuple[ExpertSpec, concurrent.futures.Future]] = None
@@ -320,7 +346,8 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
             for e, plan in jobs:
                 target = out / e.name
                 try:
-                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress)
+                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress,
+                                                 hub_inputs.get(e.name))
                 except (LayerswapError, OSError) as err:
                     record(e, _failure(err))
                     continue
@@ -335,7 +362,7 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
                 record(pending[0], pending[1].result())
 
 
-def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record, hub_inputs) -> None:
     """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
     try:
         import ray  # type: ignore[import-not-found]
@@ -344,7 +371,8 @@ def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> No
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(_write_one)
-    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json): e for e, plan in jobs}
+    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, hub_inputs.get(e.name)): e
+               for e, plan in jobs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from layerswap_fast import reference
+from layerswap_fast import hub, reference
 from layerswap_fast.folder import CONFIG_FILES, REPORT_FILE, TOKENIZER_FILES
 from layerswap_fast.options import MergeOptions
 
@@ -311,7 +311,7 @@ def verify(
 
     Args:
         out: the folder ``merge`` wrote.
-        base, safety, expert: the models it was made from.
+        base, safety, expert: the models it was made from (paths or hub ids, as for ``merge``).
         options: the :class:`MergeOptions` of the merge; keyword arguments (``granularity=``,
             ``tau=``, ``alpha=``, ``numerics=``, ``outside=``, ``norms=``, ``vocab_from=``,
             ``out_dtype=``...) override its fields. Resource options are ignored.
@@ -329,7 +329,8 @@ def verify(
     reference._torch()
     _dtype_cache.clear()  # models may have been rewritten since the last call
     opts = options.replace(**kwargs) if options is not None and kwargs else options or MergeOptions(**kwargs)
-    out_p, base_p, safety_p, expert_p = Path(out), Path(base), Path(safety), Path(expert)
+    out_p = Path(out)
+    base_p, safety_p, expert_p = (hub.resolve(m).path for m in (base, safety, expert))
     if not out_p.is_dir():
         raise FileNotFoundError(f"{out_p}: no such output folder")
     vocab_from = getattr(opts, "vocab_from", "outside")
