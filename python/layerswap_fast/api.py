@@ -6,6 +6,7 @@ byte of tensor data is read, reduced, blended and written by the Rust engine in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core, hub
-from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
+from layerswap_fast.folder import (REPORT_FILE, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+                                   staged_output)
 from layerswap_fast.errors import InvalidOptionError
-from layerswap_fast.options import MergeOptions
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
@@ -24,7 +26,16 @@ PathLike = Union[str, os.PathLike]
 ProgressCallback = Callable[[str, int, int], None]
 
 
+_path, _flag, _callback = path_arg, flag_arg, callback_arg
+
+
 def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOptions:
+    """The options of a call: ``options`` with keyword overrides. Unknown keywords are a TypeError
+    naming them (as for any function), wrong values an InvalidOptionError naming the field."""
+    options_arg(options)
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(MergeOptions)})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} (MergeOptions fields and the documented parameters only)")
     if options is None:
         return MergeOptions(**kwargs)
     return options.replace(**kwargs) if kwargs else options
@@ -34,11 +45,10 @@ def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
     """A custom layout file as the engine reads it: JSON as is; TOML (``.toml``) converted to JSON."""
     if layout is None:
         return None
-    p = Path(layout)
+    p = path_arg(layout, "layout")
     if p.suffix.lower() != ".toml":
         return p.read_text()
-    import tomllib
-
+    tomllib = toml()
     try:
         return json.dumps(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as e:
@@ -55,7 +65,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
 
     Args:
         model: a Hugging Face folder, a ``.safetensors`` file or a hub id ``org/name[@REVISION]``.
-        layout: a custom layout definition file (JSON), overriding detection.
+        layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
         ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
@@ -63,7 +73,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = hub.resolve(model).path
+    p = hub.resolve(path_arg(model, "model")).path
     return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
 
 
@@ -78,7 +88,7 @@ def analyze(
     **kwargs: Any,
 ) -> Plan:
     """Computes the plan: per unit, the scores of the safety and language experts, p_S, p_M, d and the
-    decision (METHOD.md §2–§4). Reads the models once, writes nothing.
+    decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
         base, safety, expert: model folders, ``.safetensors`` files or hub ids (``org/name[@REVISION]``,
@@ -95,7 +105,8 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
-    base_p, safety_p, expert_p = (hub.resolve(m).path for m in (base, safety, expert))
+    base_p, safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((base, "base"), (safety, "safety"), (expert, "expert")))
+    callback_arg(progress, "progress")
     out = json.loads(
         _core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], architecture(expert_p), _layout_json(layout),
                       progress=progress)
@@ -113,6 +124,7 @@ def merge(
     layout: Optional[PathLike] = None,
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
+    config_from: Optional[PathLike] = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
@@ -127,7 +139,10 @@ def merge(
             :func:`analyze`); the report records each hub id with the commit it resolved to.
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` if it is empty or an earlier output of this tool (it holds
+            ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
+        config_from: a model folder whose config, processor and tokenizer files go to the output
+            instead of the language expert's (for a language expert given as a bare ``.safetensors``).
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -137,9 +152,15 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    sources = {role: hub.resolve(m) for role, m in (("base", base), ("safety", safety), ("expert", expert))}
-    base_p, safety_p, expert_p, out_p = sources["base"].path, sources["safety"].path, sources["expert"].path, Path(out)
-    check_output(out_p, [base_p, safety_p, expert_p], force)
+    sources = {role: hub.resolve(_path(m, role)) for role, m in (("base", base), ("safety", safety), ("expert", expert))}
+    base_p, safety_p, expert_p, out_p = sources["base"].path, sources["safety"].path, sources["expert"].path, _path(out, "out")
+    layout_p = _path(layout, "layout", optional=True)
+    config_p = _path(config_from, "config_from", optional=True)
+    _flag(force, "force")
+    _callback(progress, "progress")
+    check_output(out_p, [base_p, safety_p, expert_p, layout_p, config_p], force)
+    # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
+    plan_side_files(expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
     with staged_output(out_p, force) as stage:
         result = json.loads(
@@ -150,23 +171,37 @@ def merge(
         )
         plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               hub_inputs=hub.hub_report(sources))
+                               config_from=config_p, hub_inputs=hub.hub_report(sources))
     return report
 
 
-def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Path, Path, Path], started: float, hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
-    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
-    a staged output whose shards the engine has written. Returns the report. ``hub_inputs`` (role ->
-    ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the report's ``"hub"``."""
+def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
-    tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
-    side_files = copy_side_files(stage, expert_p, tok_source)
+    return {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+
+
+def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
+                  inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
+                  hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
+    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
+    ``config_from``) and the report to a staged output whose shards the engine has written. Returns
+    the report. ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`)
+    becomes the report's ``"hub"``."""
+    base_p, safety_p, expert_p = inputs
+    side = plan_side_files(expert_p, _tokenizer_source(opts, inputs), config_from)
+    side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    notes = list(side.notes)
+    for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
+        ignored = ignored_model_files(p)
+        if ignored:
+            notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
+                         "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
     report = {
         "tool": "layerswap-fast",
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
-        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p)},
+        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
+                   **({"config_from": str(config_from)} if config_from is not None else {})},
         **({"hub": hub_inputs} if hub_inputs else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
@@ -184,6 +219,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
+        "notes": notes,
         "warnings": [
             f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
             for name in write.get("expert_only", [])
