@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core, hub
-from layerswap_fast.folder import (REPORT_FILE, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
 from layerswap_fast.errors import InvalidOptionError
+from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
@@ -108,7 +109,8 @@ def analyze(
     base_p, safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((base, "base"), (safety, "safety"), (expert, "expert")))
     callback_arg(progress, "progress")
     out = json.loads(
-        _core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], architecture(expert_p), _layout_json(layout),
+        _core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], architecture(model_of(expert_p, base_p)),
+                      _layout_json(layout),
                       progress=progress)
     )
     return Plan.from_engine(out["plans"][0])
@@ -125,6 +127,7 @@ def merge(
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
     config_from: Optional[PathLike] = None,
+    emit: str = "model",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
@@ -143,6 +146,9 @@ def merge(
             ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
         config_from: a model folder whose config, processor and tokenizer files go to the output
             instead of the language expert's (for a language expert given as a bare ``.safetensors``).
+        emit: ``"model"`` (default) writes a full model. ``"adapter"`` (both experts PEFT LoRA
+            adapters) writes the merge as an exact PEFT adapter for ``base`` instead:
+            ``adapter_model.safetensors`` and ``adapter_config.json`` (and the tokenizer).
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -158,41 +164,52 @@ def merge(
     config_p = _path(config_from, "config_from", optional=True)
     _flag(force, "force")
     _callback(progress, "progress")
+    if emit not in ("model", "adapter"):
+        raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
     check_output(out_p, [base_p, safety_p, expert_p, layout_p, config_p], force)
     # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
-    plan_side_files(expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
+    plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
     with staged_output(out_p, force) as stage:
         result = json.loads(
             _core.merge(
                 str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
-                architecture(expert_p), _layout_json(layout), progress,
+                architecture(model_of(expert_p, base_p)), _layout_json(layout), progress, emit,
             )
         )
         plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               config_from=config_p, hub_inputs=hub.hub_report(sources))
+                               config_from=config_p, sources=result.get("sources"), hub_inputs=hub.hub_report(sources))
     return report
 
 
 def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
-    return {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+    # A LoRA adapter's tokenizer is its own if it saved one, else the base model's.
+    return tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
 
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
-                  hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
+                  sources: Optional[dict[str, Any]] = None, hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
     ``config_from``) and the report to a staged output whose shards the engine has written. Returns
-    the report. ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`)
-    becomes the report's ``"hub"``."""
+    the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
+    adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter.
+    ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the
+    report's ``"hub"``."""
     base_p, safety_p, expert_p = inputs
-    side = plan_side_files(expert_p, _tokenizer_source(opts, inputs), config_from)
+    side = plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, inputs), config_from)
+    adapter_out = "modules" in write
+    if adapter_out:
+        side.copies = [(src, name) for src, name in side.copies if name in TOKENIZER_FILES]
     side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    if adapter_out:
+        side_files.append(write_adapter_config(stage, write, base_p, safety_p, expert_p))
     notes = list(side.notes)
     for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
-        ignored = ignored_model_files(p)
+        ignored = [] if is_adapter(p) else ignored_model_files(p)
         if ignored:
             notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
                          "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
@@ -202,6 +219,9 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
         "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
                    **({"config_from": str(config_from)} if config_from is not None else {})},
+        # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
+        **({"sources": sources} if sources else {}),
+        # Inputs named by hub id: id, revision and the commit they resolved to (for an exact rerun).
         **({"hub": hub_inputs} if hub_inputs else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
@@ -215,6 +235,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
             "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
             "tensors": write["tensors"],
             "bytes_written": write["bytes_written"],
+            **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
+               else {"kind": "model"}),
         },
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),
