@@ -5,16 +5,19 @@ then every expert gets its own decisions and its own write pass, into ``OUT/<nam
 (``OUT/layerswap_bulk.json``) records finished outputs with checksums (XXH3 of 8 MiB blocks), so a rerun skips experts whose
 output is verified intact and redoes the rest. One expert failing does not stop the others.
 
-Executors: ``local`` (default) runs the write passes one after another in this process (each uses all
-cores); ``ray`` runs them as Ray tasks on the cluster named by the usual ``RAY_ADDRESS`` environment
-variable (or a local Ray instance), assuming the inputs and ``OUT`` are on a filesystem every node
-sees at the same paths.
+Executors: ``local`` (default) runs the statistics pass and then the write passes one after another
+in this process (each uses all cores); ``ray`` splits the statistics pass into Ray tasks (one reads B
+and S, each other one reads B and one language expert; the plans are made on the driver from the sums
+they return) and runs one write task per expert, on the cluster named by the usual ``RAY_ADDRESS``
+environment variable (or a local instance on 127.0.0.1), assuming the inputs and ``OUT`` are on a
+filesystem every node sees at the same paths. Both give the same bytes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
-from layerswap_fast import _core
+from layerswap_fast import _core, hub
 from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
@@ -119,12 +122,20 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
             spec = dict(spec) if isinstance(spec, dict) else {"path": spec}
             if "path" not in spec:
                 raise InvalidOptionError(f"{p}: expert '{name}' has no path")
-            epath = root / spec.pop("path")
+            epath = _bulk_path(root, spec.pop("path"))
             experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common))
     except TypeError as e:
         raise InvalidOptionError(f"{p}: {e}") from None
     out = root / data["out"] if data.get("out") else None
-    return BulkSpec(root / data["base"], root / data["safety"], tuple(experts), out)
+    return BulkSpec(_bulk_path(root, data["base"]), _bulk_path(root, data["safety"]), tuple(experts), out)
+
+
+def _bulk_path(root: Path, value: Any) -> Path:
+    """A model named in a bulk file: a path relative to the file, or a hub id when no such path exists."""
+    local = root / str(value)
+    if not (local.exists() or local.is_symlink()) and hub.looks_like_hub_id(str(value)):
+        return Path(str(value))
+    return local
 
 
 # --- checksums and the manifest ---------------------------------------------------------------------
@@ -174,7 +185,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: dict[str, Any], opts: MergeOptions,
-                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
+                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback],
+                 hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
     beside ``target``; returns the stage and the report. On any error the stage is removed."""
     started = time.perf_counter()
@@ -183,7 +195,7 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
         write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
                                             architecture(model_of(expert, Path(base))), layout_json, sync, progress))
         report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
-                               sources=plan_dict.get("sources"))
+                               sources=plan_dict.get("sources"), hub_inputs=hub_inputs)
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -191,9 +203,9 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
 
 
 def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-               layout_json: Optional[str]) -> dict[str, Any]:
+               layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
     """One Ray task: an expert's write pass, then its checksums, sync and rename into place."""
-    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None)
+    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None, hub_inputs)
     return _publish(stage, Path(out), report)
 
 
@@ -216,8 +228,9 @@ def bulk_merge(
     """Merges the safety expert into every expert, writing ``out/<name>/`` for each.
 
     Args:
-        base, safety: model folders or files of B and S.
-        experts: :class:`ExpertSpec` per language expert (name, path, options).
+        base, safety: model folders or files of B and S, or hub ids (``org/name[@REVISION]``).
+        experts: :class:`ExpertSpec` per language expert (name, path or hub id, options). An expert
+            whose hub id cannot be resolved fails alone.
         out: parent folder of the outputs (created if needed); holds the manifest and summary.
         layout: custom layout definition file.
         executor: ``local`` or ``ray``.
@@ -249,13 +262,15 @@ def bulk_merge(
     flag_arg(force, "force")
     callback_arg(progress, "progress")
     callback_arg(on_expert, "on_expert")
+    hub_ids = _resolve(base_p, safety_p, specs)
+    base_p, safety_p, specs = hub_ids.base, hub_ids.safety, hub_ids.specs
     inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
               path_arg(saved_stats, "saved_stats", optional=True)]
     check_bulk_out(out_p, inputs)
     created = not out_p.exists()
     published: list[str] = []
     try:
-        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published)
+        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published, hub_ids)
     except KeyboardInterrupt as interrupted:
         # Say truthfully what exists now: the outputs published (and recorded in the manifest)
         # before the interruption; whatever was being written is gone.
@@ -272,6 +287,39 @@ def bulk_merge(
     if not published:
         _remove_if_unused(out_p, created, published)
     return summary
+
+
+@dataclass(frozen=True)
+class _HubIds:
+    """A bulk run's models after hub ids were resolved (see :mod:`layerswap_fast.hub`)."""
+
+    base: Path
+    safety: Path
+    #: The experts, each with its local folder (an expert whose id did not resolve keeps its id).
+    specs: list[ExpertSpec]
+    #: Each expert's model as the user gave it (path or hub id), for the manifest.
+    given: dict[str, str]
+    #: Per expert, the report's "hub" entry (ids and commits of its inputs from the hub).
+    reports: dict[str, dict[str, dict[str, str]]]
+    #: Experts whose hub id could not be resolved: their failure entries (the others still run).
+    unresolved: dict[str, dict[str, Any]]
+
+
+def _resolve(base: Path, safety: Path, specs: list[ExpertSpec]) -> _HubIds:
+    """Resolves hub ids among the models (local paths stay as they are). B and S must resolve; an
+    expert that does not fails alone."""
+    shared = {"base": hub.resolve(base), "safety": hub.resolve(safety)}
+    resolved, reports, unresolved = [], {}, {}
+    for e in specs:
+        try:
+            src = hub.resolve(e.path)
+        except LayerswapError as err:
+            unresolved[e.name] = _failure(err)
+            resolved.append(e)
+            continue
+        reports[e.name] = hub.hub_report({**shared, "expert": src})
+        resolved.append(dataclasses.replace(e, path=src.path))
+    return _HubIds(shared["base"].path, shared["safety"].path, resolved, {e.name: str(e.path) for e in specs}, reports, unresolved)
 
 
 def check_bulk_out(out: Path, inputs: list[Optional[Path]]) -> None:
@@ -300,13 +348,17 @@ def _remove_if_unused(out: Path, created: bool, published: list[str]) -> None:
 
 def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path, layout: Optional[PathLike], executor: str,
               force: bool, saved_stats: Optional[PathLike], progress: Optional[ProgressCallback],
-              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str]) -> dict[str, Any]:
+              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str], hub_ids: "_HubIds") -> dict[str, Any]:
     names = [e.name for e in specs]
+    entries: dict[str, dict[str, Any]] = dict(hub_ids.unresolved)
+    for name, entry in entries.items():
+        _notify(on_expert, name, entry)
     manifest = _read_manifest(out_p)
     layout_json = _layout_json(layout)
-    entries: dict[str, dict[str, Any]] = {}
     todo: list[ExpertSpec] = []
     for e in specs:
+        if e.name in entries:  # its hub id did not resolve
+            continue
         old = manifest["experts"].get(e.name)
         target = out_p / e.name
         if not force and old and old.get("status") == "ok" and _same_output(old.get("options"), e.options) and _verified(target, old):
@@ -329,13 +381,17 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
         clear_stale(target)
         todo.append(e)
     stats_seconds = 0.0
+    nodes: dict[str, str] = {}
     if todo:
         t0 = time.perf_counter()
         saved_json = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
-        result = json.loads(
-            _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
-                          architecture(model_of(todo[0].path, base_p)), layout_json, saved_json, True, progress)
-        )
+        if executor == "ray":
+            result = _analyze_ray(str(base_p), str(safety_p), todo, layout_json, saved_json, nodes)
+        else:
+            result = json.loads(
+                _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
+                              architecture(model_of(todo[0].path, base_p)), layout_json, saved_json, True, progress)
+            )
         stats_seconds = time.perf_counter() - t0
         failed = {f["index"]: f for f in result["failures"]}
         jobs = []
@@ -355,14 +411,18 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 published.append(e.name)
                 r = outcome["report"]
                 entries[e.name] = {"status": "ok", "options": e.options.to_dict(), "files": outcome["files"], "counts": r["counts"],
-                                   "seconds": r["seconds"], "units": r["units"], "expert": str(e.path)}
+                                   "seconds": r["seconds"], "units": r["units"], "expert": hub_ids.given[e.name]}
                 manifest["experts"][e.name] = {k: entries[e.name][k] for k in ("status", "options", "files", "counts", "units", "expert")}
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])
 
-        run = _run_ray if executor == "ray" else _run_local
-        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record)
+        if executor == "ray":
+            _run_ray(jobs, str(base_p), str(safety_p), out_p, layout_json, record, nodes, hub_ids.reports)
+        else:
+            _run_local(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record, hub_ids.reports)
     summary = _summary(entries, names, stats_seconds)
+    if nodes:
+        summary["ray_nodes"] = nodes
     if out_p.exists():
         _write_json_atomic(out_p / SUMMARY, summary)
     return summary
@@ -399,7 +459,7 @@ def _publish(stage: Path, target: Path, report: dict[str, Any]) -> dict[str, Any
         raise
 
 
-def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+def _run_local(jobs, base, safety, out: Path, layout_json, progress, record, hub_inputs) -> None:
     """Write passes one after another; each expert's disk sync, checksums and rename run in a
     background thread while the next expert is being written, so the disk and the cores work at once."""
     pending: Optional[tuple[ExpertSpec, concurrent.futures.Future]] = None
@@ -408,7 +468,8 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
             for e, plan in jobs:
                 target = out / e.name
                 try:
-                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress)
+                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress,
+                                                 hub_inputs.get(e.name))
                 except (LayerswapError, OSError) as err:
                     record(e, _failure(err))
                     continue
@@ -423,21 +484,144 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
                 record(pending[0], pending[1].result())
 
 
-def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
-    """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
+# --- the Ray executor ------------------------------------------------------------------------------
+
+
+def _connect_ray() -> Any:
+    """Imports Ray and connects to the cluster named by RAY_ADDRESS, or starts a local instance.
+
+    Ray picks the machine's outward address for every process unless
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is in its environment before Ray is imported. For a cluster
+    on this machine's loopback address (and for a local instance, which nobody else joins) it is set
+    here, so the driver's address matches the nodes' 127.0.0.1.
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    host = (address or "").rsplit(":", 1)[0].removeprefix("ray://")
+    if not address or host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray  # type: ignore[import-not-found]
     except ImportError:
         raise InvalidOptionError("--executor ray needs Ray: pip install 'layerswap-fast[ray]'") from None
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-    task = ray.remote(_write_one)
-    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json): e for e, plan in jobs}
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _placer(ray: Any) -> Callable[[Any, int], Any]:
+    """Task i goes to node i mod N of the cluster's live nodes with CPUs (soft affinity: elsewhere if
+    that node goes away). Every task reads or writes whole models, so spreading them evenly uses
+    every node's disk and link; Ray's own policies pack small tasks onto the first node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # type: ignore[import-not-found]
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    if not nodes:
+        return lambda task, i: task
+    return lambda task, i: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True))
+
+
+def _node() -> str:
+    """The Ray node this task runs on (recorded in the summary: which node did what)."""
+    import ray  # type: ignore[import-not-found]
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def _sums_task(base: str, safety: str, expert: str, measured: str, options_json: str, arch: Optional[str],
+               layout_json: Optional[str]) -> tuple[Union[str, dict[str, Any]], str]:
+    """One Ray task of the statistics pass: B and the safety expert, or B and one language expert.
+    Returns the sums (JSON), or the failure of a bad model as data (as the write task does), which
+    crosses back to the driver whatever the exception's class."""
+    try:
+        return _core.sums(base, safety, expert, measured, options_json, arch, layout_json), _node()
+    except (LayerswapError, OSError) as err:
+        return _failure(err), _node()
+
+
+def _write_task(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
+                layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]]) -> tuple[dict[str, Any], str]:
+    """One Ray task of the write passes: an expert's write pass, checksums, sync and rename (a bad
+    model's failure comes back as data, as in ``_sums_task``)."""
+    try:
+        return _write_one(base, safety, expert, out, plan_dict, opts, layout_json, hub_inputs), _node()
+    except (LayerswapError, OSError) as err:
+        return _failure(err), _node()
+
+
+def _analyze_ray(base: str, safety: str, todo: list[ExpertSpec], layout_json: Optional[str], saved_json: Optional[str],
+                 nodes: dict[str, str]) -> dict[str, Any]:
+    """The statistics pass as Ray tasks: one reads B and S (unless saved statistics stand in for S),
+    each other one reads B and one language expert; the engine then checks that every share saw the
+    same base sums and makes the plans here, from sums of a few bytes per tensor. The result has the
+    shape of ``_core.analyze``'s (an expert whose task failed is in ``failures``)."""
+    ray = _connect_ray()
+    place = _placer(ray)
+    task = ray.remote(_sums_task)
+    # The pass follows the first expert's options (numerics, non-finite policy), as a local run's does.
+    pass_json = todo[0].options.to_engine_json()
+    arch = architecture(model_of(todo[0].path, Path(base)))
+    numerics = {e.options.numerics for e in todo}
+    if len(numerics) > 1:
+        raise InvalidOptionError("all experts of one run must use the same numerics (statistics are shared)")
+    safety_ref = None if saved_json else place(task, 0).remote(base, safety, str(todo[0].path), "safety", pass_json, arch, layout_json)
+    refs = [place(task, i + 1).remote(base, safety, str(e.path), "expert", pass_json, architecture(model_of(e.path, Path(base))), layout_json)
+            for i, e in enumerate(todo)]
+    safety_sums = ""
+    if saved_json:  # the safety expert's share, from its saved statistics
+        safety_sums = json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "diff_ss": [t["safety_ss"]]}
+                                  for t in json.loads(saved_json)])
+    if safety_ref is not None:
+        share, nodes["statistics:safety"] = ray.get(safety_ref)
+        if isinstance(share, dict):  # B or S is bad: nothing can be merged (a local run raises too)
+            raise _kinds().get(share["kind"], LayerswapError)(share["error"])
+        safety_sums = share
+    ok: list[int] = []
+    shares: list[str] = []
+    result: dict[str, Any] = {"plans": [None] * len(todo), "failures": [], "sources": {"safety": None, "experts": [None] * len(todo)}}
+    for i, (e, ref) in enumerate(zip(todo, refs)):
+        share, nodes[f"statistics:{e.name}"] = ray.get(ref)
+        if isinstance(share, dict):
+            result["failures"].append({"index": i, "kind": share["kind"], "message": share["error"]})
+            continue
+        ok.append(i)
+        shares.append(share)
+    if ok:
+        planned = json.loads(_core.plans_from_sums(base, safety, [str(todo[i].path) for i in ok], [todo[i].options.to_engine_json() for i in ok],
+                                                   safety_sums, shares, arch, layout_json, True))
+        for f in planned["failures"]:
+            i = ok[f["index"]]
+            result["failures"].append({**f, "index": i})
+        for i, p, src in zip(ok, planned["plans"], planned["sources"]["experts"]):
+            result["plans"][i] = p
+            result["sources"]["experts"][i] = src
+        result["sources"]["safety"] = planned["sources"]["safety"]
+    return result
+
+
+def _kinds() -> dict[str, type[Exception]]:
+    """Exception classes by name, to raise a task's failure on the driver as what it was."""
+    from layerswap_fast import errors
+
+    kinds: dict[str, type[Exception]] = {n: getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)}
+    kinds.update({c.__name__: c for c in (OSError, FileNotFoundError, PermissionError)})
+    return kinds
+
+
+def _run_ray(jobs, base, safety, out: Path, layout_json, record, nodes: dict[str, str], hub_inputs) -> None:
+    """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
+    ray = _connect_ray()
+    place = _placer(ray)
+    task = ray.remote(_write_task)
+    pending = {place(task, i).remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, hub_inputs.get(e.name)): e
+               for i, (e, plan) in enumerate(jobs)}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
         try:
-            outcome = ray.get(done[0])
+            outcome, nodes[f"write:{e.name}"] = ray.get(done[0])
         except Exception as err:  # a Ray task error wraps the original exception
             outcome = _failure(getattr(err, "cause", None) or err)
         record(e, outcome)
