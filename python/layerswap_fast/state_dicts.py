@@ -136,7 +136,8 @@ def _run(base: Mapping[str, Any], safety: Mapping[str, Any], expert: Mapping[str
     entries = [_entries(role, sd) for role, sd in zip(ROLES, (base, safety, expert))]
     if allocate is not None and _kind(expert) == "numpy" and opts.out_dtype == "bf16":
         raise InvalidOptionError("out_dtype bf16 needs torch tensors: numpy has no bfloat16")
-    return json.loads(_core.merge_state_dicts(*entries, opts.to_engine_json(), architecture, _layout_json(layout), allocate, progress))
+    b, s, m = entries
+    return json.loads(_core.merge_state_dicts(b, s, m, opts.to_engine_json(), architecture, _layout_json(layout), allocate, progress))
 
 
 def analyze_state_dicts(
