@@ -57,8 +57,9 @@ def _verify_every_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     builtin = {name for name, _ in _core.builtin_layouts()}
 
     @functools.wraps(finish)
-    def finish_then_verify(stage: Path, plan: Any, write: Any, bytes_read: int, opts: Any, inputs: Any, started: float) -> Any:
-        report = finish(stage, plan, write, bytes_read, opts, inputs, started)
+    def finish_then_verify(stage: Path, plan: Any, write: Any, bytes_read: int, opts: Any, inputs: Any, started: float,
+                           *rest: Any) -> Any:
+        report = finish(stage, plan, write, bytes_read, opts, inputs, started, *rest)
         if opts.allow_non_finite or report.get("layout") not in builtin:
             COUNTS["skipped"] += 1
             return report

@@ -26,7 +26,18 @@ from typing import Any, Callable, Iterable, Optional, Union
 from layerswap_fast import _core
 from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
-from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage
+from layerswap_fast import page
+from layerswap_fast.folder import (
+    BULK_PAGE_FILE,
+    PAGE_FILE,
+    REPORT_FILE,
+    architecture,
+    check_output,
+    commit_stage,
+    discard_stage,
+    new_stage,
+    write_text_atomic,
+)
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
@@ -168,7 +179,8 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
     try:
         write = json.loads(_core.write_plan(base, safety, str(expert), str(stage), json.dumps(plan_dict),
                                             architecture(expert), layout_json, sync, progress))
-        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
+        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
+                               target, layout_json)
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -277,7 +289,25 @@ def bulk_merge(
         run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record)
     summary = _summary(entries, names, stats_seconds)
     _write_json_atomic(out_p / SUMMARY, summary)
+    write_index(out_p, summary)
     return summary
+
+
+def write_index(out: Path, summary: dict[str, Any], target: Optional[Path] = None) -> Path:
+    """Writes ``OUT/index.html`` (or ``target``): the cross-language page of a bulk run, from its
+    summary and each expert's own ``OUT/NAME/layerswap_report.json``."""
+    target = target or out / BULK_PAGE_FILE
+    reports: dict[str, Optional[dict[str, Any]]] = {}
+    links: dict[str, str] = {}
+    for name in summary.get("experts") or {}:
+        try:
+            reports[name] = json.loads((out / name / REPORT_FILE).read_text())
+        except (OSError, ValueError):
+            reports[name] = None
+        if (out / name / PAGE_FILE).is_file():
+            links[name] = os.path.relpath(out / name / PAGE_FILE, target.absolute().parent)
+    write_text_atomic(target, page.render_bulk(summary, reports, links))
+    return target
 
 
 def _same_output(saved: Any, opts: MergeOptions) -> bool:

@@ -11,16 +11,20 @@ import functools
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
 
 from layerswap_fast import api, bulk
+from layerswap_fast.errors import InvalidOptionError as InvalidReportError
 from layerswap_fast.errors import LayerswapError, OutputExistsError
 from layerswap_fast.options import from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
-from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary
+from layerswap_fast import page
+from layerswap_fast.folder import BULK_PAGE_FILE, PAGE_FILE, REPORT_FILE, check_written_file, write_text_atomic
+from layerswap_fast.report import bulk_table, decision_strip, decision_table, fmt_bytes, merge_summary
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -150,18 +154,24 @@ def main() -> None:
               help="Save the base and safety-expert statistics to this file, for later bulk runs (merge --stats).")
 @click.option("--compare-numerics", is_flag=True,
               help="Analyse in both exact and official numerics and list the units whose decision differs.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report page (heatmap, ratios, unit table) that a merge would write, to this file.")
 @_errors
 def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, save_stats: Optional[Path],
-            compare_numerics: bool, **params: Any) -> None:
-    """Compute the per-unit scores and decisions; write nothing.
+            compare_numerics: bool, html_file: Optional[Path], **params: Any) -> None:
+    """Compute the per-unit scores and decisions; write nothing (but --save-stats and --html files).
 
     Prints, per unit, the raw scores A_S and A_M, the normalised p_S and p_M, d = p_S - p_M and the
-    decision, exactly as thresholded.
+    decision, exactly as thresholded; then the decisions per layer and the count of fragile units
+    (whose decision would flip if tau were halved or doubled).
     """
     options = from_cli(params)
     if compare_numerics:
         _compare_numerics(base, safety, expert, layout, options, as_json)
         return
+    if html_file is not None:
+        check_written_file(html_file, [base, safety, expert])
+    started = time.perf_counter()
     bar = ProgressBar()
     try:
         plan = api.analyze(base, safety, expert, options=options, layout=layout, progress=bar)
@@ -169,7 +179,14 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
         bar.close()
     if save_stats is not None:
         bulk.save_stats(save_stats, plan, base, safety)
-    click.echo(plan.to_json() if as_json else decision_table(plan))
+    if html_file is not None:
+        report = api.build_report(plan, options, (base, safety, expert), started, api._layout_json(layout))
+        write_text_atomic(html_file, page.render(report))
+    if as_json:
+        click.echo(plan.to_json())
+    else:
+        click.echo(decision_table(plan))
+        click.echo(decision_strip(plan.to_dict()["units"], float(plan.options["tau"])))
 
 
 @main.command()
@@ -216,6 +233,7 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
             bar.close()
         if not quiet:
             click.echo(merge_summary(report, str(out)))
+            click.echo(decision_strip(report["units"], float(report["parameters"]["tau"])))
         return
     if plan_file is not None:
         plan = bulk.load_plan_file(plan_file, options)
@@ -366,3 +384,58 @@ def demo(outdir: Path, layers: int, granularity: str, force: bool) -> None:
     plan = api.analyze(paths["base"], paths["safety"], paths["expert"], granularity=granularity)
     click.echo(decision_table(plan))
     click.echo(merge_summary(report, str(outdir / "merged")))
+    click.echo(decision_strip(report["units"], float(report["parameters"]["tau"])))
+    click.echo(f"report page: {outdir / 'merged' / PAGE_FILE}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File to write: .html regenerates the report page; .png, .svg or .pdf draws the paper's two figures "
+                   "(decision heatmap and ratio plot; needs the plot extra). [default: the page beside the report]")
+@_errors
+def report(path: Path, out_file: Optional[Path]) -> None:
+    """Regenerate the report page, or draw the paper's figures, from a merge's layerswap_report.json.
+
+    PATH is a merge's output folder, its layerswap_report.json, or a bulk run's output folder (whose
+    index.html is regenerated from layerswap_bulk_summary.json and each expert's report).
+    """
+    from layerswap_fast import figures
+
+    summary_file = path / bulk.SUMMARY if path.is_dir() else None
+    if path.is_dir() and not (path / REPORT_FILE).is_file():
+        if summary_file is not None and summary_file.is_file():
+            if out_file is not None and out_file.suffix.lower() != ".html":
+                raise click.UsageError(f"{path} is a bulk run: figures are drawn per expert (report {path}/NAME -o FILE)")
+            summary = _load_json(summary_file)
+            if not isinstance(summary, dict) or not isinstance(summary.get("experts"), dict):
+                raise InvalidReportError(f"{summary_file}: not a layerswap-fast bulk summary (no 'experts')")
+            target = bulk.write_index(path, summary, out_file)
+            click.echo(f"wrote {target}")
+            return
+        raise click.BadParameter(f"{path}: no {REPORT_FILE} (nor {bulk.SUMMARY}) in this folder", param_hint="PATH")
+    report_file = path / REPORT_FILE if path.is_dir() else path
+    data = _load_json(report_file)
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list):
+        raise InvalidReportError(f"{report_file}: not a layerswap-fast report (no 'units')")
+    target = out_file or report_file.parent / PAGE_FILE
+    inputs = [Path(p) for p in (data.get("inputs") or {}).values() if isinstance(p, str)]
+    check_written_file(target, inputs)
+    suffix = target.suffix.lower()
+    if suffix == ".html":
+        write_text_atomic(target, page.render(data))
+    elif suffix in figures.FORMATS:
+        try:
+            figures.draw(data, target)
+        except figures.PlotExtraMissing as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        raise click.BadParameter(f"{target}: write .html, or {', '.join(figures.FORMATS)} for the figures", param_hint="-o")
+    click.echo(f"wrote {target}")
+
+
+def _load_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise InvalidReportError(f"{p}: not valid JSON ({e})") from None

@@ -32,6 +32,12 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 REPORT_FILE = "layerswap_report.json"
+#: The report as a self-contained HTML page, beside the JSON.
+PAGE_FILE = "layerswap_report.html"
+#: The Hugging Face model card of a merged model (written after the side files: it always wins).
+CARD_FILE = "README.md"
+#: The cross-language page of a bulk run, in its output folder.
+BULK_PAGE_FILE = "index.html"
 #: Largest config.json read (real ones are a few kilobytes).
 MAX_CONFIG_BYTES = 16 << 20
 
@@ -105,6 +111,33 @@ def check_output(out: Path, inputs: list[Path], force: bool) -> None:
             raise OutputExistsError(f"{out}: output already exists (use --force to replace it)")
         if not out.is_dir():
             raise OutputExistsError(f"{out}: exists and is not a folder; refusing to replace it")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a sibling temporary file renamed into place: a reader sees
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def check_written_file(path: Path, inputs: list[Path]) -> None:
+    """Refuses to write a file that is an input, or lies inside an input model's folder (an input's
+    weights, index or config must never be overwritten by a report or a page)."""
+    target = Path(path).resolve()
+    for p in inputs:
+        p_r = Path(p).resolve()
+        if target == p_r or (p_r.is_dir() and _inside(target, p_r)):
+            raise OutputExistsError(f"{path}: is or lies inside the input {p}; choose a file outside the inputs")
 
 
 def _fsync_dir(path: Path) -> None:

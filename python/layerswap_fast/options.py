@@ -222,3 +222,31 @@ _FIELDS = {field for group in (_METHOD_OPTIONS, _RESOURCE_OPTIONS, _OUTPUT_OPTIO
 def from_cli(params: dict[str, Any]) -> MergeOptions:
     """Builds MergeOptions from the parameters Click collected (unknown keys are ignored)."""
     return MergeOptions(**{k: v for k, v in params.items() if k in _FIELDS and v is not None})
+
+
+def cli_args(params: dict[str, Any]) -> list[str]:
+    """The method and output flags of ``merge`` (and ``verify``) that reproduce a report's
+    ``parameters``; values equal to what the command would use anyway are left out. Resource options
+    (memory budget, threads) are left out too: the output does not depend on them."""
+    known = {k: params[k] for k in ("numerics", "vocab_from") if params.get(k) is not None}
+    implied = MergeOptions(**known)
+    args: list[str] = []
+    for flags, field, kwargs in _METHOD_OPTIONS + _OUTPUT_OPTIONS:
+        value = params.get(field)
+        flag = next(f for f in flags if f.startswith("--"))
+        if kwargs.get("is_flag"):
+            if value:
+                args.append(flag)
+            continue
+        if value is None:
+            continue
+        if field == "tokenizer_from" and value == implied.effective_tokenizer_from:
+            continue
+        if field == "out_dtype" and value == implied.effective_out_dtype:
+            continue
+        if field == "shard_size" and parse_size(value) == parse_size(kwargs["default"]):
+            continue
+        if value == kwargs.get("default"):
+            continue
+        args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args
