@@ -314,7 +314,7 @@ def render_bulk(summary: dict[str, Any], reports: dict[str, Optional[dict[str, A
             tau = float((r.get("parameters") or {}).get("tau", 0.001))
             strip = heatmap_svg(r["units"], tau, n, cw, id_prefix=f"cell-{name}", ruler=False, labels=False,
                                 row_h=ROW_H if r.get("granularity") != "module" else ROW_H // 2)
-            fr = len(fragile_units(r["units"], tau))
+            fr = str(len(fragile_units(r["units"], tau)))
             gran = r.get("granularity", "")
         else:
             strip, fr, gran = "", "", ""
