@@ -21,7 +21,7 @@ from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
-#: ``progress(phase, done, total)``: phase is "statistics", "write" or "sync"; done/total in bytes.
+#: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -99,7 +99,7 @@ def analyze(
         _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
                       progress=progress)
     )
-    return Plan.from_engine(out["plans"][0], out["stats"])
+    return Plan.from_engine(out["plans"][0])
 
 
 def merge(
@@ -146,7 +146,7 @@ def merge(
                 architecture(expert_p), layout_json, progress,
             )
         )
-        plan = Plan.from_engine(result["plan"], result["stats"])
+        plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
                                out_p, layout_json)
     return report

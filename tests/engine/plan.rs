@@ -1,5 +1,5 @@
-use layerswap_fast::plan::{decide, Decision};
-use layerswap_fast::score::{norm, relative_change};
+use layerswap_fast::analyze::plan::{decide, Decision};
+use layerswap_fast::analyze::score::{norm, relative_change};
 use layerswap_fast::Numerics;
 
 #[test]
