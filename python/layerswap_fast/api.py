@@ -6,6 +6,7 @@ byte of tensor data is read, reduced, blended and written by the Rust engine in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -13,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from layerswap_fast import _core
-from layerswap_fast import card, page
-from layerswap_fast.folder import CARD_FILE, PAGE_FILE, REPORT_FILE, architecture, check_output, copy_side_files, staged_output
+from layerswap_fast import _core, card, page
+from layerswap_fast.folder import (CARD_FILE, PAGE_FILE, REPORT_FILE, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+                                   staged_output)
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
-from layerswap_fast.options import MergeOptions
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
@@ -25,7 +26,16 @@ PathLike = Union[str, os.PathLike]
 ProgressCallback = Callable[[str, int, int], None]
 
 
+_path, _flag, _callback = path_arg, flag_arg, callback_arg
+
+
 def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOptions:
+    """The options of a call: ``options`` with keyword overrides. Unknown keywords are a TypeError
+    naming them (as for any function), wrong values an InvalidOptionError naming the field."""
+    options_arg(options)
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(MergeOptions)})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} (MergeOptions fields and the documented parameters only)")
     if options is None:
         return MergeOptions(**kwargs)
     return options.replace(**kwargs) if kwargs else options
@@ -35,11 +45,10 @@ def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
     """A custom layout file as the engine reads it: JSON as is; TOML (``.toml``) converted to JSON."""
     if layout is None:
         return None
-    p = Path(layout)
+    p = path_arg(layout, "layout")
     if p.suffix.lower() != ".toml":
         return p.read_text()
-    import tomllib
-
+    tomllib = toml()
     try:
         return json.dumps(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as e:
@@ -56,7 +65,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
 
     Args:
         model: a Hugging Face folder or a ``.safetensors`` file.
-        layout: a custom layout definition file (JSON), overriding detection.
+        layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
         ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
@@ -64,7 +73,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = Path(model)
+    p = path_arg(model, "model")
     return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
 
 
@@ -79,7 +88,7 @@ def analyze(
     **kwargs: Any,
 ) -> Plan:
     """Computes the plan: per unit, the scores of the safety and language experts, p_S, p_M, d and the
-    decision (METHOD.md §2–§4). Reads the models once, writes nothing.
+    decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
@@ -95,6 +104,8 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
+    base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
+    callback_arg(progress, "progress")
     out = json.loads(
         _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
                       progress=progress)
@@ -112,20 +123,24 @@ def merge(
     layout: Optional[PathLike] = None,
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
+    config_from: Optional[PathLike] = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
 
     The folder holds the merged safetensors shards (with an index when there is more than one), the
-    language expert's config files, the tokenizer files of ``options.tokenizer_from``,
-    ``layerswap_report.json``, its page ``layerswap_report.html`` and a model card ``README.md``. It is written beside ``out`` and renamed into place at the end: after a
+    language expert's config files, the tokenizer files of ``options.tokenizer_from`` and
+    ``layerswap_report.json``. It is written beside ``out`` and renamed into place at the end: after a
     failure or Ctrl-C there is no ``out`` and no leftover. Inputs are only ever read.
 
     Args:
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` if it is empty or an earlier output of this tool (it holds
+            ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
+        config_from: a model folder whose config, processor and tokenizer files go to the output
+            instead of the language expert's (for a language expert given as a bare ``.safetensors``).
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -135,8 +150,14 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
-    check_output(out_p, [base_p, safety_p, expert_p], force)
+    base_p, safety_p, expert_p, out_p = (_path(base, "base"), _path(safety, "safety"), _path(expert, "expert"), _path(out, "out"))
+    layout_p = _path(layout, "layout", optional=True)
+    config_p = _path(config_from, "config_from", optional=True)
+    _flag(force, "force")
+    _callback(progress, "progress")
+    check_output(out_p, [base_p, safety_p, expert_p, layout_p, config_p], force)
+    # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
+    plan_side_files(expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
     layout_json = _layout_json(layout)
     with staged_output(out_p, force) as stage:
@@ -148,13 +169,18 @@ def merge(
         )
         plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               out_p, layout_json)
+                               config_from=config_p, target=out_p, layout_json=layout_json)
     return report
+
+
+def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Path:
+    base_p, safety_p, expert_p = inputs
+    return {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
 
 
 def describe_inputs(inputs: dict[str, Path], layout_json: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Per input (base, safety, expert): its data size, shard count and detected layout, read from the
-    safetensors headers (no tensor data). An input that cannot be described is listed by path alone."""
+    safetensors headers (no tensor data). An input that cannot be described gets an empty entry."""
     out: dict[str, dict[str, Any]] = {}
     for role, p in inputs.items():
         try:
@@ -166,7 +192,7 @@ def describe_inputs(inputs: dict[str, Path], layout_json: Optional[str] = None) 
 
 
 def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path], started: float,
-                 layout_json: Optional[str] = None) -> dict[str, Any]:
+                 layout_json: Optional[str] = None, config_from: Optional[Path] = None) -> dict[str, Any]:
     """The report of an analysis: tool, inputs (with sizes, shard counts and layouts), parameters and
     every unit's scores and decision. :func:`finish_output` adds what a merge wrote."""
     base_p, safety_p, expert_p = inputs
@@ -174,7 +200,8 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path]
         "tool": "layerswap-fast",
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
-        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p)},
+        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
+                   **({"config_from": str(config_from)} if config_from is not None else {})},
         "input_files": describe_inputs({"base": base_p, "safety": safety_p, "expert": expert_p}, layout_json),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
@@ -190,15 +217,22 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path]
 
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Path, Path, Path], started: float, target: Optional[Path] = None,
-                  layout_json: Optional[str] = None) -> dict[str, Any]:
-    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``), the report, its
-    HTML page and the model card to a staged output whose shards the engine has written. ``target`` is
-    where the stage will be published (named in the card's commands). Returns the report."""
+                  inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
+                  target: Optional[Path] = None, layout_json: Optional[str] = None) -> dict[str, Any]:
+    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
+    ``config_from``), the report, its HTML page and the model card to a staged output whose shards the
+    engine has written. ``target`` is where the stage will be published (named in the card's
+    commands). Returns the report."""
     base_p, safety_p, expert_p = inputs
-    tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
-    side_files = copy_side_files(stage, expert_p, tok_source)
-    report = build_report(plan, opts, inputs, started, layout_json)
+    side = plan_side_files(expert_p, _tokenizer_source(opts, inputs), config_from)
+    side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    notes = list(side.notes)
+    for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
+        ignored = ignored_model_files(p)
+        if ignored:
+            notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
+                         "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
+    report = build_report(plan, opts, inputs, started, layout_json, config_from)
     report["output"] = {
         "path": str(target) if target is not None else None,
         "files": sorted(Path(f).name for f in write["files"]) + sorted(set(side_files) | {CARD_FILE, PAGE_FILE}),
@@ -206,13 +240,15 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "bytes_written": write["bytes_written"],
     }
     report["bytes_read"] = bytes_read
+    report["notes"] = notes
     report["warnings"] = [
         f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
         for name in write.get("expert_only", [])
     ]
     report["seconds"] = round(time.perf_counter() - started, 3)
     (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    # The card is written after the side files: a README.md the expert has never replaces it.
     (stage / PAGE_FILE).write_text(page.render(report), encoding="utf-8")
+    # Written after the side files: a README.md of the expert's never replaces this card, and its front
+    # matter gives the card its license and language.
     (stage / CARD_FILE).write_text(card.render(report, card.read_front_matter(expert_p)), encoding="utf-8")
     return report
