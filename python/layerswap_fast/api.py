@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core, card, page
-from layerswap_fast.folder import (CARD_FILE, PAGE_FILE, REPORT_FILE, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+from layerswap_fast.folder import (CARD_FILE, PAGE_FILE, REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
+from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
@@ -107,7 +108,7 @@ def analyze(
     base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
     callback_arg(progress, "progress")
     out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
+        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
                       progress=progress)
     )
     return Plan.from_engine(out["plans"][0])
@@ -124,6 +125,7 @@ def merge(
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
     config_from: Optional[PathLike] = None,
+    emit: str = "model",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
@@ -141,6 +143,9 @@ def merge(
             ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
         config_from: a model folder whose config, processor and tokenizer files go to the output
             instead of the language expert's (for a language expert given as a bare ``.safetensors``).
+        emit: ``"model"`` (default) writes a full model. ``"adapter"`` (both experts PEFT LoRA
+            adapters) writes the merge as an exact PEFT adapter for ``base`` instead:
+            ``adapter_model.safetensors`` and ``adapter_config.json`` (and the tokenizer).
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -155,32 +160,35 @@ def merge(
     config_p = _path(config_from, "config_from", optional=True)
     _flag(force, "force")
     _callback(progress, "progress")
+    if emit not in ("model", "adapter"):
+        raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
     check_output(out_p, [base_p, safety_p, expert_p, layout_p, config_p], force)
     # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
-    plan_side_files(expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
+    plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
-    layout_json = _layout_json(layout)
     with staged_output(out_p, force) as stage:
         result = json.loads(
             _core.merge(
                 str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
-                architecture(expert_p), layout_json, progress,
+                architecture(model_of(expert_p, base_p)), _layout_json(layout), progress, emit,
             )
         )
         plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               config_from=config_p, target=out_p, layout_json=layout_json)
+                               config_from=config_p, sources=result.get("sources"), target=out_p, layout_json=_layout_json(layout))
     return report
 
 
 def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
-    return {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+    # A LoRA adapter's tokenizer is its own if it saved one, else the base model's.
+    return tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
 
 
 def describe_inputs(inputs: dict[str, Path], layout_json: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Per input (base, safety, expert): its data size, shard count and detected layout, read from the
-    safetensors headers (no tensor data). An input that cannot be described gets an empty entry."""
+    safetensors headers (no tensor data). An input that cannot be described (e.g. a LoRA adapter) gets
+    an empty entry."""
     out: dict[str, dict[str, Any]] = {}
     for role, p in inputs.items():
         try:
@@ -218,26 +226,38 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path]
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
-                  target: Optional[Path] = None, layout_json: Optional[str] = None) -> dict[str, Any]:
+                  sources: Optional[dict[str, Any]] = None, target: Optional[Path] = None,
+                  layout_json: Optional[str] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
     ``config_from``), the report, its HTML page and the model card to a staged output whose shards the
     engine has written. ``target`` is where the stage will be published (named in the card's
-    commands). Returns the report."""
+    commands). Returns the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
+    adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
     base_p, safety_p, expert_p = inputs
-    side = plan_side_files(expert_p, _tokenizer_source(opts, inputs), config_from)
+    side = plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, inputs), config_from)
+    adapter_out = "modules" in write
+    if adapter_out:
+        side.copies = [(src, name) for src, name in side.copies if name in TOKENIZER_FILES]
     side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    if adapter_out:
+        side_files.append(write_adapter_config(stage, write, base_p, safety_p, expert_p))
     notes = list(side.notes)
     for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
-        ignored = ignored_model_files(p)
+        ignored = [] if is_adapter(p) else ignored_model_files(p)
         if ignored:
             notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
                          "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
     report = build_report(plan, opts, inputs, started, layout_json, config_from)
+    if sources:  # whether each expert is a full model or a LoRA adapter (rank), and where its sums come from
+        report["sources"] = sources
     report["output"] = {
         "path": str(target) if target is not None else None,
         "files": sorted(Path(f).name for f in write["files"]) + sorted(set(side_files) | {CARD_FILE, PAGE_FILE}),
         "tensors": write["tensors"],
         "bytes_written": write["bytes_written"],
+        **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
+           else {"kind": "model"}),
     }
     report["bytes_read"] = bytes_read
     report["notes"] = notes
@@ -246,6 +266,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         for name in write.get("expert_only", [])
     ]
     report["seconds"] = round(time.perf_counter() - started, 3)
+    report["peak_rss_bytes"] = peak_rss_bytes()
     (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (stage / PAGE_FILE).write_text(page.render(report), encoding="utf-8")
     # Written after the side files: a README.md of the expert's never replaces this card, and its front

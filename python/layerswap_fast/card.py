@@ -113,7 +113,9 @@ def _yaml_value(v: Any) -> str:
 
 def front_matter(report: dict[str, Any], expert_front: dict[str, Any]) -> dict[str, Any]:
     """The card's metadata as a dict (in the order it is written)."""
-    meta: dict[str, Any] = {"base_model": base_model(report), "base_model_relation": "merge", "library_name": "transformers"}
+    adapter = (report.get("output") or {}).get("kind") == "adapter"
+    meta: dict[str, Any] = {"base_model": base_model(report), "base_model_relation": "merge",
+                            "library_name": "peft" if adapter else "transformers"}
     for k in COPIED_KEYS:
         if expert_front.get(k) not in (None, "", []):
             meta[k] = expert_front[k]

@@ -234,12 +234,14 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
 @click.option("--config-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Model folder whose config, processor and tokenizer files go to the output (for a language expert given as a bare .safetensors file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--emit", type=click.Choice(("model", "adapter")), default="model", show_default=True,
+              help="What to write: a full model, or (both experts PEFT LoRA adapters) the merge as an exact PEFT adapter for the base.")
 @method_options
 @resource_options
 @output_options
 @_errors
 def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path], out: Optional[Path],
-          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, config_from: Optional[Path], quiet: bool,
+          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, config_from: Optional[Path], quiet: bool, emit: str,
           **params: Any) -> None:
     """Merge the safety expert into the language expert(s) and write Hugging Face folders.
 
@@ -263,13 +265,15 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
         bar = ProgressBar(enabled=False if quiet else None)
         try:
             report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar,
-                               config_from=config_from)
+                               config_from=config_from, emit=emit)
         finally:
             bar.close()
         if not quiet:
             click.echo(merge_summary(report, str(out)))
             click.echo(decision_strip(report["units"], float(report["parameters"]["tau"])))
         return
+    if emit != "model":
+        raise click.UsageError("--emit adapter writes one adapter: give one -m/--expert without a name (bulk runs write full models)")
     if plan_file is not None:
         plan = bulk.load_bulk_file(plan_file, options)
         base, safety = base or plan.base, safety or plan.safety
