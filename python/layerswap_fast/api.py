@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from layerswap_fast import _core, card, page
+from layerswap_fast import _core, card, hub, page
 from layerswap_fast.folder import (CARD_FILE, PAGE_FILE, REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
@@ -62,7 +62,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
     """Opens one model and describes it: detected layout, layers, and where every tensor belongs.
 
     Args:
-        model: a Hugging Face folder or a ``.safetensors`` file.
+        model: a Hugging Face folder, a ``.safetensors`` file or a hub id ``org/name[@REVISION]``.
         layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
@@ -71,7 +71,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = path_arg(model, "model")
+    p = hub.resolve(path_arg(model, "model")).path
     return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
 
 
@@ -89,7 +89,8 @@ def analyze(
     decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        base, safety, expert: model folders, ``.safetensors`` files or hub ids (``org/name[@REVISION]``,
+            looked up in the hub cache; an existing local path wins) of B, S and M.
         options: a :class:`MergeOptions`; keyword arguments (``granularity=``, ``tau=``, ``alpha=``,
             ``numerics=``, ``max_memory=``, ``threads=``...) override its fields.
         layout: a custom layout definition file.
@@ -102,10 +103,11 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
-    base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
+    base_p, safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((base, "base"), (safety, "safety"), (expert, "expert")))
     callback_arg(progress, "progress")
     out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
+        _core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], architecture(model_of(expert_p, base_p)),
+                      _layout_json(layout),
                       progress=progress)
     )
     return Plan.from_engine(out["plans"][0])
@@ -133,7 +135,8 @@ def merge(
     failure or Ctrl-C there is no ``out`` and no leftover. Inputs are only ever read.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        base, safety, expert: model folders, ``.safetensors`` files or hub ids of B, S and M (as for
+            :func:`analyze`); the report records each hub id with the commit it resolved to.
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
         force: replace an existing ``out`` if it is empty or an earlier output of this tool (it holds
@@ -152,7 +155,8 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    base_p, safety_p, expert_p, out_p = (path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert"), path_arg(out, "out"))
+    sources = {role: hub.resolve(path_arg(m, role)) for role, m in (("base", base), ("safety", safety), ("expert", expert))}
+    base_p, safety_p, expert_p, out_p = sources["base"].path, sources["safety"].path, sources["expert"].path, path_arg(out, "out")
     layout_p = path_arg(layout, "layout", optional=True)
     config_p = path_arg(config_from, "config_from", optional=True)
     flag_arg(force, "force")
@@ -172,7 +176,8 @@ def merge(
         )
         plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               config_from=config_p, sources=result.get("sources"), target=out_p, layout_json=_layout_json(layout))
+                               config_from=config_p, sources=result.get("sources"), hub_inputs=hub.hub_report(sources),
+                               target=out_p, layout_json=_layout_json(layout))
     return report
 
 
@@ -223,14 +228,16 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path]
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
-                  sources: Optional[dict[str, Any]] = None, target: Optional[Path] = None,
-                  layout_json: Optional[str] = None) -> dict[str, Any]:
+                  sources: Optional[dict[str, Any]] = None, hub_inputs: Optional[dict[str, dict[str, str]]] = None,
+                  target: Optional[Path] = None, layout_json: Optional[str] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
     ``config_from``), the report, its HTML page and the model card to a staged output whose shards the
     engine has written. ``target`` is where the stage will be published (named in the card's
     commands). Returns the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
     adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
-    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter.
+    ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the
+    report's ``"hub"``."""
     base_p, safety_p, expert_p = inputs
     side = plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, inputs), config_from)
     adapter_out = "modules" in write
@@ -248,6 +255,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
     report = build_report(plan, opts, inputs, started, layout_json, config_from)
     if sources:  # whether each expert is a full model or a LoRA adapter (rank), and where its sums come from
         report["sources"] = sources
+    if hub_inputs:  # inputs named by hub id: id, revision and the commit they resolved to (for an exact rerun)
+        report["hub"] = hub_inputs
     report["output"] = {
         "path": str(target) if target is not None else None,
         "files": sorted(Path(f).name for f in write["files"]) + sorted(set(side_files) | {CARD_FILE, PAGE_FILE}),
