@@ -49,7 +49,33 @@ pub fn open_lenient(
     }
     let base = Model::open(base)?;
     let safety = Expert::open(safety, &base)?;
-    let mut opened: Vec<Result<Expert>> = experts.iter().map(|p| Expert::open(p, &base)).collect();
+    let opened: Vec<Result<Expert>> = experts.iter().map(|p| Expert::open(p, &base)).collect();
+    check_lenient(base, safety, opened, architecture, layout)
+}
+
+/// Checks models that are already open (from files, or state dicts in memory: see
+/// [`Model::from_memory`]) exactly as [`open`] checks files; any bad expert is an error.
+pub fn from_models(base: Model, safety: Model, experts: Vec<Model>, architecture: Option<&str>, layout: Option<&LayoutDef>) -> Result<Session> {
+    if experts.is_empty() {
+        return Err(Error::argument("at least one language expert is needed"));
+    }
+    let opened = experts.into_iter().map(|m| Ok(Expert::Full(m))).collect();
+    let (session, outcomes) = check_lenient(base, Expert::Full(safety), opened, architecture, layout)?;
+    for outcome in outcomes {
+        outcome?;
+    }
+    Ok(session)
+}
+
+/// [`open_lenient`] after the opening: detects the layout on the first expert that opened and checks
+/// every model against it.
+fn check_lenient(
+    base: Model,
+    safety: Expert,
+    mut opened: Vec<Result<Expert>>,
+    architecture: Option<&str>,
+    layout: Option<&LayoutDef>,
+) -> Result<(Session, Vec<Result<usize>>)> {
     let first = match opened.iter().position(|m| m.is_ok()) {
         Some(i) => i,
         None => return Err(opened.remove(0).unwrap_err()),

@@ -30,12 +30,17 @@ pub fn chunks(numels: &[u64], chunk_elems: usize) -> Vec<Chunk> {
     out
 }
 
-/// Reads elements `[start, start + len)` of tensor `t` of `model` into the front of `buf`; returns the
-/// filled bytes.
-pub fn read_elems<'b>(model: &Model, t: &TensorRef, start: u64, len: usize, buf: &'b mut AlignedBuf) -> Result<&'b [u8]> {
+/// Elements `[start, start + len)` of tensor `t` of `model`: read into the front of `buf` from a file,
+/// or, for a tensor in memory that is aligned for its dtype, the bytes in place with no copy at all.
+pub fn read_elems<'a>(model: &'a Model, t: &TensorRef, start: u64, len: usize, buf: &'a mut AlignedBuf) -> Result<&'a [u8]> {
     let size = t.dtype.size();
+    let shard = model.shard_of(t);
+    let offset = t.offset + start * size as u64;
+    if let Some(bytes) = shard.borrow(offset, len * size).filter(|b| (b.as_ptr() as usize) % size == 0) {
+        return Ok(bytes);
+    }
     let bytes = buf.bytes_mut(len * size);
-    model.shard_of(t).read_at(t.offset + start * size as u64, bytes)?;
+    shard.read_at(offset, bytes)?;
     Ok(bytes)
 }
 

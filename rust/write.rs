@@ -20,7 +20,7 @@ use crate::dtype::{cast, cast_mut, decode_f32, decode_f64, encode_f32, encode_f6
 use crate::error::{Error, Result};
 use crate::expert::{Expert, Term};
 use crate::io::writer::OutputTensor;
-use crate::io::{Model, OutputWriter, ShardMap};
+use crate::io::{MemoryRegion, Model, OutputWriter, ShardMap};
 use crate::layout::Place;
 use crate::official;
 use crate::open::Session;
@@ -52,6 +52,35 @@ impl Session {
     /// folder `out_dir`. With `sync` false the final sync to disk is left to the caller (see
     /// [`OutputWriter::finish`]). Refuses to finish when an input changed since it was opened.
     pub fn write(&self, expert: usize, plan: &Plan, out_dir: &Path, sync: bool, progress: &Progress) -> Result<WriteSummary> {
+        let specs = self.outputs(expert, plan)?;
+        // Laid out like the host's own shards where possible, so that on a copy-on-write file system
+        // the tensors copied whole share the inputs' blocks instead of being written.
+        // (A LoRA expert has no shards of its own: the plain layout.)
+        let like = match &self.experts[expert] {
+            Expert::Full(m) => ShardMap::like(m, &specs, plan.options.shard_size)?,
+            Expert::Lora { .. } => None,
+        };
+        let shards = match like {
+            Some(s) => s,
+            None => ShardMap::new(&specs, plan.options.shard_size)?,
+        };
+        let writer = OutputWriter::create(out_dir, &shards)?;
+        self.write_into(expert, plan, &shards, writer, sync, progress)
+    }
+
+    /// [`Session::write`] into memory: fills `buffers`, one per tensor of [`Session::outputs`] in that
+    /// order, each exactly its tensor's size (the memory sink beside the file one). Nothing is
+    /// written to disk; the summary lists no files.
+    pub fn write_memory(&self, expert: usize, plan: &Plan, buffers: Vec<MemoryRegion>, progress: &Progress) -> Result<WriteSummary> {
+        let specs = self.outputs(expert, plan)?;
+        let shards = ShardMap::in_memory(&specs)?;
+        let writer = OutputWriter::memory(&shards, buffers)?;
+        self.write_into(expert, plan, &shards, writer, false, progress)
+    }
+
+    /// The tensors of language expert `expert`'s merged model, in output order: name, dtype (the
+    /// plan's `out_dtype` for floats; other tensors keep theirs) and shape. Checks the plan first.
+    pub fn outputs(&self, expert: usize, plan: &Plan) -> Result<Vec<(String, Dtype, Vec<u64>)>> {
         let options = &plan.options;
         options.validate()?;
         let Some(host) = self.experts.get(expert) else {
@@ -68,24 +97,23 @@ impl Session {
             )));
         }
         self.check_vocab(expert, options)?;
-        let started = Instant::now();
-        let specs: Vec<(String, Dtype, Vec<u64>)> = host
+        // A tensor made from LoRA factors cannot be computed in the authors' arithmetic.
+        if (self.safety.adapter().is_some() || host.adapter().is_some()) && options.numerics == Numerics::Official {
+            return Err(Error::argument("numerics 'official' takes full models only; LoRA adapter experts need numerics 'exact'"));
+        }
+        Ok(host
             .tensors()
             .iter()
             // Non-float tensors (masks, position ids) keep their type: only floats are converted.
             .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
-            .collect();
-        // Laid out like the host's own shards where possible, so that on a copy-on-write file system
-        // the tensors copied whole share the inputs' blocks instead of being written.
-        // (A LoRA expert has no shards of its own: the plain layout.)
-        let like = match host {
-            Expert::Full(m) => ShardMap::like(m, &specs, options.shard_size)?,
-            Expert::Lora { .. } => None,
-        };
-        let shards = match like {
-            Some(s) => s,
-            None => ShardMap::new(&specs, options.shard_size)?,
-        };
+            .collect())
+    }
+
+    /// The write pass into `writer`, laid out as `shards` (made from [`Session::outputs`]).
+    fn write_into(&self, expert: usize, plan: &Plan, shards: &ShardMap, writer: OutputWriter, sync: bool, progress: &Progress) -> Result<WriteSummary> {
+        let options = &plan.options;
+        let host = &self.experts[expert];
+        let started = Instant::now();
         let jobs: Vec<Job> = shards
             .tensors
             .iter()
@@ -104,15 +132,11 @@ impl Session {
             .collect();
         // A tensor made from LoRA factors is computed in float64 in two more chunk-sized buffers.
         let lora = self.safety.adapter().is_some() || host.adapter().is_some();
-        if lora && options.numerics == Numerics::Official {
-            return Err(Error::argument("numerics 'official' takes full models only; LoRA adapter experts need numerics 'exact'"));
-        }
         let budget = if lora {
             Budget::plan(options.max_memory, options.threads, BUFFERS_LORA, 8)?
         } else {
             Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?
         };
-        let writer = OutputWriter::create(out_dir, &shards)?;
         progress.start(Phase::Write, shards.total_data_bytes());
         run_pool(budget.workers, || {
             let pool = BufferPool::new(&budget);
@@ -125,7 +149,7 @@ impl Session {
         }
         progress.start(Phase::Sync, 0);
         let cloned = writer.bytes_cloned();
-        let files = writer.finish(&shards, sync)?;
+        let files = writer.finish(shards, sync)?;
         Ok(WriteSummary {
             files,
             tensors: shards.tensors.len(),

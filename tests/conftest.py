@@ -40,6 +40,15 @@ def trio(make_trio: Callable[..., dict[str, Path]]) -> dict[str, Path]:
     return make_trio()
 
 
+#: Files a merge writes about itself (they name paths, thread counts and timings, so two runs differ).
+REPORT_FILES = ("layerswap_report.json", "layerswap_report.html", "README.md")
+
+
+def model_digest(path: Path) -> dict[str, str]:
+    """tree_digest of an output folder without its report, report page and model card."""
+    return {k: v for k, v in tree_digest(path).items() if k not in REPORT_FILES}
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file below path (to prove inputs are never modified)."""
     out = {}

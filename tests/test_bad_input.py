@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from click.testing import CliRunner
 
 import layerswap_fast as lsf
-from conftest import tree_digest
+from conftest import REPORT_FILES, tree_digest
 from layerswap_fast import cli
 from layerswap_fast.errors import InvalidModelError, LayerswapError
 
@@ -431,7 +431,7 @@ def test_every_side_file_a_hugging_face_folder_needs_is_copied(tmp_path: Path) -
     out = tmp_path / "out"
     lsf.merge(GOOD["base"], GOOD["safety"], expert, out)
     want = {p.name for p in expert.iterdir()} - {"model.safetensors", "notes.md", "modeling_unnamed.py"}
-    got = {p.name for p in out.iterdir()} - {"model.safetensors", "layerswap_report.json"}
+    got = {p.name for p in out.iterdir()} - {"model.safetensors", *REPORT_FILES}
     assert got == want, (sorted(got ^ want))
     for name in want:
         assert (out / name).read_bytes() == (expert / name).read_bytes(), name
@@ -460,7 +460,7 @@ def test_single_file_expert_says_what_is_missing_and_config_from_supplies_it(tmp
     code, stdout, err = run_cli(merge_args(paths, out)[:-1])
     assert code == 0, err
     assert "note:" in stdout and "no config.json and no tokenizer files" in stdout and "--config-from" in stdout, stdout
-    assert sorted(p.name for p in out.iterdir()) == ["layerswap_report.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", *REPORT_FILES])
     out2 = tmp_path / "with-config"
     code, stdout, err = run_cli(merge_args(paths, out2, "--config-from", str(GOOD["expert"])))
     assert code == 0, err

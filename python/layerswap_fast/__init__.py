@@ -22,6 +22,7 @@ from layerswap_fast.errors import (
 )
 from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan, TensorStats, UnitDecision
+from layerswap_fast.state_dicts import analyze_state_dicts, merge_state_dicts
 from layerswap_fast.verify import VerifyResult, verify
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "analyze",
     "merge",
     "inspect",
+    "merge_state_dicts",
+    "analyze_state_dicts",
     "verify",
     "VerifyResult",
     "MergeOptions",

@@ -24,6 +24,7 @@ __all__ = [
     "checksums",
     "inspect",
     "merge",
+    "merge_state_dicts",
     "plans_from_sums",
     "sums",
     "write",
@@ -93,3 +94,17 @@ def plans_from_sums(
 ) -> str: ...
 def builtin_layouts() -> list[tuple[str, str]]: ...
 def checksums(paths: list[_Path], threads: int) -> list[str]: ...
+
+# One tensor handed over in memory: name, safetensors dtype name, shape, DLPack capsule (__dlpack__()).
+_Entry = tuple[str, str, list[int], object]
+
+def merge_state_dicts(
+    base: list[_Entry],
+    safety: list[_Entry],
+    expert: list[_Entry],
+    options_json: str,
+    architecture: Optional[str] = None,
+    layout_json: Optional[str] = None,
+    allocate: Optional[Callable[[list[tuple[str, str, list[int]]]], list[object]]] = None,
+    progress: _Progress = None,
+) -> str: ...

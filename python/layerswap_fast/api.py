@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from layerswap_fast import _core, hub
-from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+from layerswap_fast import _core, card, hub, page
+from layerswap_fast.folder import (CARD_FILE, PAGE_FILE, REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
-from layerswap_fast.errors import InvalidOptionError
+from layerswap_fast.errors import InvalidOptionError, LayerswapError
 from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
@@ -176,7 +176,8 @@ def merge(
         )
         plan = Plan.from_engine(result["plan"])
         report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               config_from=config_p, sources=result.get("sources"), hub_inputs=hub.hub_report(sources))
+                               config_from=config_p, sources=result.get("sources"), hub_inputs=hub.hub_report(sources),
+                               target=out_p, layout_json=_layout_json(layout))
     return report
 
 
@@ -186,12 +187,53 @@ def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Pa
     return tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
 
 
+def describe_inputs(inputs: dict[str, Path], layout_json: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Per input (base, safety, expert): its data size, shard count and detected layout, read from the
+    safetensors headers (no tensor data). An input that cannot be described (e.g. a LoRA adapter) gets
+    an empty entry."""
+    out: dict[str, dict[str, Any]] = {}
+    for role, p in inputs.items():
+        try:
+            info = json.loads(_core.inspect(str(p), architecture(p), layout_json))
+            out[role] = {"bytes": info["data_bytes"], "shards": info["shards"], "layout": info["layout"]}
+        except (LayerswapError, OSError, ValueError):
+            out[role] = {}
+    return out
+
+
+def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path], started: float,
+                 layout_json: Optional[str] = None, config_from: Optional[Path] = None) -> dict[str, Any]:
+    """The report of an analysis: tool, inputs (with sizes, shard counts and layouts), parameters and
+    every unit's scores and decision. :func:`finish_output` adds what a merge wrote."""
+    base_p, safety_p, expert_p = inputs
+    return {
+        "tool": "layerswap-fast",
+        "version": _core.__version__,
+        "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
+        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
+                   **({"config_from": str(config_from)} if config_from is not None else {})},
+        "input_files": describe_inputs({"base": base_p, "safety": safety_p, "expert": expert_p}, layout_json),
+        "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
+                       "threads": opts.effective_threads},
+        "layout": plan.layout,
+        "n_layers": plan.n_layers,
+        "granularity": plan.granularity,
+        "numerics": opts.numerics,
+        "counts": plan.counts(),
+        "units": plan.to_dict()["units"],
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
-                  sources: Optional[dict[str, Any]] = None, hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
+                  sources: Optional[dict[str, Any]] = None, hub_inputs: Optional[dict[str, dict[str, str]]] = None,
+                  target: Optional[Path] = None, layout_json: Optional[str] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
-    ``config_from``) and the report to a staged output whose shards the engine has written. Returns
-    the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
+    ``config_from``), the report, its HTML page and the model card to a staged output whose shards the
+    engine has written. ``target`` is where the stage will be published (named in the card's
+    commands). Returns the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
     adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
     ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter.
     ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the
@@ -210,41 +252,32 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         if ignored:
             notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
                          "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
-    report = {
-        "tool": "layerswap-fast",
-        "version": _core.__version__,
-        "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
-        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
-                   **({"config_from": str(config_from)} if config_from is not None else {})},
-        # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
-        **({"sources": sources} if sources else {}),
-        # Inputs named by hub id: id, revision and the commit they resolved to (for an exact rerun).
-        **({"hub": hub_inputs} if hub_inputs else {}),
-        "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
-                       "threads": opts.effective_threads},
-        "layout": plan.layout,
-        "n_layers": plan.n_layers,
-        "granularity": plan.granularity,
-        "numerics": opts.numerics,
-        "counts": plan.counts(),
-        "units": plan.to_dict()["units"],
-        "output": {
-            "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
-            "tensors": write["tensors"],
-            "bytes_written": write["bytes_written"],
-            # Shared with the inputs' blocks instead of written (copy-on-write file systems only).
-            "bytes_cloned": write.get("bytes_cloned", 0),
-            **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
-               else {"kind": "model"}),
-        },
-        "bytes_read": bytes_read,
-        "seconds": round(time.perf_counter() - started, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "notes": notes,
-        "warnings": [
-            f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
-            for name in write.get("expert_only", [])
-        ],
+    report = build_report(plan, opts, inputs, started, layout_json, config_from)
+    if sources:  # whether each expert is a full model or a LoRA adapter (rank), and where its sums come from
+        report["sources"] = sources
+    if hub_inputs:  # inputs named by hub id: id, revision and the commit they resolved to (for an exact rerun)
+        report["hub"] = hub_inputs
+    report["output"] = {
+        "path": str(target) if target is not None else None,
+        "files": sorted(Path(f).name for f in write["files"]) + sorted(set(side_files) | {CARD_FILE, PAGE_FILE}),
+        "tensors": write["tensors"],
+        "bytes_written": write["bytes_written"],
+        # Shared with the inputs' blocks instead of written (copy-on-write file systems only).
+        "bytes_cloned": write.get("bytes_cloned", 0),
+        **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
+           else {"kind": "model"}),
     }
+    report["bytes_read"] = bytes_read
+    report["notes"] = notes
+    report["warnings"] = [
+        f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
+        for name in write.get("expert_only", [])
+    ]
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["peak_rss_bytes"] = peak_rss_bytes()
     (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (stage / PAGE_FILE).write_text(page.render(report), encoding="utf-8")
+    # Written after the side files: a README.md of the expert's never replaces this card, and its front
+    # matter gives the card its license and language.
+    (stage / CARD_FILE).write_text(card.render(report, card.read_front_matter(expert_p)), encoding="utf-8")
     return report

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 from layerswap_fast import _core, hub
 from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
-from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
+from layerswap_fast import page
+from layerswap_fast.folder import (BULK_MANIFEST, BULK_PAGE_FILE, PAGE_FILE, REPORT_FILE, write_text_atomic, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
                                    discard_stage, new_stage, plan_side_files, replace_refusal)
 from layerswap_fast.lora import model_of
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
@@ -40,7 +41,7 @@ SUMMARY = "layerswap_bulk_summary.json"
 #: Files this tool writes (or may write) in OUT beside the experts' folders: no expert may be named
 #: like one of them, nor like anything starting with "layerswap" (compared without case, as on
 #: case-insensitive filesystems). Writers of new OUT files add their names here.
-OWN_FILES = [MANIFEST, SUMMARY, "index.html", "report.html", "README.md"]
+OWN_FILES = [MANIFEST, SUMMARY, BULK_PAGE_FILE, "report.html", "README.md"]
 EXECUTORS = ("local", "ray")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -195,7 +196,7 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
         write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
                                             architecture(model_of(expert, Path(base))), layout_json, sync, progress))
         report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
-                               sources=plan_dict.get("sources"), hub_inputs=hub_inputs)
+                               sources=plan_dict.get("sources"), hub_inputs=hub_inputs, target=target, layout_json=layout_json)
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -339,7 +340,7 @@ def _remove_if_unused(out: Path, created: bool, published: list[str]) -> None:
     """A run that created OUT and published nothing leaves no OUT (only its own files are removed)."""
     if not created or published or not out.is_dir():
         return
-    for name in (SUMMARY, MANIFEST):
+    for name in (SUMMARY, MANIFEST, BULK_PAGE_FILE):
         with contextlib.suppress(OSError):
             (out / name).unlink()
     with contextlib.suppress(OSError):
@@ -425,7 +426,25 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
         summary["ray_nodes"] = nodes
     if out_p.exists():
         _write_json_atomic(out_p / SUMMARY, summary)
+        write_index(out_p, summary)
     return summary
+
+
+def write_index(out: Path, summary: dict[str, Any], target: Optional[Path] = None) -> Path:
+    """Writes ``OUT/index.html`` (or ``target``): the cross-language page of a bulk run, from its
+    summary and each expert's own ``OUT/NAME/layerswap_report.json``."""
+    target = target or out / BULK_PAGE_FILE
+    reports: dict[str, Optional[dict[str, Any]]] = {}
+    links: dict[str, str] = {}
+    for name in summary.get("experts") or {}:
+        try:
+            reports[name] = json.loads((out / name / REPORT_FILE).read_text())
+        except (OSError, ValueError):
+            reports[name] = None
+        if (out / name / PAGE_FILE).is_file():
+            links[name] = os.path.relpath(out / name / PAGE_FILE, target.absolute().parent)
+    write_text_atomic(target, page.render_bulk(summary, reports, links))
+    return target
 
 
 def _same_output(saved: Any, opts: MergeOptions) -> bool:

@@ -11,6 +11,7 @@ import functools
 import json
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,7 +23,10 @@ from layerswap_fast.errors import LayerswapError, OutputExistsError
 from layerswap_fast.folder import LeftoverWarning, check_not_input
 from layerswap_fast.options import from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
-from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary, plural, report_table
+from layerswap_fast import page
+from layerswap_fast.errors import InvalidOptionError as InvalidReportError
+from layerswap_fast.folder import BULK_PAGE_FILE, PAGE_FILE, REPORT_FILE, write_text_atomic
+from layerswap_fast.report import bulk_table, decision_strip, decision_table, fmt_bytes, merge_summary, plural, report_table
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -179,17 +183,23 @@ def main() -> None:
               help="Save the base and safety-expert statistics to this file, for later bulk runs (merge --stats).")
 @click.option("--compare-numerics", is_flag=True,
               help="Analyse in both exact and official numerics and list the units whose decision differs.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report page (heatmap, ratios, unit table) that a merge would write, to this file.")
 @_errors
 def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, save_stats: Optional[Path],
-            compare_numerics: bool, **params: Any) -> None:
-    """Compute the per-unit scores and decisions; write nothing.
+            compare_numerics: bool, html_file: Optional[Path], **params: Any) -> None:
+    """Compute the per-unit scores and decisions; write nothing (but the --save-stats and --html files).
 
     Prints, per unit, the raw scores A_S and A_M, the normalised p_S and p_M, d = p_S - p_M and the
-    decision, exactly as thresholded.
+    decision, exactly as thresholded; then the decisions per layer and the count of fragile units
+    (whose decision would flip if tau were halved or doubled).
     """
     options = from_cli(params)
     if save_stats is not None:
         bulk.check_stats_path(save_stats, [base, safety, expert, layout])
+    if html_file is not None:
+        check_not_input(html_file, [base, safety, expert, layout], "--html file")
+    started = time.perf_counter()
     if compare_numerics:
         _compare_numerics(base, safety, expert, layout, options, as_json)
         return
@@ -200,7 +210,14 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
         bar.close()
     if save_stats is not None:
         bulk.save_stats(save_stats, plan, base, safety, expert)
-    click.echo(plan.to_json() if as_json else decision_table(plan))
+    if html_file is not None:
+        report = api.build_report(plan, options, (base, safety, expert), started, api._layout_json(layout))
+        write_text_atomic(html_file, page.render(report))
+    if as_json:
+        click.echo(plan.to_json())
+    else:
+        click.echo(decision_table(plan))
+        click.echo(decision_strip(plan.to_dict()["units"], float(plan.options["tau"])))
 
 
 @main.command()
@@ -254,6 +271,7 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
             bar.close()
         if not quiet:
             click.echo(merge_summary(report, str(out)))
+            click.echo(decision_strip(report["units"], float(report["parameters"]["tau"])))
         return
     if emit != "model":
         raise click.UsageError("--emit adapter writes one adapter: give one -m/--expert without a name (bulk runs write full models)")
@@ -412,3 +430,56 @@ def demo(outdir: Path, layers: int, granularity: str, force: bool) -> None:
     report = api.merge(paths["base"], paths["safety"], paths["expert"], outdir / "merged", granularity=granularity, force=True)
     click.echo(report_table(report))
     click.echo(merge_summary(report, str(outdir / "merged"), units=False))
+    click.echo(decision_strip(report["units"], float(report["parameters"]["tau"])))
+    click.echo(f"report page: {outdir / 'merged' / PAGE_FILE}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File to write: .html regenerates the report page; .png, .svg or .pdf draws the paper's two figures "
+                   "(decision heatmap and ratio plot; needs the plot extra). [default: the page beside the report]")
+@_errors
+def report(path: Path, out_file: Optional[Path]) -> None:
+    """Regenerate the report page, or draw the paper's figures, from a merge's layerswap_report.json.
+
+    PATH is a merge's output folder, its layerswap_report.json, or a bulk run's output folder (whose
+    index.html is regenerated from layerswap_bulk_summary.json and each expert's report).
+    """
+    from layerswap_fast import figures
+
+    if path.is_dir() and not (path / REPORT_FILE).is_file():
+        summary_file = path / bulk.SUMMARY
+        if summary_file.is_file():
+            if out_file is not None and out_file.suffix.lower() != ".html":
+                raise click.UsageError(f"{path} is a bulk run: figures are drawn per expert (report {path}/NAME -o FILE)")
+            summary = _load_json(summary_file)
+            if not isinstance(summary, dict) or not isinstance(summary.get("experts"), dict):
+                raise InvalidReportError(f"{summary_file}: not a layerswap-fast bulk summary (no 'experts')")
+            click.echo(f"wrote {bulk.write_index(path, summary, out_file)}")
+            return
+        raise click.BadParameter(f"{path}: no {REPORT_FILE} (nor {bulk.SUMMARY}) in this folder", param_hint="PATH")
+    report_file = path / REPORT_FILE if path.is_dir() else path
+    data = _load_json(report_file)
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list):
+        raise InvalidReportError(f"{report_file}: not a layerswap-fast report (no 'units')")
+    target = out_file or report_file.parent / PAGE_FILE
+    check_not_input(target, [Path(p) for p in (data.get("inputs") or {}).values() if isinstance(p, str)], "report file")
+    suffix = target.suffix.lower()
+    if suffix == ".html":
+        write_text_atomic(target, page.render(data))
+    elif suffix in figures.FORMATS:
+        try:
+            figures.draw(data, target)
+        except figures.PlotExtraMissing as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        raise click.BadParameter(f"{target}: write .html, or {', '.join(figures.FORMATS)} for the figures", param_hint="-o")
+    click.echo(f"wrote {target}")
+
+
+def _load_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise InvalidReportError(f"{p}: not valid JSON ({e})") from None

@@ -42,6 +42,12 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 REPORT_FILE = "layerswap_report.json"
+#: The report as a self-contained HTML page, beside the JSON.
+PAGE_FILE = "layerswap_report.html"
+#: The Hugging Face model card of a merged model (written after the side files: it always wins).
+CARD_FILE = "README.md"
+#: The cross-language page of a bulk run, in its output folder.
+BULK_PAGE_FILE = "index.html"
 #: Largest config.json read (real ones are a few kilobytes).
 MAX_CONFIG_BYTES = 16 << 20
 #: Output dtype -> the name config.json uses for it (``torch_dtype`` / ``dtype``).
@@ -408,6 +414,23 @@ def clear_stale(out: Path) -> list[Path]:
 
 class LeftoverWarning(UserWarning):
     """A staging folder beside an output, left by a killed run: removed, or kept and named."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a sibling temporary file renamed into place: a reader sees
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

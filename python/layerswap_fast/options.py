@@ -291,3 +291,31 @@ def toml() -> Any:
     except ImportError:
         import tomli as tomllib  # type: ignore[no-redef]
     return tomllib
+
+
+def cli_args(params: dict[str, Any]) -> list[str]:
+    """The method and output flags of ``merge`` (and ``verify``) that reproduce a report's
+    ``parameters``; values equal to what the command would use anyway are left out. Resource options
+    (memory budget, threads) are left out too: the output does not depend on them."""
+    known = {k: params[k] for k in ("numerics", "vocab_from") if params.get(k) is not None}
+    implied = MergeOptions(**known)
+    args: list[str] = []
+    for flags, field, kwargs in _METHOD_OPTIONS + _OUTPUT_OPTIONS:
+        value = params.get(field)
+        flag = next(f for f in flags if f.startswith("--"))
+        if kwargs.get("is_flag"):
+            if value:
+                args.append(flag)
+            continue
+        if value is None:
+            continue
+        if field == "tokenizer_from" and value == implied.effective_tokenizer_from:
+            continue
+        if field == "out_dtype" and value == implied.effective_out_dtype:
+            continue
+        if field == "shard_size" and parse_size(value) == parse_size(kwargs["default"]):
+            continue
+        if value == kwargs.get("default"):
+            continue
+        args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args

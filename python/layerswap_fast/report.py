@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Optional
 
 from layerswap_fast.plan import Plan
 
@@ -87,3 +87,113 @@ def bulk_table(summary: dict[str, Any]) -> str:
         lines.append(f"{n}: {e['status']}{secs}" + (f" ({e['error']})" if e.get("error") else ""))
     lines.append(f"analyze pass (all experts at once): {summary['statistics_seconds']:.2f} s")
     return "\n".join(lines)
+
+
+# --- per-unit views shared by the terminal, the HTML page, the model card and the figures ------------
+
+#: One letter per decision, as the strips and tables print them.
+LETTERS = {"safety": "S", "expert": "E", "blend": "B"}
+#: Colours per decision (Okabe-Ito, readable with the common colour-vision deficiencies).
+COLOURS = {"safety": "#0072B2", "expert": "#E69F00", "blend": "#CC79A7"}
+#: Terminal colours per decision (foreground, background) for the decision strip.
+_TERMINAL = {"safety": ("white", "blue"), "expert": ("black", "yellow"), "blend": ("white", "magenta")}
+
+
+def unit_label(u: dict[str, Any]) -> str:
+    """``layer 3`` or ``layer 3 attention``, as in the decision table."""
+    return f"layer {u['layer']}" if u.get("part") is None else f"layer {u['layer']} {u['part']}"
+
+
+def classify(d: float, tau: float) -> str:
+    """METHOD.md §4: d > τ → safety, d < −τ → expert, otherwise (|d| ≤ τ) blend."""
+    if d > tau:
+        return "safety"
+    if d < -tau:
+        return "expert"
+    return "blend"
+
+
+def margin(u: dict[str, Any], tau: float) -> float:
+    """|d| − τ: how far a unit's d lies outside (positive) or inside (negative) the blend band."""
+    return abs(u["d"]) - tau
+
+
+def is_measured(u: dict[str, Any]) -> bool:
+    """Whether the unit's decision came from thresholding its d (not an override, a file or a band)."""
+    return u.get("source", "measured") == "measured"
+
+
+def is_fragile(u: dict[str, Any], tau: float) -> bool:
+    """A measured unit whose decision would change if τ were halved or doubled."""
+    if not is_measured(u):
+        return False
+    now = classify(u["d"], tau)
+    return classify(u["d"], tau / 2) != now or classify(u["d"], tau * 2) != now
+
+
+def fragile_units(units: list[dict[str, Any]], tau: float) -> list[dict[str, Any]]:
+    return [u for u in units if is_fragile(u, tau)]
+
+
+def unit_rows(units: list[dict[str, Any]]) -> list[tuple[Optional[str], list[dict[str, Any]]]]:
+    """The heatmap's rows: ``[(None, units)]`` in layer granularity, ``[("attention", ...), ("mlp", ...)]``
+    in module granularity (each row ordered by layer)."""
+    parts: list[Optional[str]] = []
+    for u in units:
+        if u.get("part") not in parts:
+            parts.append(u.get("part"))
+    order = {"attention": 0, "mlp": 1}
+    parts.sort(key=lambda p: order.get(p, 2) if p is not None else -1)
+    return [(p, sorted((u for u in units if u.get("part") == p), key=lambda u: u["layer"])) for p in parts]
+
+
+def decision_strip(units: list[dict[str, Any]], tau: float, colour: bool = True) -> str:
+    """Per layer, one letter per unit (S safety, E expert, B blend), one line per row of the heatmap,
+    under a ruler of layer numbers; then the count of fragile units. Coloured with ANSI codes when
+    ``colour`` (``click.echo`` removes them when the output is not a terminal)."""
+    import click
+
+    rows = unit_rows(units)
+    n = max((u["layer"] for u in units), default=-1) + 1
+    # A ruler of layer numbers: units digits, under a row of tens digits once there are more than 10.
+    ruler = ["  " + f"{'layer':<10} " + "".join(str(i % 10) for i in range(n))]
+    if n > 10:
+        ruler.insert(0, "  " + " " * 11 + "".join(str(i // 10 % 10) if i >= 10 else " " for i in range(n)))
+    lines = ["decisions per layer (S safety, E expert, B blend):", *ruler]
+    for part, us in rows:
+        cells = [" "] * n
+        for u in us:
+            letter = LETTERS.get(u["decision"], "?")
+            if colour and u["decision"] in _TERMINAL:
+                fg, bg = _TERMINAL[u["decision"]]
+                letter = click.style(letter, fg=fg, bg=bg)
+            cells[u["layer"]] = letter
+        lines.append(f"  {part or 'layer':<10} {''.join(cells)}")
+    fragile = fragile_units(units, tau)
+    names = ", ".join(unit_label(u) for u in fragile[:8]) + (", ..." if len(fragile) > 8 else "")
+    lines.append(f"fragile units (decision flips if tau is halved or doubled): {len(fragile)}" + (f" ({names})" if fragile else ""))
+    return "\n".join(lines)
+
+
+def input_source(report: dict[str, Any], role: str) -> dict[str, Any]:
+    """Where an input came from: ``{"path", "hub_id", "revision", "commit"}`` (only the keys known).
+
+    ``report["inputs"][role]`` is a path string, or a dict that may carry a hub id and the commit it
+    resolved to; ``report["hub"][role]`` may carry the same."""
+    raw = (report.get("inputs") or {}).get(role)
+    out: dict[str, Any] = {}
+    if isinstance(raw, dict):
+        out.update({k: v for k, v in raw.items() if v is not None})
+        for alias in ("repo_id", "id", "hub"):
+            if isinstance(out.get(alias), str) and "hub_id" not in out:
+                out["hub_id"] = out[alias]
+    elif raw is not None:
+        out["path"] = str(raw)
+    hub = (report.get("hub") or {}).get(role)
+    if isinstance(hub, dict):
+        out.update({k: v for k, v in hub.items() if v is not None and k not in out})
+        if "hub_id" not in out and isinstance(hub.get("repo_id") or hub.get("id"), str):
+            out["hub_id"] = hub.get("repo_id") or hub.get("id")
+    elif isinstance(hub, str):
+        out.setdefault("hub_id", hub)
+    return out

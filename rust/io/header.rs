@@ -54,6 +54,12 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header of one tensor held in memory (see `Shard::memory`): its data is the whole region,
+    /// from offset 0, so there is no data section to skip (`data_start` does not apply).
+    pub fn memory(tensor: TensorInfo) -> Header {
+        Header { json_len: 0, tensors: vec![tensor], metadata: BTreeMap::new() }
+    }
+
     /// Offset of the data section from the start of the file.
     pub fn data_start(&self) -> u64 {
         8 + self.json_len

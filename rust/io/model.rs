@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::io::header::{Entries, MAX_HEADER_BYTES};
-use crate::io::shard::Shard;
+use crate::io::header::{Entries, TensorInfo, MAX_HEADER_BYTES};
+use crate::io::shard::{MemoryRegion, Shard};
 
 /// Name of the shard index file.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -144,6 +144,28 @@ impl Model {
             }
         }
         Ok(Model { path: path.to_path_buf(), shards, tensors })
+    }
+
+    /// A model whose tensors are already in memory (a state dict), each in a shard of its own. `label`
+    /// names it in errors, as a path names a folder (e.g. `expert state dict`).
+    pub fn from_memory(label: &Path, tensors: Vec<(String, Dtype, Vec<u64>, MemoryRegion)>) -> Result<Model> {
+        let mut shards = Vec::with_capacity(tensors.len());
+        let mut refs = BTreeMap::new();
+        for (i, (name, dtype, shape, region)) in tensors.into_iter().enumerate() {
+            let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            let nbytes = numel.and_then(|n| n.checked_mul(dtype.size() as u64)).ok_or_else(|| {
+                Error::invalid(label, format!("tensor '{name}': shape {shape:?} is too large"))
+            })?;
+            let info = TensorInfo { name: name.clone(), dtype, shape: shape.clone(), start: 0, end: nbytes };
+            shards.push(Shard::memory(label, info, region)?);
+            if refs.insert(name.clone(), TensorRef { shard: i, dtype, shape, offset: 0, nbytes }).is_some() {
+                return Err(Error::invalid(label, format!("tensor '{name}' is given twice")));
+            }
+        }
+        if refs.is_empty() {
+            return Err(Error::invalid(label, "the state dict is empty"));
+        }
+        Ok(Model { path: label.to_path_buf(), shards, tensors: refs })
     }
 
     /// Looks up a tensor.

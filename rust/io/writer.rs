@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::io::header::encode_header;
-use crate::io::shard::Shard;
+use crate::io::shard::{MemoryRegion, Shard};
 use crate::io::model::{Model, INDEX_FILE, SINGLE_FILE};
 
 /// One tensor of the output.
@@ -145,6 +145,22 @@ impl ShardMap {
         Ok(ShardMap { tensors: out, shards })
     }
 
+    /// The output as separate buffers in memory (see [`OutputWriter::memory`]): every tensor is a
+    /// "shard" of its own, with no header, its data at offset 0.
+    pub fn in_memory(tensors: &[(String, Dtype, Vec<u64>)]) -> Result<ShardMap> {
+        if tensors.is_empty() {
+            return Err(Error::argument("the output would contain no tensors"));
+        }
+        let mut out = vec![];
+        let mut shards = vec![];
+        for (s, (name, dtype, shape)) in tensors.iter().enumerate() {
+            let nbytes = shape.iter().product::<u64>() * dtype.size() as u64;
+            out.push(OutputTensor { name: name.clone(), dtype: *dtype, shape: shape.clone(), shard: s, offset: 0, nbytes });
+            shards.push((name.clone(), vec![], nbytes));
+        }
+        Ok(ShardMap { tensors: out, shards })
+    }
+
     /// Total tensor bytes (what the index calls `total_size`).
     pub fn total_data_bytes(&self) -> u64 {
         self.shards.iter().map(|(_, _, d)| d).sum()
@@ -166,10 +182,12 @@ fn pad_header(header: &mut Vec<u8>, want: u64) {
 /// 4 KiB, the block of XFS, btrfs and ZFS's default record alignment on current systems.
 pub const CLONE_BLOCK: u64 = 4096;
 
-/// Open output shard files.
+/// Open output shard files, or the caller's output buffers in memory.
 pub struct OutputWriter {
     dir: PathBuf,
     files: Vec<(PathBuf, File)>,
+    /// In memory: one buffer per tensor of an [`ShardMap::in_memory`] (then `files` is empty).
+    memory: Vec<MemoryRegion>,
     /// Cleared the first time the kernel says it cannot copy into these files (see `copy_from`).
     in_kernel: AtomicBool,
     /// Cleared the first time the file system says it cannot share blocks (see `copy_from`).
@@ -191,11 +209,52 @@ impl OutputWriter {
             file.write_all_at(header, 0).map_err(|e| Error::io(&path, e))?;
             files.push((path, file));
         }
-        Ok(OutputWriter { dir: dir.to_path_buf(), files, in_kernel: AtomicBool::new(true), can_clone: AtomicBool::new(true), cloned: AtomicU64::new(0) })
+        Ok(OutputWriter { dir: dir.to_path_buf(), files, memory: vec![], in_kernel: AtomicBool::new(true), can_clone: AtomicBool::new(true), cloned: AtomicU64::new(0) })
+    }
+
+    /// A writer that fills `buffers`, one per tensor of `shards` (made by [`ShardMap::in_memory`]), in
+    /// place: the memory sink beside the file one. Each buffer must have exactly its tensor's size.
+    pub fn memory(shards: &ShardMap, buffers: Vec<MemoryRegion>) -> Result<OutputWriter> {
+        if buffers.len() != shards.tensors.len() {
+            return Err(Error::argument(format!("{} output buffers for {} tensors", buffers.len(), shards.tensors.len())));
+        }
+        for (t, b) in shards.tensors.iter().zip(&buffers) {
+            if t.shard >= buffers.len() || t.offset != 0 || b.len() as u64 != t.nbytes {
+                return Err(Error::argument(format!(
+                    "output buffer for tensor '{}' has {} bytes; {} {:?} needs {}",
+                    t.name,
+                    b.len(),
+                    t.dtype,
+                    t.shape,
+                    t.nbytes
+                )));
+            }
+        }
+        Ok(OutputWriter {
+            dir: PathBuf::new(),
+            files: vec![],
+            memory: buffers,
+            in_kernel: AtomicBool::new(false),
+            can_clone: AtomicBool::new(false),
+            cloned: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes `[offset, offset + len)` of output buffer `shard`, when the output is in memory.
+    fn memory_range(&self, shard: usize, offset: u64, len: usize) -> Option<Result<&mut [u8]>> {
+        let region = self.memory.get(shard)?;
+        // SAFETY: the write pass gives every chunk of every tensor its own byte range, so no two
+        // threads ever hold overlapping ranges of one buffer, and nothing reads the buffers meanwhile.
+        let range = unsafe { region.get_mut(offset, len) };
+        Some(range.ok_or_else(|| Error::argument(format!("write of {len} bytes at {offset} is outside output buffer {shard}"))))
     }
 
     /// Writes `bytes` at absolute offset `offset` of shard `shard`.
     pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
+        if let Some(range) = self.memory_range(shard, offset, bytes.len()) {
+            range?.copy_from_slice(bytes);
+            return Ok(());
+        }
         let (path, file) = &self.files[shard];
         file.write_all_at(bytes, offset).map_err(|e| Error::io(path, e))?;
         start_writeback(file, offset, bytes.len());
@@ -250,8 +309,9 @@ impl OutputWriter {
     /// copy-on-write, another file system, or the source range is not shareable.
     fn clone_range(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: u64) -> bool {
         use std::os::fd::AsRawFd;
-        let (_, file) = &self.files[shard];
-        let range = libc::file_clone_range { src_fd: src.file().as_raw_fd() as i64, src_offset, src_length: len, dest_offset: offset };
+        // Only file to file: a tensor in memory, or an output in memory, has no blocks to share.
+        let (Some(src_file), Some((_, file))) = (src.file(), self.files.get(shard)) else { return false };
+        let range = libc::file_clone_range { src_fd: src_file.as_raw_fd() as i64, src_offset, src_length: len, dest_offset: offset };
         loop {
             // SAFETY: ioctl on a descriptor we own, with a pointer to a live, initialised local of the
             // type FICLONERANGE expects; the kernel only reads it.
@@ -275,12 +335,22 @@ impl OutputWriter {
     /// Copies a range inside the kernel where it can, else through `scratch` (see `copy_from`).
     fn copy_range(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: usize, scratch: &mut [u8]) -> Result<()> {
         use std::os::fd::AsRawFd;
+        if let (Some(range), Some(_)) = (self.memory_range(shard, offset, len), src.file()) {
+            return src.read_at(src_offset, range?); // from the file straight into the output buffer
+        }
+        let Some(src_file) = src.file() else {
+            // A tensor in memory: written from where it is, with no copy into scratch.
+            let bytes = src
+                .borrow(src_offset, len)
+                .ok_or_else(|| Error::invalid(&src.path, format!("copy of {len} bytes at {src_offset} is outside the tensor")))?;
+            return self.write_at(shard, offset, bytes);
+        };
         let (_, file) = &self.files[shard];
         let mut done = 0usize;
         while done < len && self.in_kernel.load(Ordering::Relaxed) {
             let (mut from, mut to) = ((src_offset + done as u64) as libc::loff_t, (offset + done as u64) as libc::loff_t);
             // SAFETY: plain syscall on two descriptors we own, with pointers to two live locals.
-            let n = unsafe { libc::copy_file_range(src.file().as_raw_fd(), &mut from, file.as_raw_fd(), &mut to, len - done, 0) };
+            let n = unsafe { libc::copy_file_range(src_file.as_raw_fd(), &mut from, file.as_raw_fd(), &mut to, len - done, 0) };
             if n > 0 {
                 done += n as usize;
                 continue;
@@ -309,6 +379,9 @@ impl OutputWriter {
     /// Without `sync` the caller must sync before it publishes the folder (bulk runs do that in the
     /// background while the next expert is written).
     pub fn finish(self, shards: &ShardMap, sync: bool) -> Result<Vec<PathBuf>> {
+        if !self.memory.is_empty() {
+            return Ok(vec![]); // buffers in memory: no files, no index
+        }
         if sync {
             for (path, file) in &self.files {
                 file.sync_all().map_err(|e| Error::io(path, e))?;

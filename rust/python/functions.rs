@@ -27,14 +27,14 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-fn parse_options(options_json: &str) -> PyResult<MergeOptions> {
+pub(crate) fn parse_options(options_json: &str) -> PyResult<MergeOptions> {
     let options: MergeOptions =
         serde_json::from_str(options_json).map_err(|e| to_py(Error::argument(format!("invalid options: {e}"))))?;
     options.validate().map_err(to_py)?;
     Ok(options)
 }
 
-fn parse_layout(layout_json: Option<String>) -> PyResult<Option<LayoutDef>> {
+pub(crate) fn parse_layout(layout_json: Option<String>) -> PyResult<Option<LayoutDef>> {
     layout_json.map(|t| LayoutDef::from_json(&t)).transpose().map_err(to_py)
 }
 

@@ -5,14 +5,17 @@
 
 use pyo3::prelude::*;
 
+mod dlpack;
 mod errors;
 mod functions;
 mod progress;
+mod state_dicts;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     errors::register(m)?;
     functions::register(m)?;
+    state_dicts::register(m)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ mod checksum;
 mod header;
 mod hostile;
 mod lora;
+mod memory;
 mod session;
 mod plan;
 mod sums;
