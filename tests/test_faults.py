@@ -152,9 +152,15 @@ def test_disk_full_through_the_api_is_an_oserror(small: dict[str, Path], tmp_pat
 # --- signals ------------------------------------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    # A test run started in the background of a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler in the child: give the child a user's terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_merge(paths: dict[str, Path], out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "layerswap_fast", *merge_args(paths, out, "--threads", "1", *extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def in_engine_pass(pid: int) -> bool:
