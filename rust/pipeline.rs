@@ -272,6 +272,7 @@ impl Session {
     pub fn write_with(&self, expert: usize, plan: &Plan, out_dir: &Path, sync: bool, progress: &Progress) -> Result<WriteSummary> {
         let options = &plan.options;
         options.validate()?;
+        plan.check()?;
         self.check_vocab(expert, options)?;
         let started = Instant::now();
         let host = &self.experts[expert];

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::layout::{Layout, Part, Place};
 use crate::options::{Granularity, MergeOptions, SourcePolicy, VocabSource};
 use crate::score::{unit_scores, Unit};
@@ -22,6 +23,22 @@ pub enum Decision {
     Blend,
 }
 
+/// Who decided a unit. The engine's own plans are `Measured`; the Python package sets the others when
+/// it applies fixed bands, a decisions file or per-unit overrides (`layerswap_fast.decisions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The paper's rule on d and tau.
+    #[default]
+    Measured,
+    /// A per-unit override.
+    Override,
+    /// A decisions file.
+    File,
+    /// Fixed bands (Bandarkar et al.).
+    Band,
+}
+
 /// One unit's scores and decision, exactly as thresholded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UnitDecision {
@@ -40,6 +57,13 @@ pub struct UnitDecision {
     pub d: f64,
     /// The decision.
     pub decision: Decision,
+    /// The safety expert's weight if the unit is a blend with a weight of its own (a band's
+    /// transition layer, an override `blend:0.25`, a decisions file); None blends with the run's alpha.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Who decided the unit.
+    #[serde(default)]
+    pub source: Source,
 }
 
 /// The complete plan for one language expert.
@@ -106,16 +130,38 @@ impl Plan {
                 p_expert,
                 d,
                 decision,
+                alpha: None,
+                source: Source::Measured,
             })
             .collect();
         Plan { options: options.clone(), layout: layout.def.name.clone(), n_layers: layout.n_layers, units }
     }
 
-    fn from_decision(&self, d: Decision) -> Action {
-        match d {
+    /// Checks a plan made elsewhere (a decisions file, overrides) before it is written: one unit per
+    /// unit of the granularity, in order, and every blend weight in [0, 1].
+    pub fn check(&self) -> Result<()> {
+        let want = Unit::all(self.n_layers, self.options.granularity);
+        if self.units.len() != want.len() || self.units.iter().zip(&want).any(|(u, w)| u.unit != *w) {
+            return Err(Error::argument(format!(
+                "the plan's units are not the {} units of a {}-layer model in {:?} granularity",
+                want.len(),
+                self.n_layers,
+                self.options.granularity
+            )));
+        }
+        for u in &self.units {
+            if let Some(a) = u.alpha.filter(|a| !(0.0..=1.0).contains(a)) {
+                return Err(Error::argument(format!("unit {:?}: blend weight {a} is not between 0 and 1", u.unit)));
+            }
+        }
+        Ok(())
+    }
+
+    fn from_unit(&self, u: &UnitDecision) -> Action {
+        match u.decision {
             Decision::Safety => Action::Safety,
             Decision::Expert => Action::Expert,
-            Decision::Blend => Action::Blend(self.options.alpha),
+            Decision::Blend => Action::Blend(u.alpha.unwrap_or(self.options.alpha)),
         }
     }
 
@@ -135,10 +181,10 @@ impl Plan {
             // A merge refuses unassigned tensors before it gets here (Layout::check_assigned); should one
             // slip through, it stays the host's rather than follow a decision it was not measured for.
             (Place::Unassigned { .. }, _) => Action::Expert,
-            (Place::Layer { layer, .. }, Granularity::Layer) => self.from_decision(self.units[layer].decision),
+            (Place::Layer { layer, .. }, Granularity::Layer) => self.from_unit(&self.units[layer]),
             (Place::Layer { part: Part::Norm, .. }, Granularity::Module) => self.from_policy(self.options.norms),
             (Place::Layer { layer, part, .. }, Granularity::Module) => {
-                self.from_decision(self.units[Unit::index(layer, part, Granularity::Module)].decision)
+                self.from_unit(&self.units[Unit::index(layer, part, Granularity::Module)])
             }
         }
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
+from layerswap_fast.api import ProgressCallback, _layout_json, decide, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
 from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage
 from layerswap_fast.options import MergeOptions
@@ -75,6 +75,11 @@ def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         tau = 0.002                # per-expert overrides
         [experts.sw]
         path = "expert-sw/"
+        overrides = { "3" = "safety", "2.mlp" = "blend:0.25" }   # decision control per expert
+        [experts.te]
+        path = "expert-te/"
+        select = "bands"
+        bands = [2, 2, 1]
     """
     p = Path(path)
     text = p.read_text()
@@ -261,7 +266,14 @@ def bulk_merge(
                 entries[e.name] = {"status": "failed", "error": failed[i]["message"], "kind": failed[i]["kind"]}
                 _notify(on_expert, e.name, entries[e.name])
                 continue
-            jobs.append((e, result["plans"][i]))
+            try:
+                # Each expert's own bands and overrides; a unit that does not exist fails that expert only.
+                plan = decide(Plan.from_engine(result["plans"][i]), e.options).to_dict()
+            except InvalidOptionError as err:
+                entries[e.name] = _failure(err)
+                _notify(on_expert, e.name, entries[e.name])
+                continue
+            jobs.append((e, plan))
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
                 entries[e.name] = outcome

@@ -17,10 +17,11 @@ from typing import Any, Callable, Optional
 import click
 
 from layerswap_fast import api, bulk
-from layerswap_fast.errors import LayerswapError, OutputExistsError
-from layerswap_fast.options import from_cli, method_options, output_options, resource_options
+from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
+from layerswap_fast import decisions
+from layerswap_fast.options import decision_options, from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
-from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary
+from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary, sweep_table
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -83,9 +84,10 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _models(multiple: bool = False) -> Callable[[Callable], Callable]:
+def _models(multiple: bool = False, base_required: bool = True) -> Callable[[Callable], Callable]:
     """-b/-s/-m (and --layout). With ``multiple``, -m may repeat as NAME=PATH and all three may come
-    from a --plan file instead, so none is required by Click."""
+    from a --plan file instead, so none is required by Click; without ``base_required`` -b may be
+    left out (a decisions file needs no base model)."""
 
     def decorator(f: Callable) -> Callable:
         expert_help = (
@@ -102,7 +104,8 @@ def _models(multiple: bool = False) -> Callable[[Callable], Callable]:
             ]
         ):
             kind = str if (multiple and name == "expert") else click.Path(path_type=Path)
-            f = click.option(*flags, name, required=not multiple, multiple=multiple and name == "expert", type=kind, help=help_)(f)
+            required = not multiple and (base_required or name != "base")
+            f = click.option(*flags, name, required=required, multiple=multiple and name == "expert", type=kind, help=help_)(f)
         f = click.option("--layout", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                          help="Custom layout definition (JSON) for models no built-in layout recognises.")(f)
         return f
@@ -141,24 +144,45 @@ def main() -> None:
     """
 
 
+_DECISIONS_FILE_HELP = ("Merge exactly the decisions in this file (the JSON 'analyze --json' writes, possibly edited; "
+                       "per-unit alpha allowed): no statistics pass, -b may be left out. --override still applies.")
+
+
+def _granularity_clash(ctx: click.Context, path: Path, params: dict[str, Any]) -> None:
+    """A decisions file brings its granularity; an explicit -g that says otherwise is an error."""
+    if ctx.get_parameter_source("granularity") == click.core.ParameterSource.COMMANDLINE:
+        data = decisions.load_decisions(path)
+        if data["granularity"] != params["granularity"]:
+            raise InvalidOptionError(
+                f"{path}: the decisions are in {data['granularity']} granularity, but --granularity {params['granularity']} was given"
+            )
+
+
 @main.command()
 @_models()
 @method_options
+@decision_options
 @resource_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table (merge --decisions reads it back).")
+@click.option("--sweep-tau", "sweep_tau", default=None, metavar="A:B:N",
+              help="Decision counts at N values of tau evenly spaced from A to B (inclusive), from one statistics pass, "
+                   "and per unit the tau above which it becomes a blend (|d|). With --json: [{tau, counts}, ...].")
 @click.option("--save-stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save the base and safety-expert statistics to this file, for later bulk runs (merge --stats).")
 @click.option("--compare-numerics", is_flag=True,
               help="Analyse in both exact and official numerics and list the units whose decision differs.")
 @_errors
 def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, save_stats: Optional[Path],
-            compare_numerics: bool, **params: Any) -> None:
+            compare_numerics: bool, sweep_tau: Optional[str], **params: Any) -> None:
     """Compute the per-unit scores and decisions; write nothing.
 
-    Prints, per unit, the raw scores A_S and A_M, the normalised p_S and p_M, d = p_S - p_M and the
-    decision, exactly as thresholded.
+    Prints, per unit, the raw scores A_S and A_M, the normalised p_S and p_M, d = p_S - p_M, the
+    decision (with its alpha when it is a blend) and where it came from: measured (d and tau), band
+    (--select bands) or override (--override). 'analyze --json > plan.json', edit, then
+    'merge --decisions plan.json' merges exactly that.
     """
     options = from_cli(params)
+    taus = decisions.parse_sweep(sweep_tau) if sweep_tau is not None else None
     if compare_numerics:
         _compare_numerics(base, safety, expert, layout, options, as_json)
         return
@@ -169,6 +193,11 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
         bar.close()
     if save_stats is not None:
         bulk.save_stats(save_stats, plan, base, safety)
+    if taus is not None:
+        rows = decisions.sweep(plan.to_dict()["units"], taus, n_layers=plan.n_layers, granularity=plan.granularity,
+                               alpha=options.alpha, select=options.select, bands=options.bands, overrides=options.overrides)
+        click.echo(json.dumps(rows, indent=2) if as_json else sweep_table(plan, rows))
+        return
     click.echo(plan.to_json() if as_json else decision_table(plan))
 
 
@@ -184,12 +213,17 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
               help="Reuse base and safety statistics saved by analyze --save-stats (the safety expert is then not re-read).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete); in bulk runs, redo finished experts.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--decisions", "decisions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help=_DECISIONS_FILE_HELP)
 @method_options
+@decision_options
 @resource_options
 @output_options
 @_errors
-def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path], out: Optional[Path],
-          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, quiet: bool, **params: Any) -> None:
+@click.pass_context
+def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path],
+          out: Optional[Path], plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, quiet: bool,
+          decisions_file: Optional[Path], **params: Any) -> None:
     """Merge the safety expert into the language expert(s) and write Hugging Face folders.
 
     The output holds merged safetensors shards (and their index), the language expert's config, the
@@ -201,9 +235,30 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
       layerswap-fast merge -b base/ -s safety/ -m ko=expert-ko/ -m sw=expert-sw/ -o merged/
       layerswap-fast merge --plan experts.toml
     Rerunning a bulk merge skips experts whose outputs the manifest verifies, and redoes the rest.
+
+    \b
+    Decision control:
+      --override 3=safety --override '*.mlp=blend:0.25'   set units by hand (later wins)
+      --select bands --bands 2,2,1                         fixed bands (Bandarkar et al.)
+      --decisions plan.json                                merge an edited 'analyze --json' (no -b needed)
     """
     options = from_cli(params)
     named, experts = _parse_experts(expert)
+    if decisions_file is not None:
+        if plan_file is not None or named or len(experts) != 1 or executor != "local" or saved_stats is not None:
+            raise click.UsageError("--decisions merges one language expert: give -s, -m and -o (and -b if you like), no --plan/--stats/--executor")
+        _granularity_clash(ctx, decisions_file, params)
+        if safety is None or out is None:
+            raise click.UsageError("give -s/--safety, -m/--expert and -o/--out")
+        bar = ProgressBar(enabled=False if quiet else None)
+        try:
+            report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar,
+                               decisions=decisions_file)
+        finally:
+            bar.close()
+        if not quiet:
+            click.echo(merge_summary(report, str(out)))
+        return
     if plan_file is None and (base is None or safety is None or not experts):
         raise click.UsageError("give -b/--base, -s/--safety and -m/--expert, or --plan FILE")
     if plan_file is None and not named and len(experts) == 1 and executor == "local" and saved_stats is None:
@@ -314,23 +369,34 @@ def _compare_numerics(base: Path, safety: Path, expert: Path, layout: Optional[P
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@_models()
+@_models(base_required=False)
 @method_options
+@decision_options
 @output_options
+@click.option("--decisions", "decisions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The decisions file the merge was given (then -b may be left out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
 @_errors
-def verify(out: Path, base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, **params: Any) -> None:
+@click.pass_context
+def verify(ctx: click.Context, out: Path, base: Optional[Path], safety: Path, expert: Path, layout: Optional[Path], as_json: bool,
+           decisions_file: Optional[Path], **params: Any) -> None:
     """Recompute a merge with the torch reference and check OUT against it (needs torch).
 
     Pass the same method options as to merge. Checks that every unit's decision matches, that every
     tensor is present with the right dtype and shape, that tensors copied whole are byte-identical
     to their source and blended ones within 1 unit in the last place, and that the folder (index,
-    shard headers, side files) is complete. Prints a table and every mismatch; exits 1 on any.
+    shard headers, side files) is complete. Overrides, bands and decisions files are applied to the
+    reference's decisions as the merge applied them, and each unit's source and alpha must match the
+    report's. Prints a table and every mismatch; exits 1 on any.
     """
     from layerswap_fast.verify import verify as run_verify
 
+    if base is None and decisions_file is None:
+        raise click.UsageError("give -b/--base (or --decisions FILE for a merge made from a decisions file)")
+    if decisions_file is not None:
+        _granularity_clash(ctx, decisions_file, params)
     try:
-        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout)
+        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout, decisions=decisions_file)
     except ImportError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
