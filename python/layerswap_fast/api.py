@@ -215,6 +215,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
     a staged output whose shards the engine has written. Returns the report."""
     base_p, safety_p, expert_p = inputs
     tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+    assert tok_source is not None, "merge refuses tokenizer_from='base' without the base model"
     side_files = copy_side_files(stage, expert_p, tok_source)
     report = {
         "tool": "layerswap-fast",

@@ -297,7 +297,7 @@ def _same_output(saved: Any, opts: MergeOptions) -> bool:
     if not isinstance(saved, dict):
         return False
     ignore = ("threads", "max_memory")
-    now = opts.to_dict()
+    now = json.loads(json.dumps(opts.to_dict()))  # as the manifest holds them (tuples become lists)
     return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +328,7 @@ def sweep(units: list[dict[str, Any]], taus: Sequence[float], **controls: Any) -
 # --- decisions files ------------------------------------------------------------------------------
 
 
-def load_decisions(path: Union[str, Path]) -> dict[str, Any]:
+def load_decisions(path: Union[str, "os.PathLike[Any]"]) -> dict[str, Any]:
     """Reads a decisions file (the JSON ``analyze --json`` writes, possibly edited) and checks its
     shape: ``layout``, ``n_layers``, ``options.granularity`` (or ``granularity``) and every unit once,
     in order, with a valid decision and, for blends, an optional α in [0, 1].

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Plan:
     stats: tuple[TensorStats, ...] = field(default=(), repr=False)
 
     @classmethod
-    def from_engine(cls, plan: dict[str, Any], stats: list[dict[str, Any]] = ()) -> "Plan":
+    def from_engine(cls, plan: dict[str, Any], stats: Sequence[dict[str, Any]] = ()) -> "Plan":
         units = tuple(UnitDecision(**u) for u in plan["units"])
         ts = tuple(TensorStats(s["name"], s["numel"], s["base_ss"], tuple(s["diff_ss"])) for s in stats)
         return cls(plan["options"], plan["layout"], plan["n_layers"], units, ts)
