@@ -14,10 +14,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use layerswap_fast::blend::{blend, convert};
+use layerswap_fast::write::{blend, convert};
 use layerswap_fast::budget::BLOCK;
 use layerswap_fast::dtype::{f32_to_bf16, f32_to_f16, AlignedBuf, Dtype};
-use layerswap_fast::stats::kernels::{block_sums, sum_sq, sum_sq_diff};
+use layerswap_fast::analyze::sums::kernels::{block_sums, sum_sq, sum_sq_diff};
 use layerswap_fast::Numerics;
 use rayon::prelude::*;
 

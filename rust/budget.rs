@@ -7,7 +7,7 @@ use std::sync::{Condvar, Mutex};
 use crate::dtype::AlignedBuf;
 use crate::error::{Error, Result};
 
-/// Elements per statistics block. Sums are formed per block and then added in block order, so the
+/// Elements per block of the analyze pass. Sums are formed per block and then added in block order, so the
 /// statistics do not depend on chunk size or thread count.
 pub const BLOCK: usize = 1 << 16;
 /// Largest chunk, in elements (bigger chunks gain nothing once they are well past cache sizes).
@@ -138,4 +138,15 @@ impl Drop for PoolGuard<'_> {
             self.pool.ready.notify_one();
         }
     }
+}
+
+/// Runs `f` on a fresh rayon pool of `threads` threads (sized by the budget), so that the caller's
+/// threads and any global pool are left alone, and a forked child inherits no pool.
+pub fn run_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("layerswap-{i}"))
+        .build()
+        .map_err(|e| Error::argument(format!("cannot start {threads} worker threads: {e}")))?;
+    Ok(pool.install(f))
 }

@@ -3,6 +3,7 @@
 //! Conversions to wider types are exact. Conversions to narrower types round to nearest, ties to
 //! even, exactly once.
 
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use serde::{Deserialize, Serialize};
 
 /// An element type. The four float types are read, measured, blended and converted; the others
@@ -69,9 +70,6 @@ const OPAQUE: [(Opaque, &str, usize); 11] = [
 pub const KNOWN_UNSUPPORTED: &[&str] = &["F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"];
 
 impl Dtype {
-    /// The float dtypes, for error messages.
-    pub const ALL: [Dtype; 4] = [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64];
-
     /// The name used in safetensors headers.
     pub fn name(self) -> &'static str {
         match self {
@@ -124,7 +122,7 @@ impl TryFrom<String> for Dtype {
     }
 }
 
-/// Panic message for kernels handed a non-float tensor (the pipeline never does that).
+/// Panic message for kernels handed a non-float tensor (the stages never do that).
 pub const NOT_FLOAT: &str = "non-float tensors are only copied, never decoded";
 
 impl std::fmt::Display for Dtype {
@@ -160,6 +158,91 @@ pub fn f16_to_f32(b: u16) -> f32 {
 #[inline(always)]
 pub fn f32_to_f16(x: f32) -> u16 {
     half::f16::from_f32(x).to_bits()
+}
+
+
+/// Elements decoded or encoded at a time by the kernels (on the stack; fits in L1 alongside the
+/// chunk's sources).
+pub const BATCH: usize = 2048;
+
+/// `x` rounded to the nearest bf16 value (ties to even), as an f32.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    bf16_to_f32(f32_to_bf16(x))
+}
+
+/// Decodes raw elements to f32 (exact for BF16/F16/F32).
+pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
+    match dtype {
+        Dtype::BF16 => cast::<u16>(src).iter().zip(dst).for_each(|(s, d)| *d = bf16_to_f32(*s)),
+        Dtype::F16 => {
+            // half's slice conversion: the same instruction (F16C) or software routine it uses per
+            // element on this CPU, so the same bits, eight at a time.
+            let src = cast::<u16>(src);
+            let n = src.len().min(dst.len());
+            src[..n].reinterpret_cast::<half::f16>().convert_to_f32_slice(&mut dst[..n]);
+        }
+        Dtype::F32 => dst.copy_from_slice(cast::<f32>(src)),
+        Dtype::F64 => cast::<f64>(src).iter().zip(dst).for_each(|(s, d)| *d = *s as f32),
+        Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
+    }
+}
+
+/// Encodes f32 values, rounding once to nearest even.
+pub fn encode_f32(src: &[f32], dtype: Dtype, dst: &mut [u8]) {
+    match dtype {
+        Dtype::BF16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_bf16(*s)),
+        Dtype::F16 => {
+            // As in `decode_f32`: half's slice conversion, bit for bit its per-element rounding.
+            let dst = cast_mut::<u16>(dst);
+            let n = src.len().min(dst.len());
+            dst[..n].reinterpret_cast_mut::<half::f16>().convert_from_f32_slice(&src[..n]);
+        }
+        Dtype::F32 => cast_mut::<f32>(dst).copy_from_slice(src),
+        Dtype::F64 => src.iter().zip(cast_mut::<f64>(dst)).for_each(|(s, d)| *d = *s as f64),
+        Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
+    }
+}
+
+/// Decodes raw elements to f64 (exact), at most [`BATCH`] at a time.
+pub fn decode_f64(dtype: Dtype, src: &[u8], dst: &mut [f64]) {
+    match dtype {
+        Dtype::F64 => dst.copy_from_slice(cast::<f64>(src)),
+        _ => {
+            let mut tmp = [0f32; BATCH];
+            let tmp = &mut tmp[..dst.len()];
+            decode_f32(dtype, src, tmp);
+            tmp.iter().zip(dst).for_each(|(s, d)| *d = *s as f64);
+        }
+    }
+}
+
+/// Encodes f64 values, rounding once to nearest even.
+pub fn encode_f64(src: &[f64], dtype: Dtype, dst: &mut [u8]) {
+    match dtype {
+        Dtype::F64 => cast_mut::<f64>(dst).copy_from_slice(src),
+        Dtype::F32 => src.iter().zip(cast_mut::<f32>(dst)).for_each(|(s, d)| *d = *s as f32),
+        // f64 -> f32 -> 16-bit would round twice, and half's from_f64 drops the low 32 mantissa bits
+        // before deciding a tie (so it rounds some values just above a midpoint down): round to f32
+        // *to odd* first, after which one rounding to nearest even gives the correctly rounded value.
+        Dtype::BF16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_bf16(f64_to_f32_odd(*s))),
+        Dtype::F16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_f16(f64_to_f32_odd(*s))),
+        Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
+    }
+}
+
+/// f64 to f32 rounded to odd: exact values unchanged, inexact ones to the neighbour whose last bit is
+/// 1. With 24 bits against bf16's 8 and f16's 11 (at least 2 more), a later rounding to nearest even
+/// is then the same as rounding the f64 once.
+#[inline(always)]
+fn f64_to_f32_odd(x: f64) -> f32 {
+    let y = x as f32;
+    let bits = y.to_bits();
+    if x.is_nan() || y as f64 == x || bits & 1 == 1 {
+        return y;
+    }
+    // y is the even neighbour of x; step one ulp towards x (an overflow to inf steps back to MAX).
+    f32::from_bits(if x.abs() > (y as f64).abs() { bits + 1 } else { bits - 1 })
 }
 
 /// A byte buffer with 8-byte alignment, so it can be viewed as a slice of any element type.
@@ -241,6 +324,51 @@ mod tests {
     fn f16_round_trip() {
         for bits in [0u16, 0x3c00, 0xbc00, 0x7bff, 0x0001] {
             assert_eq!(f32_to_f16(f16_to_f32(bits)), bits);
+        }
+    }
+
+    #[test]
+    fn f64_to_16_bit_rounds_once() {
+        // Just above the midpoint between 1 and the next bf16 (f16) value: must round up. The extra
+        // 2^-40 lives in the low 32 mantissa bits that a truncating conversion ignores.
+        let mut out = [0u8; 2];
+        encode_f64(&[1.0 + 2f64.powi(-8) + 2f64.powi(-40)], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3f81);
+        encode_f64(&[1.0 + 2f64.powi(-11) + 2f64.powi(-40)], Dtype::F16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3c01);
+        // Exact ties still go to even; exact values stay; overflow is infinity.
+        encode_f64(&[1.0 + 2f64.powi(-8)], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3f80);
+        encode_f64(&[-2.5], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0xc020);
+        encode_f64(&[1e300], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x7f80);
+        assert_eq!(f64_to_f32_odd(1e-50), f32::from_bits(1));
+    }
+
+    /// The F16 slice conversions give exactly the per-element results: every f16 bit pattern decoded,
+    /// and f32 values around every f16 rounding boundary (ties, subnormals, overflow, NaN) encoded.
+    #[test]
+    fn f16_slice_conversions_match_per_element() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut got = vec![0f32; all.len()];
+        decode_f32(Dtype::F16, &bytes, &mut got);
+        for (h, g) in all.iter().zip(&got) {
+            assert_eq!(g.to_bits(), f16_to_f32(*h).to_bits(), "{h:#06x}");
+        }
+        // Each f16 value, the f32s just around it and the midpoints to its neighbours; odd length.
+        let mut vals = vec![];
+        for f in got.iter().filter(|f| f.is_finite()) {
+            let b = f.to_bits();
+            vals.extend([*f, f32::from_bits(b.wrapping_add(1)), f32::from_bits(b.wrapping_sub(1)), f32::from_bits(b.wrapping_add(1 << 12))]);
+        }
+        vals.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 65520.0, 65519.99, 1e-8, -1e-8, f32::MAX, f32::MIN_POSITIVE]);
+        vals.push(0.5);
+        let mut out = vec![0u8; vals.len() * 2];
+        encode_f32(&vals, Dtype::F16, &mut out);
+        for (v, o) in vals.iter().zip(out.chunks_exact(2)) {
+            assert_eq!(u16::from_le_bytes([o[0], o[1]]), f32_to_f16(*v), "{v:e}");
         }
     }
 }

@@ -101,13 +101,6 @@ pub enum Place {
     },
 }
 
-impl Place {
-    /// Outside the layers (plain or vocabulary tensor).
-    pub fn is_outside(&self) -> bool {
-        matches!(self, Place::Outside | Place::Vocab)
-    }
-}
-
 /// A layout resolved against a model's tensor names.
 #[derive(Debug, Clone)]
 pub struct Layout {

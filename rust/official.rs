@@ -1,5 +1,8 @@
-//! `official` numerics for the statistics pass: the sums of squares behind the authors' norms,
-//! accumulated exactly as `torch.norm` does it for a bf16 tensor on the CPU (METHOD.md §6).
+//! `official` numerics (METHOD.md §6), all in one place: how the authors' code loads a value
+//! ([`load`]), subtracts ([`sub`]), rounds a norm ([`norm`]) and blends ([`blend`]), and [`sums`], the
+//! sums of squares behind their norms, accumulated exactly as `torch.norm` does it for a bf16 tensor
+//! on the CPU. The analyze and write stages call these wherever `Numerics::Official` is chosen.
+//!
 //!
 //! torch (2.x, `norm_kernel_tensor_iterator_impl`, the contiguous last-dimension path) widens each
 //! group of 16 bf16 values to two float32 vectors of 8 lanes, adds the squares of the first 8 and then
@@ -19,11 +22,11 @@
 use rayon::prelude::*;
 
 use crate::budget::BufferPool;
-use crate::dtype::{bf16_to_f32, cast, f16_to_f32, f32_to_bf16, Dtype, NOT_FLOAT};
+use crate::analyze::sums::Sums;
+use crate::dtype::{bf16_to_f32, cast, f16_to_f32, round_bf16, Dtype, BATCH, NOT_FLOAT};
 use crate::error::Result;
 use crate::io::Model;
 use crate::progress::Progress;
-use crate::stats::TensorStats;
 use crate::stream::read_elems;
 
 /// Elements torch handles per vector step for bf16 (two float32 vectors of [`LANES`]).
@@ -85,17 +88,33 @@ impl TorchNormSum {
     }
 }
 
+/// A value as the authors load every checkpoint: rounded to bf16.
 #[inline(always)]
-fn rb(x: f32) -> f32 {
-    bf16_to_f32(f32_to_bf16(x))
+pub fn load(x: f32) -> f32 {
+    round_bf16(x)
 }
 
-/// Elements decoded at a time (on the stack, beside the chunk buffers the budget owns).
-const SUB: usize = 2048;
+/// X − B of two loaded values, as torch's bf16 subtraction does it: in float32, rounded to bf16.
+#[inline(always)]
+pub fn sub(b: f32, x: f32) -> f32 {
+    round_bf16(x - b)
+}
+
+/// A norm as torch returns it for a bf16 tensor: a bf16 scalar.
+pub fn norm(n: f64) -> f64 {
+    f64::from(round_bf16(n as f32))
+}
+
+/// α·S + (1−α)·M as the authors blend two bf16 tensors: inputs in bf16, and α·S, (1−α)·M and their
+/// sum each rounded to bf16. `ws` = α and `wm` = 1 − α, already in float32.
+#[inline(always)]
+pub fn blend(ws: f32, wm: f32, s: f32, m: f32) -> f32 {
+    round_bf16(round_bf16(ws * round_bf16(s)) + round_bf16(wm * round_bf16(m)))
+}
 
 /// Raw `bytes` of `dtype` as the authors load them: rounded to bf16 (F64 goes through float32 first,
 /// as torch converts it).
-fn decode_bf16(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+fn decode(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     match dtype {
         Dtype::BF16 => cast::<u16>(bytes)
             .iter()
@@ -104,12 +123,12 @@ fn decode_bf16(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
         Dtype::F16 => cast::<u16>(bytes)
             .iter()
             .zip(out)
-            .for_each(|(s, d)| *d = rb(f16_to_f32(*s))),
-        Dtype::F32 => cast::<f32>(bytes).iter().zip(out).for_each(|(s, d)| *d = rb(*s)),
+            .for_each(|(s, d)| *d = load(f16_to_f32(*s))),
+        Dtype::F32 => cast::<f32>(bytes).iter().zip(out).for_each(|(s, d)| *d = load(*s)),
         Dtype::F64 => cast::<f64>(bytes)
             .iter()
             .zip(out)
-            .for_each(|(s, d)| *d = rb(*s as f32)),
+            .for_each(|(s, d)| *d = load(*s as f32)),
         Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
     }
 }
@@ -120,18 +139,18 @@ fn decode_bf16(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
 pub fn sums(
     names: &[&str],
     base: &Model,
-    experts: &[&Model],
+    models: &[&Model],
     chunk_elems: usize,
     pool: &BufferPool,
     progress: &Progress,
-) -> Result<Vec<TensorStats>> {
+) -> Result<Vec<Sums>> {
     names
         .par_iter()
         .map(|name| {
             let bt = base.tensor(name).expect("checked by caller");
             let numel = bt.numel();
             let mut acc_b = TorchNormSum::new(numel);
-            let mut acc_x = vec![TorchNormSum::new(numel); experts.len()];
+            let mut acc_x = vec![TorchNormSum::new(numel); models.len()];
             let mut start = 0u64;
             while start < numel {
                 progress.check()?;
@@ -140,33 +159,33 @@ pub fn sums(
                 let mut bufs = pool.take();
                 let (first, rest) = bufs.split_first_mut().expect("pool has buffers");
                 let b = read_elems(base, bt, start, len, first)?;
-                let mut xs = Vec::with_capacity(experts.len());
-                for (m, buf) in experts.iter().zip(rest.iter_mut()) {
+                let mut xs = Vec::with_capacity(models.len());
+                for (m, buf) in models.iter().zip(rest.iter_mut()) {
                     let t = m.tensor(name).expect("checked by caller");
                     xs.push((t.dtype, read_elems(m, t, start, len, buf)?));
                 }
                 let size = bt.dtype.size();
-                let (mut vb, mut vx) = ([0f32; SUB], [0f32; SUB]);
-                for lo in (0..len).step_by(SUB) {
-                    let hi = (lo + SUB).min(len);
+                let (mut vb, mut vx) = ([0f32; BATCH], [0f32; BATCH]);
+                for lo in (0..len).step_by(BATCH) {
+                    let hi = (lo + BATCH).min(len);
                     let (vb, vx) = (&mut vb[..hi - lo], &mut vx[..hi - lo]);
-                    decode_bf16(bt.dtype, &b[lo * size..hi * size], vb);
+                    decode(bt.dtype, &b[lo * size..hi * size], vb);
                     acc_b.add(start + lo as u64, vb);
                     for ((dtype, x), acc) in xs.iter().zip(acc_x.iter_mut()) {
-                        decode_bf16(*dtype, &x[lo * size..hi * size], vx);
+                        decode(*dtype, &x[lo * size..hi * size], vx);
                         // X - B in bf16: computed in float32 and rounded, as torch's bf16 subtraction.
-                        vx.iter_mut().zip(vb.iter()).for_each(|(x, b)| *x = rb(*x - *b));
+                        vx.iter_mut().zip(vb.iter()).for_each(|(x, b)| *x = sub(*b, *x));
                         acc.add(start + lo as u64, vx);
                     }
                 }
-                let bytes = len as u64 * bt.dtype.size() as u64 * (experts.len() as u64 + 1);
+                let bytes = len as u64 * bt.dtype.size() as u64 * (models.len() as u64 + 1);
                 progress
                     .bytes_read
                     .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                 progress.advance(bytes);
                 start += len as u64;
             }
-            Ok(TensorStats {
+            Ok(Sums {
                 name: name.to_string(),
                 numel,
                 base_ss: acc_b.finish() as f64,

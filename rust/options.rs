@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::analyze::plan::Decision;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 
@@ -24,18 +25,6 @@ pub enum Numerics {
     Exact,
     /// The authors' bf16 arithmetic, bit for bit.
     Official,
-}
-
-/// Where a group of tensors is taken from when no unit decision covers it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourcePolicy {
-    /// alpha * safety + (1 - alpha) * expert.
-    Blend,
-    /// The language expert's tensor.
-    Expert,
-    /// The safety expert's tensor.
-    Safety,
 }
 
 /// Where the vocabulary tensors (token embeddings, lm_head; [`crate::layout::Place::Vocab`]) come from.
@@ -67,9 +56,9 @@ pub struct MergeOptions {
     /// Arithmetic mode.
     pub numerics: Numerics,
     /// Tensors outside the decoder layers (METHOD.md §5: blend).
-    pub outside: SourcePolicy,
+    pub outside: Decision,
     /// A layer's own norms in module granularity (METHOD.md §5: expert).
-    pub norms: SourcePolicy,
+    pub norms: Decision,
     /// Vocabulary tensors: like other outside tensors, or always the language expert's.
     #[serde(default)]
     pub vocab_from: VocabSource,
@@ -92,8 +81,8 @@ impl Default for MergeOptions {
             tau: 0.001,
             alpha: 0.5,
             numerics: Numerics::Exact,
-            outside: SourcePolicy::Blend,
-            norms: SourcePolicy::Expert,
+            outside: Decision::Blend,
+            norms: Decision::Expert,
             vocab_from: VocabSource::Outside,
             out_dtype: None,
             allow_non_finite: false,

@@ -6,15 +6,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use crate::error::{Error, Result};
 
-/// A phase of the pipeline.
+/// What a merge is doing: the stage that reports progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Phase {
     /// Nothing started yet.
     Idle = 0,
-    /// Statistics pass (bytes read).
-    Stats = 1,
-    /// Write pass (bytes written).
+    /// The analyze stage's pass (bytes read).
+    Analyze = 1,
+    /// The write stage (bytes written).
     Write = 2,
     /// Flushing to disk.
     Sync = 3,
@@ -25,7 +25,7 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Idle => "idle",
-            Phase::Stats => "statistics",
+            Phase::Analyze => "analyze",
             Phase::Write => "write",
             Phase::Sync => "sync",
         }
@@ -41,8 +41,6 @@ pub struct Progress {
     cancel: AtomicBool,
     /// Bytes read from inputs, all phases.
     pub bytes_read: AtomicU64,
-    /// Bytes written to outputs.
-    pub bytes_written: AtomicU64,
 }
 
 impl Progress {
@@ -61,7 +59,7 @@ impl Progress {
     /// (phase, done, total).
     pub fn snapshot(&self) -> (Phase, u64, u64) {
         let phase = match self.phase.load(Ordering::Acquire) {
-            1 => Phase::Stats,
+            1 => Phase::Analyze,
             2 => Phase::Write,
             3 => Phase::Sync,
             _ => Phase::Idle,

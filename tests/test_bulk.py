@@ -1,4 +1,4 @@
-"""Bulk merging: one statistics pass for many experts, byte-identical to single runs, resumable,
+"""Bulk merging: one analyze pass for many experts, byte-identical to single runs, resumable,
 failure-isolated, with saved statistics and a Ray executor."""
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def test_yaml_plan_file_with_relative_paths(experts, tmp_path):
         shutil.copytree(experts[role], link / role)
     plan = link / "plan.yaml"
     plan.write_text("base: base\nsafety: safety\nout: ../yaml-out\nexperts:\n  ko:\n    path: ko\n    granularity: module\n")
-    loaded = bulk.load_plan_file(plan)
+    loaded = bulk.load_bulk_file(plan)
     assert loaded.base == link / "base" and loaded.experts[0].options.granularity == "module"
     summary = bulk.bulk_merge(loaded.base, loaded.safety, loaded.experts, loaded.out)
     assert summary["experts"]["ko"]["status"] == "ok"

@@ -158,7 +158,7 @@ def start_merge(paths: dict[str, Path], out: Path, *extra: str) -> subprocess.Po
 
 
 def in_engine_pass(pid: int) -> bool:
-    """The engine's worker pool exists only while a statistics or write pass runs."""
+    """The engine's worker pool exists only while an analyze or write pass runs."""
     try:
         return any((t / "comm").read_text().startswith("layerswap-") for t in Path(f"/proc/{pid}/task").iterdir())
     except (FileNotFoundError, ProcessLookupError):
@@ -166,7 +166,7 @@ def in_engine_pass(pid: int) -> bool:
 
 
 def stop_in(proc: subprocess.Popen, out: Path, phase: str, timeout: float = 30.0) -> None:
-    """Stops (SIGSTOP) the child inside the given pass: 'statistics' (pool running, no output shard
+    """Stops (SIGSTOP) the child inside the given pass: 'analyze' (pool running, no output shard
     yet) or 'write' (pool running and the output shard created)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,7 +182,7 @@ def stop_in(proc: subprocess.Popen, out: Path, phase: str, timeout: float = 30.0
     pytest.fail(f"never saw the {phase} pass")
 
 
-@pytest.mark.parametrize("phase", ["statistics", "write"])
+@pytest.mark.parametrize("phase", ["analyze", "write"])
 @pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_merge(big: dict[str, Path], tmp_path: Path, phase: str, sig: int, status: int, word: str) -> None:
     out = tmp_path / "merged"

@@ -40,7 +40,7 @@ def test_progress_callback_is_called_with_phases(make_trio):
     paths = make_trio(config=synth.LlamaConfig(n_layers=6, hidden=512, intermediate=1536, vocab=4096), dtype="f32")
     seen = []
     lsf.analyze(paths["base"], paths["safety"], paths["expert"], progress=lambda phase, done, total: seen.append((phase, done, total)))
-    assert seen and seen[-1][0] == "statistics" and seen[-1][1] == seen[-1][2] > 0
+    assert seen and seen[-1][0] == "analyze" and seen[-1][1] == seen[-1][2] > 0
 
 
 def test_callback_exception_cancels_and_propagates(make_trio, tmp_path):

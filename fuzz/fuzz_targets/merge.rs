@@ -5,7 +5,7 @@
 
 use layerswap_fast::dtype::Dtype;
 use layerswap_fast::progress::Progress;
-use layerswap_fast::{pipeline, Granularity, MergeOptions, Numerics};
+use layerswap_fast::{open, Granularity, MergeOptions, Numerics};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     std::fs::create_dir_all(dir.join("out")).unwrap();
     let path = dir.join("model.safetensors");
     std::fs::write(&path, file).unwrap();
-    let Ok(session) = pipeline::open(&path, &path, &[path.as_path()], None, None) else { return };
+    let Ok(session) = open(&path, &path, &[path.as_path()], None, None) else { return };
     let options = MergeOptions {
         granularity: if knobs & 1 == 0 { Granularity::Layer } else { Granularity::Module },
         numerics: if knobs & 2 == 0 { Numerics::Exact } else { Numerics::Official },
@@ -28,6 +28,6 @@ fuzz_target!(|data: &[u8]| {
         ..MergeOptions::default()
     };
     let progress = Progress::default();
-    let Ok((_stats, plans)) = session.analyze(&options, &progress) else { return };
-    let _ = session.write(0, &plans[0], &dir.join("out"), &progress);
+    let Ok(plans) = session.analyze(&options, &progress) else { return };
+    let _ = session.write(0, &plans[0], &dir.join("out"), true, &progress);
 });

@@ -24,7 +24,7 @@ __all__ = [
     "checksums",
     "inspect",
     "merge",
-    "write_plan",
+    "write",
 ]
 
 class LayerswapError(Exception): ...
@@ -56,7 +56,7 @@ def merge(
     layout_json: Optional[str] = None,
     progress: _Progress = None,
 ) -> str: ...
-def write_plan(
+def write(
     base: _Path,
     safety: _Path,
     expert: _Path,

@@ -20,7 +20,7 @@ from layerswap_fast.options import MergeOptions
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
-#: ``progress(phase, done, total)``: phase is "statistics", "write" or "sync"; done/total in bytes.
+#: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -112,7 +112,7 @@ def analyze(
         _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
                       progress=progress)
     )
-    return decide(Plan.from_engine(out["plans"][0], out["stats"]), opts)
+    return decide(Plan.from_engine(out["plans"][0]), opts)
 
 
 def merge(
@@ -167,27 +167,24 @@ def merge(
     arch, layout_json = architecture(expert_p), _layout_json(layout)
     if decisions is not None:
         plan, opts = decided_plan(decisions, expert_p, opts, layout_json)
-        stats: list[Any] = []
     elif not opts.overrides and opts.select == "adaptive":
         plan = None
     else:
         engine = json.loads(_core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], arch, layout_json,
                                           progress=progress))
         plan = decide(Plan.from_engine(engine["plans"][0]), opts)
-        stats = engine["stats"]
     with staged_output(out_p, force) as stage:
         if plan is None:
             # The paper's rule alone: one engine call measures, decides and writes.
             result = json.loads(_core.merge(str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(), arch,
                                             layout_json, progress))
-            plan = decide(Plan.from_engine(result["plan"], result["stats"]), opts)
+            plan = decide(Plan.from_engine(result["plan"]), opts)
             write, bytes_read = result["write"], result["bytes_read"]
         else:
             # B is only checked by the write pass; without it (a decisions file) S stands in for the
             # check, which then only asks again what S and M must satisfy anyway.
-            write = json.loads(_core.write_plan(str(base_p or safety_p), str(safety_p), str(expert_p), str(stage),
-                                                json.dumps(plan.to_dict()), arch, layout_json, True, progress))
-            plan = Plan.from_engine(plan.to_dict(), stats)
+            write = json.loads(_core.write(str(base_p or safety_p), str(safety_p), str(expert_p), str(stage),
+                                                json.dumps(plan.to_dict(with_stats=True)), arch, layout_json, True, progress))
             bytes_read = 0
         report = finish_output(stage, plan, write, bytes_read, opts, (base_p, safety_p, expert_p), started)
     return report

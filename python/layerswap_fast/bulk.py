@@ -1,6 +1,6 @@
 """Bulk merging: one safety expert into many language experts.
 
-One statistics pass reads the base and the safety expert once for all experts (and each expert once);
+One analyze pass reads the base and the safety expert once for all experts (and each expert once);
 then every expert gets its own decisions and its own write pass, into ``OUT/<name>/``. A manifest
 (``OUT/layerswap_bulk.json``) records finished outputs with checksums (XXH3 of 8 MiB blocks), so a rerun skips experts whose
 output is verified intact and redoes the rest. One expert failing does not stop the others.
@@ -51,8 +51,8 @@ class ExpertSpec:
 
 
 @dataclass(frozen=True)
-class BulkPlan:
-    """What a plan file describes: base, safety, experts (and optionally where outputs go)."""
+class BulkSpec:
+    """What a bulk file describes: base, safety, experts (and optionally where outputs go)."""
 
     base: Path
     safety: Path
@@ -60,8 +60,8 @@ class BulkPlan:
     out: Optional[Path] = None
 
 
-def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> BulkPlan:
-    """Reads a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) plan file.
+def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> BulkSpec:
+    """Reads a bulk file (the CLI's ``--plan``): TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML).
 
     Format (paths relative to the file)::
 
@@ -87,7 +87,7 @@ def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         try:
             import yaml  # type: ignore[import-untyped]
         except ImportError:
-            raise InvalidOptionError(f"{p}: YAML plan files need PyYAML (pip install pyyaml); TOML needs nothing") from None
+            raise InvalidOptionError(f"{p}: YAML bulk files need PyYAML (pip install pyyaml); TOML needs nothing") from None
         data = yaml.safe_load(text)
     else:
         if sys.version_info >= (3, 11):
@@ -120,7 +120,7 @@ def load_plan_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
     except TypeError as e:
         raise InvalidOptionError(f"{p}: {e}") from None
     out = root / data["out"] if data.get("out") else None
-    return BulkPlan(root / data["base"], root / data["safety"], tuple(experts), out)
+    return BulkSpec(root / data["base"], root / data["safety"], tuple(experts), out)
 
 
 # --- checksums and the manifest ---------------------------------------------------------------------
@@ -171,7 +171,7 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
     started = time.perf_counter()
     stage = new_stage(target)
     try:
-        write = json.loads(_core.write_plan(base, safety, str(expert), str(stage), json.dumps(plan_dict),
+        write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
                                             architecture(expert), layout_json, sync, progress))
         report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
         return stage, report
@@ -214,7 +214,7 @@ def bulk_merge(
         force: redo experts even if the manifest says they are finished, and replace outputs that exist
             without a manifest entry.
         saved_stats: a file from ``analyze --save-stats`` (or :func:`save_stats`): the safety expert's
-            statistics are taken from it instead of reading S in the statistics pass.
+            statistics are taken from it instead of reading S in the analyze pass.
         progress: engine progress callback.
         on_expert: called with (name, entry) as each expert finishes, fails or is skipped.
 
@@ -268,7 +268,7 @@ def bulk_merge(
                 continue
             try:
                 # Each expert's own bands and overrides; a unit that does not exist fails that expert only.
-                plan = decide(Plan.from_engine(result["plans"][i]), e.options).to_dict()
+                plan = decide(Plan.from_engine(result["plans"][i]), e.options).to_dict(with_stats=True)
             except InvalidOptionError as err:
                 entries[e.name] = _failure(err)
                 _notify(on_expert, e.name, entries[e.name])
@@ -393,7 +393,7 @@ def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike) -> 
         "numerics": plan.options["numerics"],
         "base": str(base),
         "safety": str(safety),
-        "tensors": [{"name": s.name, "numel": s.numel, "base_ss": s.base_ss, "diff_ss": [s.diff_ss[0]]} for s in plan.stats],
+        "tensors": [{"name": s.name, "numel": s.numel, "base_ss": s.base_ss, "diff_ss": [s.safety_ss]} for s in plan.stats],
     }
     _write_json_atomic(Path(path), data)
 
@@ -409,4 +409,8 @@ def load_saved_stats(path: PathLike, numerics: str) -> str:
         raise InvalidOptionError(f"{p}: not a layerswap-fast statistics file (make one with analyze --save-stats)")
     if data.get("numerics") != numerics:
         raise InvalidOptionError(f"{p}: statistics were computed with {data.get('numerics')} numerics, this run uses {numerics}")
-    return json.dumps(data["tensors"])
+    try:
+        return json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0], "expert_ss": 0.0}
+                           for t in data["tensors"]])
+    except (KeyError, IndexError, TypeError) as e:
+        raise InvalidOptionError(f"{p}: not a valid statistics file ({e!r})") from None

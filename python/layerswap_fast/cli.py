@@ -21,7 +21,7 @@ from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExis
 from layerswap_fast import decisions
 from layerswap_fast.options import decision_options, from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
-from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary, sweep_table
+from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary, report_table, sweep_table
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -206,7 +206,7 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (must not exist unless --force). With several experts: the parent of OUT/NAME/.")
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Bulk plan file (TOML, or YAML with PyYAML): base, safety, out, [defaults], [experts.NAME] with path and per-expert options.")
+              help="Bulk file (TOML, or YAML with PyYAML): base, safety, out, [defaults], [experts.NAME] with path and per-expert options.")
 @click.option("--executor", type=click.Choice(bulk.EXECUTORS), default="local", show_default=True,
               help="Where the per-expert write passes run: here, or on Ray (cluster from RAY_ADDRESS; shared filesystem).")
 @click.option("--stats", "saved_stats", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -231,7 +231,7 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
     It is written beside OUT and renamed into place when complete; inputs are only read.
 
     \b
-    Several experts (one statistics pass over the shared models, then one output each):
+    Several experts (one analyze pass over the shared models, then one output each):
       layerswap-fast merge -b base/ -s safety/ -m ko=expert-ko/ -m sw=expert-sw/ -o merged/
       layerswap-fast merge --plan experts.toml
     Rerunning a bulk merge skips experts whose outputs the manifest verifies, and redoes the rest.
@@ -273,14 +273,14 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
             click.echo(merge_summary(report, str(out)))
         return
     if plan_file is not None:
-        plan = bulk.load_plan_file(plan_file, options)
+        plan = bulk.load_bulk_file(plan_file, options)
         base, safety = base or plan.base, safety or plan.safety
         specs = list(plan.experts) + [bulk.ExpertSpec(n, p, options) for n, p in experts]
         out = out or plan.out
     else:
         specs = [bulk.ExpertSpec(n, p, options) for n, p in experts]
     if out is None:
-        raise click.UsageError("give -o/--out (or 'out' in the plan file)")
+        raise click.UsageError("give -o/--out (or 'out' in the --plan file)")
     bar = ProgressBar(enabled=False if quiet else None)
 
     def said(name: str, entry: dict[str, Any]) -> None:
@@ -429,6 +429,5 @@ def demo(outdir: Path, layers: int, granularity: str, force: bool) -> None:
     click.echo(f"building base, safety and expert ({cfg.param_count():,} parameters each, bf16) in {outdir}")
     paths = synth.make_trio(outdir, cfg, shard_bytes={"base": None, "safety": 200_000, "expert": 300_000})
     report = api.merge(paths["base"], paths["safety"], paths["expert"], outdir / "merged", granularity=granularity, force=True)
-    plan = api.analyze(paths["base"], paths["safety"], paths["expert"], granularity=granularity)
-    click.echo(decision_table(plan))
+    click.echo(report_table(report))
     click.echo(merge_summary(report, str(outdir / "merged")))

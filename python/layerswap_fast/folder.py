@@ -97,8 +97,7 @@ def check_output(out: Path, inputs: list[Path], force: bool) -> None:
     out_r = out.resolve()
     for p in inputs:
         p_r = p.resolve()
-        folder = p_r if p_r.is_dir() else p_r.parent
-        if _inside(out_r, folder if p_r.is_dir() else p_r) or _inside(p_r, out_r):
+        if _inside(out_r, p_r) or _inside(p_r, out_r):
             raise OutputExistsError(f"{out}: output overlaps the input {p}; choose a folder outside the inputs")
     if out.exists() or out.is_symlink():
         if not force:

@@ -40,12 +40,18 @@ class UnitDecision:
 
 @dataclass(frozen=True)
 class TensorStats:
-    """Sums of squares of one measured tensor: Σ B², and Σ (X − B)² per expert (safety first)."""
+    """Sums of squares of one measured tensor: Σ B², Σ (S − B)² and Σ (M − B)²."""
 
     name: str
     numel: int
     base_ss: float
-    diff_ss: tuple[float, ...]
+    safety_ss: float
+    expert_ss: float
+
+    @property
+    def diff_ss(self) -> tuple[float, float]:
+        """(Σ (S − B)², Σ (M − B)²)."""
+        return (self.safety_ss, self.expert_ss)
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,9 @@ class Plan:
     stats: tuple[TensorStats, ...] = field(default=(), repr=False)
 
     @classmethod
-    def from_engine(cls, plan: dict[str, Any], stats: Sequence[dict[str, Any]] = ()) -> "Plan":
+    def from_engine(cls, plan: dict[str, Any]) -> "Plan":
         units = tuple(UnitDecision(**u) for u in plan["units"])
-        ts = tuple(TensorStats(s["name"], s["numel"], s["base_ss"], tuple(s["diff_ss"])) for s in stats)
+        ts = tuple(TensorStats(**s) for s in plan.get("stats", ()))
         return cls(plan["options"], plan["layout"], plan["n_layers"], units, ts)
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from layerswap_fast.plan import Plan
@@ -17,18 +18,27 @@ def fmt_bytes(n: float) -> str:
 
 def decision_table(plan: Plan) -> str:
     """The per-unit table: scores, p_S, p_M, d and decision, exactly as thresholded."""
-    o = plan.options
+    return _table(plan.layout, plan.n_layers, plan.options, [asdict(u) for u in plan.units], plan.counts())
+
+
+def report_table(report: dict[str, Any]) -> str:
+    """:func:`decision_table` from a merge report (which holds every unit's scores and decision)."""
+    return _table(report["layout"], report["n_layers"], report["parameters"], report["units"], report["counts"])
+
+
+def _table(layout: str, n_layers: int, o: dict[str, Any], units: list[dict[str, Any]], c: dict[str, int]) -> str:
     lines = [
-        f"layout {plan.layout}, {plan.n_layers} layers, granularity {o['granularity']}, "
+        f"layout {layout}, {n_layers} layers, granularity {o['granularity']}, "
         f"tau {o['tau']:g}, alpha {o['alpha']:g}, numerics {o['numerics']}",
         f"{'unit':<22} {'A_safety':>10} {'A_expert':>10} {'p_safety':>9} {'p_expert':>9} {'d':>10}  {'decision':<12} source",
     ]
-    for u in plan.units:
-        decision = u.decision if u.alpha is None else f"{u.decision} {u.alpha:g}"
+    for u in units:
+        label = f"layer {u['layer']}" if u.get("part") is None else f"layer {u['layer']} {u['part']}"
+        decision = u["decision"] if u.get("alpha") is None else f"{u['decision']} {u['alpha']:g}"
         lines.append(
-            f"{u.label:<22} {u.score_safety:>10.5f} {u.score_expert:>10.5f} {u.p_safety:>9.5f} {u.p_expert:>9.5f} {u.d:>+10.5f}  {decision:<12} {u.source}"
+            f"{label:<22} {u['score_safety']:>10.5f} {u['score_expert']:>10.5f} {u['p_safety']:>9.5f} {u['p_expert']:>9.5f} "
+            f"{u['d']:>+10.5f}  {decision:<12} {u.get('source', 'measured')}"
         )
-    c = plan.counts()
     lines.append(f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend")
     return "\n".join(lines)
 
@@ -76,5 +86,5 @@ def bulk_table(summary: dict[str, Any]) -> str:
     for n, e in summary["experts"].items():
         secs = f" in {e['seconds']:.2f} s" if e.get("seconds") is not None and e["status"] == "ok" else ""
         lines.append(f"{n}: {e['status']}{secs}" + (f" ({e['error']})" if e.get("error") else ""))
-    lines.append(f"statistics pass (all experts at once): {summary['statistics_seconds']:.2f} s")
+    lines.append(f"analyze pass (all experts at once): {summary['statistics_seconds']:.2f} s")
     return "\n".join(lines)

@@ -8,4 +8,4 @@ pub mod writer;
 pub use header::{Header, TensorInfo};
 pub use model::{Model, TensorRef};
 pub use shard::Shard;
-pub use writer::{OutputPlan, OutputWriter};
+pub use writer::{ShardMap, OutputWriter};

@@ -1,4 +1,4 @@
-//! Output shards. The plan fixes every tensor's shard and byte range up front, so the header is written
+//! Output shards. The shard map fixes every tensor's shard and byte range up front, so the header is written
 //! first and tensor data can then be written by any thread, in any order, straight to its final offset.
 //!
 //! The writer only ever writes inside the folder it is given. Callers give it a fresh staging folder
@@ -37,18 +37,18 @@ pub struct OutputTensor {
 
 /// Where every tensor of the output goes.
 #[derive(Debug, Clone)]
-pub struct OutputPlan {
+pub struct ShardMap {
     /// Tensors in output order.
     pub tensors: Vec<OutputTensor>,
     /// Per shard: file name and complete header prefix (length + JSON).
     pub shards: Vec<(String, Vec<u8>, u64)>,
 }
 
-impl OutputPlan {
+impl ShardMap {
     /// Splits `tensors` (name, dtype, shape) into shards of at most `max_shard_bytes` of data each
     /// (a single tensor larger than that gets a shard of its own), in the order given, the way
     /// Hugging Face's `save_pretrained` does.
-    pub fn new(tensors: &[(String, Dtype, Vec<u64>)], max_shard_bytes: u64) -> Result<OutputPlan> {
+    pub fn new(tensors: &[(String, Dtype, Vec<u64>)], max_shard_bytes: u64) -> Result<ShardMap> {
         if max_shard_bytes == 0 {
             return Err(Error::argument("shard size must be positive"));
         }
@@ -92,12 +92,7 @@ impl OutputPlan {
             }
             shards.push((file, header, pos));
         }
-        Ok(OutputPlan { tensors: out, shards })
-    }
-
-    /// Total bytes of all shard files.
-    pub fn total_file_bytes(&self) -> u64 {
-        self.shards.iter().map(|(_, h, d)| h.len() as u64 + d).sum()
+        Ok(ShardMap { tensors: out, shards })
     }
 
     /// Total tensor bytes (what the index calls `total_size`).
@@ -115,11 +110,11 @@ pub struct OutputWriter {
 }
 
 impl OutputWriter {
-    /// Creates every shard file of `plan` inside `dir` (which must exist), writes the headers and
+    /// Creates every shard file of `shards` inside `dir` (which must exist), writes the headers and
     /// reserves the data space, so that a disk too small for the output fails here, before any work.
-    pub fn create(dir: &Path, plan: &OutputPlan) -> Result<OutputWriter> {
+    pub fn create(dir: &Path, shards: &ShardMap) -> Result<OutputWriter> {
         let mut files = vec![];
-        for (name, header, data) in &plan.shards {
+        for (name, header, data) in &shards.shards {
             let path = dir.join(name);
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
             let total = header.len() as u64 + data;
@@ -178,20 +173,20 @@ impl OutputWriter {
     /// Writes the index (when there is more than one shard) and, if `sync`, syncs every file to disk.
     /// Without `sync` the caller must sync before it publishes the folder (bulk runs do that in the
     /// background while the next expert is written).
-    pub fn finish(self, plan: &OutputPlan, sync: bool) -> Result<Vec<PathBuf>> {
+    pub fn finish(self, shards: &ShardMap, sync: bool) -> Result<Vec<PathBuf>> {
         if sync {
             for (path, file) in &self.files {
                 file.sync_all().map_err(|e| Error::io(path, e))?;
             }
         }
         let mut written: Vec<PathBuf> = self.files.iter().map(|(p, _)| p.clone()).collect();
-        if plan.shards.len() > 1 {
+        if shards.shards.len() > 1 {
             let mut weight_map = serde_json::Map::new();
-            for t in &plan.tensors {
-                weight_map.insert(t.name.clone(), plan.shards[t.shard].0.clone().into());
+            for t in &shards.tensors {
+                weight_map.insert(t.name.clone(), shards.shards[t.shard].0.clone().into());
             }
             let index = serde_json::json!({
-                "metadata": {"total_size": plan.total_data_bytes()},
+                "metadata": {"total_size": shards.total_data_bytes()},
                 "weight_map": weight_map,
             });
             let path = self.dir.join(INDEX_FILE);
@@ -259,10 +254,10 @@ mod tests {
         for in_kernel in [true, false] {
             let out = dir.path().join(format!("out-{in_kernel}"));
             std::fs::create_dir(&out).unwrap();
-            let plan = OutputPlan::new(&[("t".to_string(), Dtype::F16, vec![data.len() as u64 / 2])], 1 << 40).unwrap();
-            let w = OutputWriter::create(&out, &plan).unwrap();
+            let shards = ShardMap::new(&[("t".to_string(), Dtype::F16, vec![data.len() as u64 / 2])], 1 << 40).unwrap();
+            let w = OutputWriter::create(&out, &shards).unwrap();
             w.in_kernel.store(in_kernel, Ordering::Relaxed);
-            let t = &plan.tensors[0];
+            let t = &shards.tensors[0];
             let mut scratch = vec![0u8; data.len()];
             let err = w.copy_from(0, t.offset, &src, base + 10, data.len(), &mut scratch).unwrap_err();
             assert!(err.to_string().contains("in.safetensors"), "{err}");
@@ -270,7 +265,7 @@ mod tests {
             let half = 1 << 20;
             w.copy_from(0, t.offset + half as u64, &src, base + half as u64, data.len() - half, &mut scratch).unwrap();
             w.copy_from(0, t.offset, &src, base, half, &mut scratch).unwrap();
-            let files = w.finish(&plan, true).unwrap();
+            let files = w.finish(&shards, true).unwrap();
             let bytes = std::fs::read(&files[0]).unwrap();
             assert_eq!(&bytes[t.offset as usize..], &data[..], "in_kernel={in_kernel}");
         }

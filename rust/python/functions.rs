@@ -9,16 +9,16 @@ use crate::error::Error;
 use crate::io::Model;
 use crate::layout::{Layout, LayoutDef, BUILTIN_LAYOUTS};
 use crate::options::MergeOptions;
-use crate::pipeline;
+use crate::open;
 use crate::python::errors::{kind_name, to_py};
-use crate::stats::TensorStats;
+use crate::analyze::TensorStats;
 use crate::python::progress::run;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
-    m.add_function(wrap_pyfunction!(write_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(write, m)?)?;
     m.add_function(wrap_pyfunction!(builtin_layouts, m)?)?;
     m.add_function(wrap_pyfunction!(checksums, m)?)?;
     Ok(())
@@ -55,7 +55,7 @@ fn inspect(py: Python<'_>, model: PathBuf, architecture: Option<String>, layout_
         let m = Model::open(&model)?;
         let names: Vec<&str> = m.tensors.keys().map(|s| s.as_str()).collect();
         let layout = Layout::detect(&names, architecture.as_deref(), custom.as_ref()).map_err(|e| e.in_model(&model))?;
-        pipeline::measured_are_floats(&m, &layout)?;
+        open::measured_are_floats(&m, &layout)?;
         let tensors: Vec<serde_json::Value> = m
             .tensors
             .iter()
@@ -73,21 +73,21 @@ fn inspect(py: Python<'_>, model: PathBuf, architecture: Option<String>, layout_
     })
 }
 
-/// Runs the statistics pass once for all experts and returns one plan per expert.
+/// Opens B, S and the experts and analyzes every expert in one pass: one plan per expert.
 ///
 /// Args:
 ///     base, safety: folders or files of B and S.
 ///     experts: language experts M (one or more).
 ///     options_json: MergeOptions as JSON: one for all experts, or a list with one per expert.
 ///     architecture, layout_json: as for ``inspect``.
-///     saved_stats_json: statistics of an earlier run (``stats`` of its result) whose safety-expert
-///         sums are reused instead of reading S again.
+///     saved_stats_json: statistics of an earlier run (a plan's ``stats``) whose safety-expert sums
+///         are reused instead of reading S again.
 ///     lenient: an expert that cannot be opened or does not fit B and S is reported in ``failures``
 ///         instead of failing the call.
 ///     progress: called as ``progress(phase, done, total)`` about ten times a second.
 ///
 /// Returns:
-///     JSON text: ``{"stats": [...], "plans": [plan or null per expert], "failures": [{"index", "kind", "message"}]}``.
+///     JSON text: ``{"plans": [plan or null per expert], "failures": [{"index", "kind", "message"}]}``.
 ///
 /// Raises:
 ///     InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
@@ -117,7 +117,7 @@ fn analyze(
         .map_err(|e| to_py(Error::argument(format!("saved statistics are not valid: {e}"))))?;
     run(py, progress, move |p| {
         let refs: Vec<&std::path::Path> = experts.iter().map(|e| e.as_path()).collect();
-        let (session, outcomes) = pipeline::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
+        let (session, outcomes) = open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
         let mut failures = vec![];
         let mut kept_options = vec![];
         for (i, o) in outcomes.into_iter().enumerate() {
@@ -127,15 +127,15 @@ fn analyze(
                 Err(e) => return Err(e),
             }
         }
-        let (stats, plans) = session.analyze_with(&kept_options, saved.as_deref(), p)?;
+        let plans = session.analyze_each(&kept_options, saved.as_deref(), p)?;
         let failed: std::collections::HashSet<u64> = failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
         let mut it = plans.into_iter();
-        let all: Vec<Option<crate::plan::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
-        Ok(serde_json::json!({"stats": stats, "plans": all, "failures": failures}).to_string())
+        let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
+        Ok(serde_json::json!({"plans": all, "failures": failures}).to_string())
     })
 }
 
-/// Writes one expert's merged model from a plan made earlier (by ``analyze``), into ``out_dir``.
+/// Writes one expert's merged model from its plan (made by ``analyze``), into ``out_dir``.
 ///
 /// Args:
 ///     base, safety, expert: folders or files of B, S and M (B is only checked, not read).
@@ -152,7 +152,7 @@ fn analyze(
 #[pyfunction]
 #[pyo3(signature = (base, safety, expert, out_dir, plan_json, architecture=None, layout_json=None, sync=true, progress=None))]
 #[allow(clippy::too_many_arguments)]
-fn write_plan(
+fn write(
     py: Python<'_>,
     base: PathBuf,
     safety: PathBuf,
@@ -164,23 +164,13 @@ fn write_plan(
     sync: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
-    let plan: crate::plan::Plan =
+    let plan: crate::analyze::Plan =
         serde_json::from_str(plan_json).map_err(|e| to_py(Error::argument(format!("invalid plan: {e}"))))?;
     plan.options.validate().map_err(to_py)?;
     let custom = parse_layout(layout_json)?;
     run(py, progress, move |p| {
-        let session = pipeline::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
-        if plan.n_layers != session.layout.n_layers || plan.layout != session.layout.def.name {
-            return Err(Error::argument(format!(
-                "the plan is for a {}-layer '{}' model but {} is a {}-layer '{}' model",
-                plan.n_layers,
-                plan.layout,
-                expert.display(),
-                session.layout.n_layers,
-                session.layout.def.name
-            )));
-        }
-        let write = session.write_with(0, &plan, &out_dir, sync, p)?;
+        let session = open::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        let write = session.write(0, &plan, &out_dir, sync, p)?;
         Ok(serde_json::to_string(&write).expect("json"))
     })
 }
@@ -194,7 +184,7 @@ fn write_plan(
 ///     options_json, architecture, layout_json, progress: as for ``analyze``.
 ///
 /// Returns:
-///     JSON text: ``{"plan": {...}, "stats": [...], "write": {...}, "bytes_read": n}``.
+///     JSON text: ``{"plan": {...}, "write": {...}, "bytes_read": n}``.
 ///
 /// Raises:
 ///     InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError,
@@ -216,12 +206,11 @@ fn merge(
     let options = parse_options(options_json)?;
     let custom = parse_layout(layout_json)?;
     run(py, progress, move |p| {
-        let session = pipeline::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
-        let (stats, plans) = session.analyze(&options, p)?;
-        let write = session.write(0, &plans[0], &out_dir, p)?;
+        let session = open::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        let plans = session.analyze(&options, p)?;
+        let write = session.write(0, &plans[0], &out_dir, true, p)?;
         Ok(serde_json::json!({
             "plan": plans[0],
-            "stats": stats,
             "write": write,
             "bytes_read": p.bytes_read.load(std::sync::atomic::Ordering::Relaxed),
         })

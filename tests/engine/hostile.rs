@@ -8,14 +8,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use layerswap_fast::blend::all_finite;
+use layerswap_fast::write::all_finite;
 use layerswap_fast::budget::{Budget, BufferPool};
 use layerswap_fast::dtype::{AlignedBuf, Dtype};
 use layerswap_fast::io::header::encode_header;
 use layerswap_fast::io::{Header, Model, Shard};
 use layerswap_fast::layout::Layout;
 use layerswap_fast::progress::Progress;
-use layerswap_fast::stats::{compute, compute_allowing};
+use layerswap_fast::analyze::sums::{compute, compute_allowing};
 use layerswap_fast::{Error, Numerics};
 use proptest::prelude::*;
 
@@ -273,7 +273,7 @@ fn open_three(dir: &Path, poison: Option<(usize, usize, f32)>) -> Vec<Model> {
     (0..3).map(|i| Model::open(&dir.join(format!("{i}.safetensors"))).unwrap()).collect()
 }
 
-fn stats_of(models: &[Model], allow: bool) -> layerswap_fast::Result<Vec<layerswap_fast::stats::TensorStats>> {
+fn stats_of(models: &[Model], allow: bool) -> layerswap_fast::Result<Vec<layerswap_fast::analyze::sums::Sums>> {
     let budget = Budget::plan(1 << 30, 1, 3, 2).unwrap();
     let pool = BufferPool::new(&budget);
     let p = Progress::default();

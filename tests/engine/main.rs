@@ -6,6 +6,6 @@ mod budget;
 mod checksum;
 mod header;
 mod hostile;
-mod pipeline;
+mod session;
 mod plan;
-mod stats;
+mod sums;

@@ -1,14 +1,12 @@
-//! The statistics pass: for every measured tensor, the sum of squares of the base and of each task
-//! vector (X - B), for any number of experts at once, accumulated in float64 (METHOD.md §2).
+//! The pass of the analyze stage: for every measured tensor, the sum of squares of the base and of
+//! each task vector (X - B), for any number of models X at once, accumulated in float64 (METHOD.md §2).
 //!
 //! Sums are formed per [`BLOCK`] of elements with eight fixed lanes and then added in block order, so
 //! the result is the same for any chunk size and any thread count.
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
-
 use crate::budget::{BufferPool, BLOCK};
-use crate::dtype::{bf16_to_f32, cast, f16_to_f32, f32_to_bf16, Dtype, Pod, NOT_FLOAT};
+use crate::dtype::{bf16_to_f32, cast, f16_to_f32, Dtype, Pod, NOT_FLOAT};
 use crate::error::{Error, Result};
 use crate::io::Model;
 use crate::options::Numerics;
@@ -16,31 +14,31 @@ use crate::progress::Progress;
 use crate::stream::{chunks, read_elems, Chunk};
 
 /// Sums of squares for one tensor.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TensorStats {
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sums {
     /// Tensor name.
     pub name: String,
     /// Element count.
     pub numel: u64,
     /// Σ B² (in `official` numerics, of B rounded to bf16, summed in float32 as torch does).
     pub base_ss: f64,
-    /// Σ (X - B)² for each expert, in the order the experts were given.
+    /// Σ (X - B)² for each model X, in the order the models were given.
     pub diff_ss: Vec<f64>,
 }
 
-/// Computes [`TensorStats`] for `names` over `base` and `experts`. Every tensor must exist with the same
+/// Computes [`Sums`] for `names` over `base` and `models`. Every tensor must exist with the same
 /// dtype and shape in every model (the caller checks). Runs on the current rayon pool. A tensor
 /// holding NaN or Inf is an [`Error::NonFinite`] naming it and its file.
 pub fn compute(
     names: &[&str],
     base: &Model,
-    experts: &[&Model],
+    models: &[&Model],
     numerics: Numerics,
     chunk_elems: usize,
     pool: &BufferPool,
     progress: &Progress,
-) -> Result<Vec<TensorStats>> {
-    compute_allowing(names, base, experts, numerics, false, chunk_elems, pool, progress)
+) -> Result<Vec<Sums>> {
+    compute_allowing(names, base, models, numerics, false, chunk_elems, pool, progress)
 }
 
 /// [`compute`], except that with `allow_non_finite` a tensor holding NaN or Inf is not an error: its
@@ -51,25 +49,25 @@ pub fn compute(
 pub fn compute_allowing(
     names: &[&str],
     base: &Model,
-    experts: &[&Model],
+    models: &[&Model],
     numerics: Numerics,
     allow_non_finite: bool,
     chunk_elems: usize,
     pool: &BufferPool,
     progress: &Progress,
-) -> Result<Vec<TensorStats>> {
+) -> Result<Vec<Sums>> {
     debug_assert!(chunk_elems % BLOCK == 0);
     if numerics == Numerics::Official {
         // The authors' norms are torch's sequential float32 sums, which parallel chunks cannot
         // reproduce (see official.rs). With allow_non_finite, only the tensors holding NaN/Inf
         // are summed over their finite elements; the others keep torch's sums. Errors (non-finite
         // values not allowed, or overflow) take the general path below, which reports them.
-        let finite = |s: &TensorStats| s.base_ss.is_finite() && s.diff_ss.iter().all(|v| v.is_finite());
-        let mut out = crate::official::sums(names, base, experts, chunk_elems, pool, progress)?;
+        let finite = |s: &Sums| s.base_ss.is_finite() && s.diff_ss.iter().all(|v| v.is_finite());
+        let mut out = crate::official::sums(names, base, models, chunk_elems, pool, progress)?;
         if allow_non_finite {
             for s in out.iter_mut().filter(|s| !finite(s)) {
                 let (base_ss, diff_ss) =
-                    finite_sums(&s.name, base, experts, numerics, chunk_elems, pool, progress)?;
+                    finite_sums(&s.name, base, models, numerics, chunk_elems, pool, progress)?;
                 if !s.base_ss.is_finite() {
                     s.base_ss = base_ss;
                 }
@@ -87,12 +85,12 @@ pub fn compute_allowing(
     let refs: Vec<_> = names.iter().map(|n| base.tensor(n).expect("checked by caller")).collect();
     let numels: Vec<u64> = refs.iter().map(|t| t.numel()).collect();
     let work = chunks(&numels, chunk_elems);
-    let k = experts.len();
+    let k = models.len();
     let partials: Vec<Vec<f64>> = work
         .par_iter()
         .map(|c| {
             progress.check()?;
-            let sums = chunk_sums(c, names[c.tensor], base, experts, numerics, pool)?;
+            let sums = chunk_sums(c, names[c.tensor], base, models, numerics, pool)?;
             let bytes = c.len as u64 * refs[c.tensor].dtype.size() as u64 * (k as u64 + 1);
             progress.bytes_read.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             progress.advance(bytes);
@@ -100,10 +98,10 @@ pub fn compute_allowing(
         })
         .collect::<Result<_>>()?;
     // Add block sums in block order per tensor.
-    let mut out: Vec<TensorStats> = names
+    let mut out: Vec<Sums> = names
         .iter()
         .zip(&numels)
-        .map(|(n, &numel)| TensorStats { name: n.to_string(), numel, base_ss: 0.0, diff_ss: vec![0.0; k] })
+        .map(|(n, &numel)| Sums { name: n.to_string(), numel, base_ss: 0.0, diff_ss: vec![0.0; k] })
         .collect();
     for (c, sums) in work.iter().zip(partials) {
         let s = &mut out[c.tensor];
@@ -118,7 +116,7 @@ pub fn compute_allowing(
         let bad: Vec<usize> = (0..out.len()).filter(|&i| !out[i].base_ss.is_finite() || out[i].diff_ss.iter().any(|v| !v.is_finite())).collect();
         let redone: Vec<(f64, Vec<f64>)> = bad
             .par_iter()
-            .map(|&i| finite_sums(names[i], base, experts, numerics, chunk_elems, pool, progress))
+            .map(|&i| finite_sums(names[i], base, models, numerics, chunk_elems, pool, progress))
             .collect::<Result<_>>()?;
         for (&i, (base_ss, diff_ss)) in bad.iter().zip(redone) {
             let s = &mut out[i];
@@ -145,8 +143,8 @@ pub fn compute_allowing(
             return Err(Error::NonFinite { path: base.shard_of(t).path.clone(), tensor: s.name.clone() });
         }
         if let Some(i) = s.diff_ss.iter().position(|v| !v.is_finite()) {
-            let t = experts[i].tensor(&s.name).unwrap();
-            return Err(Error::NonFinite { path: experts[i].shard_of(t).path.clone(), tensor: s.name.clone() });
+            let t = models[i].tensor(&s.name).unwrap();
+            return Err(Error::NonFinite { path: models[i].shard_of(t).path.clone(), tensor: s.name.clone() });
         }
     }
     Ok(out)
@@ -157,7 +155,7 @@ pub fn compute_allowing(
 fn finite_sums(
     name: &str,
     base: &Model,
-    experts: &[&Model],
+    models: &[&Model],
     numerics: Numerics,
     chunk_elems: usize,
     pool: &BufferPool,
@@ -166,7 +164,7 @@ fn finite_sums(
     let bt = base.tensor(name).expect("checked by caller");
     let dtype = bt.dtype;
     let mut base_ss = 0f64;
-    let mut diff_ss = vec![0f64; experts.len()];
+    let mut diff_ss = vec![0f64; models.len()];
     for c in chunks(&[bt.numel()], chunk_elems) {
         progress.check()?;
         let mut bufs = pool.take();
@@ -178,7 +176,7 @@ fn finite_sums(
                 base_ss += v * v;
             }
         }
-        for ((m, buf), acc) in experts.iter().zip(rest.iter_mut()).zip(diff_ss.iter_mut()) {
+        for ((m, buf), acc) in models.iter().zip(rest.iter_mut()).zip(diff_ss.iter_mut()) {
             let x = read_elems(m, m.tensor(name).expect("checked by caller"), c.start, c.len, buf)?;
             for i in 0..c.len {
                 let (bv, xv) = (kernels::value(dtype, numerics, b, i), kernels::value(dtype, numerics, x, i));
@@ -193,17 +191,17 @@ fn finite_sums(
 }
 
 /// Block sums for one chunk: for each block, [Σ B², Σ (X_1 - B)², ...].
-fn chunk_sums(c: &Chunk, name: &str, base: &Model, experts: &[&Model], numerics: Numerics, pool: &BufferPool) -> Result<Vec<f64>> {
+fn chunk_sums(c: &Chunk, name: &str, base: &Model, models: &[&Model], numerics: Numerics, pool: &BufferPool) -> Result<Vec<f64>> {
     let mut bufs = pool.take();
     let (first, rest) = bufs.split_first_mut().expect("pool has buffers");
     let bt = base.tensor(name).unwrap();
     let b = read_elems(base, bt, c.start, c.len, first)?;
-    let mut xs: Vec<&[u8]> = Vec::with_capacity(experts.len());
-    for (m, buf) in experts.iter().zip(rest.iter_mut()) {
+    let mut xs: Vec<&[u8]> = Vec::with_capacity(models.len());
+    for (m, buf) in models.iter().zip(rest.iter_mut()) {
         let t = m.tensor(name).unwrap();
         xs.push(read_elems(m, t, c.start, c.len, buf)?);
     }
-    let k = experts.len();
+    let k = models.len();
     let nblocks = c.len.div_ceil(BLOCK);
     let mut out = vec![0f64; nblocks * (k + 1)];
     let size = bt.dtype.size();
@@ -223,6 +221,7 @@ fn chunk_sums(c: &Chunk, name: &str, base: &Model, experts: &[&Model], numerics:
 /// fuses multiply and add, so both give identical sums.
 pub mod kernels {
     use super::*;
+    use crate::official;
 
     #[inline(always)]
     fn lanes<T: Pod>(b: &[T], x: &[T], f: impl Fn(T, T) -> f64) -> f64 {
@@ -242,11 +241,6 @@ pub mod kernels {
         ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
     }
 
-    #[inline(always)]
-    fn to_bf16_f32(x: f32) -> f32 {
-        bf16_to_f32(f32_to_bf16(x))
-    }
-
     /// Element `i` of `bytes` as the numerics see it (the per-element rule of the kernels below, for
     /// the slow masked path).
     pub fn value(dtype: Dtype, numerics: Numerics, bytes: &[u8], i: usize) -> f64 {
@@ -259,7 +253,7 @@ pub mod kernels {
         };
         match numerics {
             Numerics::Exact => v,
-            Numerics::Official => to_bf16_f32(v as f32) as f64,
+            Numerics::Official => official::load(v as f32) as f64,
         }
     }
 
@@ -267,7 +261,7 @@ pub mod kernels {
     pub fn diff(numerics: Numerics, b: f64, x: f64) -> f64 {
         match numerics {
             Numerics::Exact => x - b,
-            Numerics::Official => to_bf16_f32(x as f32 - b as f32) as f64,
+            Numerics::Official => official::sub(b as f32, x as f32) as f64,
         }
     }
 
@@ -278,11 +272,11 @@ pub mod kernels {
         match (dtype, numerics) {
             (Dtype::BF16, _) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| bf16_to_f32(v) as f64),
             (Dtype::F16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| f16_to_f32(v) as f64),
-            (Dtype::F16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| to_bf16_f32(f16_to_f32(v)) as f64),
+            (Dtype::F16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| official::load(f16_to_f32(v)) as f64),
             (Dtype::F32, Numerics::Exact) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| v as f64),
-            (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| to_bf16_f32(v) as f64),
+            (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| official::load(v) as f64),
             (Dtype::F64, Numerics::Exact) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| v),
-            (Dtype::F64, Numerics::Official) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| to_bf16_f32(v as f32) as f64),
+            (Dtype::F64, Numerics::Official) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| official::load(v as f32) as f64),
             (Dtype::Opaque(_), _) => unreachable!("{}", NOT_FLOAT),
         }
     }
@@ -291,7 +285,7 @@ pub mod kernels {
     /// computed in float32 and rounded to bf16, as torch does for bf16 tensors.
     #[inline(always)]
     fn generic_sum_sq_diff(dtype: Dtype, numerics: Numerics, b: &[u8], x: &[u8]) -> f64 {
-        let off = |bv: f32, xv: f32| to_bf16_f32(to_bf16_f32(xv) - to_bf16_f32(bv)) as f64;
+        let off = |bv: f32, xv: f32| official::sub(official::load(bv), official::load(xv)) as f64;
         match (dtype, numerics) {
             (Dtype::BF16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| bf16_to_f32(xv) as f64 - bf16_to_f32(bv) as f64),
             (Dtype::BF16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| off(bf16_to_f32(bv), bf16_to_f32(xv))),
@@ -525,7 +519,7 @@ pub mod kernels {
     }
 
     /// `out[0]` = Σ b² and `out[1 + i]` = Σ (x_i − b)², each bit for bit as [`sum_sq`] and
-    /// [`sum_sq_diff`] give it; for exact 16-bit data, experts are taken two at a time in one pass
+    /// [`sum_sq_diff`] give it; for exact 16-bit data, models are taken two at a time in one pass
     /// over B and both (B, S and M, the usual case, in a single pass).
     pub fn block_sums(dtype: Dtype, numerics: Numerics, b: &[u8], xs: &[&[u8]], out: &mut [f64]) {
         assert!(out.len() == xs.len() + 1 && xs.iter().all(|x| x.len() == b.len()));

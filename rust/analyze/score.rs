@@ -2,10 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::dtype::{bf16_to_f32, f32_to_bf16};
+use crate::analyze::plan::TensorStats;
 use crate::layout::{Layout, Part, Place};
+use crate::official;
 use crate::options::{Granularity, Numerics};
-use crate::stats::TensorStats;
 
 /// Below this base norm the relative change is not divided (METHOD.md §2).
 pub const NORM_EPS: f64 = 1e-8;
@@ -45,7 +45,7 @@ pub fn norm(ss: f64, numerics: Numerics) -> f64 {
     let n = ss.sqrt();
     match numerics {
         Numerics::Exact => n,
-        Numerics::Official => bf16_to_f32(f32_to_bf16(n as f32)) as f64,
+        Numerics::Official => official::norm(n),
     }
 }
 
@@ -60,13 +60,14 @@ pub fn relative_change(base_ss: f64, diff_ss: f64, numerics: Numerics) -> f64 {
     }
 }
 
-/// Scores A_X(u) of every unit for expert number `expert` of the statistics.
-pub fn unit_scores(stats: &[TensorStats], layout: &Layout, granularity: Granularity, numerics: Numerics, expert: usize) -> Vec<f64> {
+/// Scores A_X(u) of every unit for the task vector whose sums `diff_ss` picks (the safety or the
+/// language expert's).
+pub fn unit_scores(stats: &[TensorStats], layout: &Layout, granularity: Granularity, numerics: Numerics, diff_ss: impl Fn(&TensorStats) -> f64) -> Vec<f64> {
     let n_units = Unit::all(layout.n_layers, granularity).len();
     let mut acc = vec![0f64; n_units];
     for s in stats {
         let Place::Layer { layer, part, target: true } = layout.place(&s.name) else { continue };
-        let r = relative_change(s.base_ss, s.diff_ss[expert], numerics);
+        let r = relative_change(s.base_ss, diff_ss(s), numerics);
         let u = Unit::index(layer, part, granularity);
         match granularity {
             Granularity::Layer => acc[u] += r,

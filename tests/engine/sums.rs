@@ -2,7 +2,7 @@ use layerswap_fast::budget::{Budget, BufferPool};
 use layerswap_fast::dtype::{AlignedBuf, Dtype};
 use layerswap_fast::io::Model;
 use layerswap_fast::progress::Progress;
-use layerswap_fast::stats::{compute, kernels};
+use layerswap_fast::analyze::sums::{compute, kernels};
 use layerswap_fast::Numerics;
 
 use crate::common::{values, write_file};

@@ -1,6 +1,6 @@
 use layerswap_fast::dtype::Dtype;
 use layerswap_fast::io::Model;
-use layerswap_fast::plan::Decision;
+use layerswap_fast::Decision;
 use layerswap_fast::progress::Progress;
 use layerswap_fast::{open, Error, Granularity, MergeOptions};
 
@@ -12,12 +12,12 @@ fn planted_layers_are_found_and_output_copies_are_byte_identical() {
     let [b, s, m] = write_trio(dir.path(), 4, Dtype::BF16, &[0.1, 0.1, 3.0, 3.0], &[3.0, 3.0, 0.1, 0.1]);
     let session = open(&b, &s, &[m.as_path()], None, None).unwrap();
     let options = MergeOptions { threads: 2, ..Default::default() };
-    let (_, plans) = session.analyze(&options, &Progress::default()).unwrap();
+    let plans = session.analyze(&options, &Progress::default()).unwrap();
     let d: Vec<Decision> = plans[0].units.iter().map(|u| u.decision).collect();
     assert_eq!(d, [Decision::Expert, Decision::Expert, Decision::Safety, Decision::Safety]);
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
-    session.write(0, &plans[0], &out, &Progress::default()).unwrap();
+    session.write(0, &plans[0], &out, true, &Progress::default()).unwrap();
     let merged = Model::open(&out).unwrap();
     let read = |model: &Model, name: &str| {
         let t = model.tensor(name).unwrap();
@@ -37,7 +37,7 @@ fn module_granularity_has_two_units_per_layer() {
     let [b, s, m] = write_trio(dir.path(), 3, Dtype::F32, &[1.0; 3], &[1.0; 3]);
     let session = open(&b, &s, &[m.as_path()], None, None).unwrap();
     let options = MergeOptions { granularity: Granularity::Module, ..Default::default() };
-    let (_, plans) = session.analyze(&options, &Progress::default()).unwrap();
+    let plans = session.analyze(&options, &Progress::default()).unwrap();
     assert_eq!(plans[0].units.len(), 6);
 }
 

@@ -1,22 +1,15 @@
-//! The whole job: open and check the models, one statistics pass for every expert, decisions, and a
-//! write pass per expert. Each call runs on its own rayon pool sized by the memory budget, so the
-//! caller's threads and any global pool are left alone (and a forked child inherits no pool).
+//! The open stage: open B, S and the language experts once, and check that they fit together (one
+//! layout, the same layers, and the same shape and dtype for every tensor that is measured or mixed).
+//! The later stages, [`crate::analyze`] and [`crate::write`], run on the [`Session`] this returns and
+//! refuse to finish if a file changed since it was opened.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
-use crate::blend::{self, Job};
-use crate::budget::{Budget, BufferPool};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::io::{Model, OutputPlan, OutputWriter};
+use crate::io::Model;
 use crate::layout::{Layout, LayoutDef, Place};
 use crate::options::{MergeOptions, VocabSource};
-use crate::plan::{Action, Plan};
-use crate::progress::{Phase, Progress};
-use crate::stats::{self, TensorStats};
 
 /// The three (or more) opened models and the layout they share.
 #[derive(Debug)]
@@ -29,22 +22,6 @@ pub struct Session {
     pub experts: Vec<Model>,
     /// Layout resolved on the first expert's tensor names.
     pub layout: Layout,
-}
-
-/// What a write pass did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WriteSummary {
-    /// Files written (shards and index), inside the output folder.
-    pub files: Vec<PathBuf>,
-    /// Output tensors.
-    pub tensors: usize,
-    /// Bytes of tensor data written.
-    pub bytes_written: u64,
-    /// Seconds spent.
-    pub seconds: f64,
-    /// Tensors outside the layers that only the language expert has (not the safety expert): copied
-    /// from the language expert whatever the `outside` policy, and listed in the report as a warning.
-    pub expert_only: Vec<String>,
 }
 
 /// Opens the models and checks that they can be merged; any bad expert is an error.
@@ -190,7 +167,7 @@ impl Session {
 
     /// A vocabulary tensor whose shape differs between the safety and language experts is an error
     /// unless `options.vocab_from` takes it from the language expert.
-    fn check_vocab(&self, expert: usize, options: &MergeOptions) -> Result<()> {
+    pub(crate) fn check_vocab(&self, expert: usize, options: &MergeOptions) -> Result<()> {
         if options.vocab_from == VocabSource::Expert {
             return Ok(());
         }
@@ -213,138 +190,11 @@ impl Session {
         Ok(())
     }
 
-    fn widest(&self, options: &MergeOptions) -> usize {
+    /// Widest element size in bytes among the inputs and the output dtype (sizes the buffers).
+    pub(crate) fn widest(&self, options: &MergeOptions) -> usize {
         let inputs = self.experts[0].tensors.values().map(|t| t.dtype.size()).max().unwrap_or(2);
         inputs.max(options.out_dtype.map(Dtype::size).unwrap_or(0))
     }
-
-    /// One statistics pass over B, S and every expert; then a plan per expert.
-    pub fn analyze(&self, options: &MergeOptions, progress: &Progress) -> Result<(Vec<TensorStats>, Vec<Plan>)> {
-        // Fail before the statistics pass rather than after it; bulk runs (analyze_with) leave this
-        // to each expert's write, so that one expert's vocabulary does not stop the others.
-        for k in 0..self.experts.len() {
-            self.check_vocab(k, options)?;
-        }
-        self.analyze_with(&vec![options.clone(); self.experts.len()], None, progress)
-    }
-
-    /// One statistics pass over B, every expert and, unless `saved` already holds its statistics, S;
-    /// then a plan per expert with that expert's options. The pass itself (numerics, memory, threads)
-    /// follows the first expert's options. With `saved`, B's sums are recomputed anyway and must match
-    /// the saved ones bit for bit, which proves the saved statistics belong to this base model.
-    pub fn analyze_with(&self, options: &[MergeOptions], saved: Option<&[TensorStats]>, progress: &Progress) -> Result<(Vec<TensorStats>, Vec<Plan>)> {
-        if options.len() != self.experts.len() {
-            return Err(Error::argument(format!("{} option sets for {} experts", options.len(), self.experts.len())));
-        }
-        for o in options {
-            o.validate()?;
-            if o.numerics != options[0].numerics {
-                return Err(Error::argument("all experts of one run must use the same numerics (statistics are shared)"));
-            }
-        }
-        let pass = &options[0];
-        let mut models: Vec<&Model> = vec![];
-        if saved.is_none() {
-            models.push(&self.safety);
-        }
-        models.extend(self.experts.iter());
-        let budget = Budget::plan(pass.max_memory, pass.threads, models.len() + 1, self.widest(pass))?;
-        let targets = self.layout.targets();
-        let total: u64 = targets.iter().map(|n| self.base.tensor(n).unwrap().nbytes).sum::<u64>() * (models.len() as u64 + 1);
-        progress.start(Phase::Stats, total);
-        let mut stats = run_pool(budget.workers, || {
-            let pool = BufferPool::new(&budget);
-            stats::compute_allowing(&targets, &self.base, &models, pass.numerics, pass.allow_non_finite, budget.chunk_elems, &pool, progress)
-        })??;
-        if let Some(saved) = saved {
-            splice_saved(&mut stats, saved, &self.base)?;
-        }
-        let plans = options.iter().enumerate().map(|(k, o)| Plan::new(&stats, &self.layout, o, k + 1)).collect();
-        Ok((stats, plans))
-    }
-
-    /// Writes expert number `expert`'s merged model into the existing, empty folder `out_dir`.
-    pub fn write(&self, expert: usize, plan: &Plan, out_dir: &Path, progress: &Progress) -> Result<WriteSummary> {
-        self.write_with(expert, plan, out_dir, true, progress)
-    }
-
-    /// [`Session::write`], with the final sync to disk optional (see [`OutputWriter::finish`]).
-    pub fn write_with(&self, expert: usize, plan: &Plan, out_dir: &Path, sync: bool, progress: &Progress) -> Result<WriteSummary> {
-        let options = &plan.options;
-        options.validate()?;
-        plan.check()?;
-        self.check_vocab(expert, options)?;
-        let started = Instant::now();
-        let host = &self.experts[expert];
-        let specs: Vec<(String, Dtype, Vec<u64>)> = host
-            .tensors
-            .iter()
-            // Non-float tensors (masks, position ids) keep their type: only floats are converted.
-            .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
-            .collect();
-        let out_plan = OutputPlan::new(&specs, options.shard_size)?;
-        let jobs: Vec<Job> = out_plan
-            .tensors
-            .iter()
-            .map(|out| {
-                let place = self.layout.place(&out.name);
-                let measured = matches!(place, Place::Layer { target: true, .. });
-                // Only the host has it, or it is not a float (a mask or position ids cannot be blended
-                // and never learns): the language expert's bytes.
-                let action = if self.safety.tensor(&out.name).is_none() || !out.dtype.is_float() {
-                    Action::Expert
-                } else {
-                    plan.action(place)
-                };
-                Job { out, action, check_finite: !measured && !options.allow_non_finite }
-            })
-            .collect();
-        let budget = Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?;
-        let writer = OutputWriter::create(out_dir, &out_plan)?;
-        progress.start(Phase::Write, out_plan.total_data_bytes());
-        run_pool(budget.workers, || {
-            let pool = BufferPool::new(&budget);
-            blend::write(&jobs, &self.safety, host, options.numerics, &writer, budget.chunk_elems, &pool, progress)
-        })??;
-        // Data read from a file that changed meanwhile may mix old and new bytes: refuse to finish.
-        for m in [&self.base, &self.safety, host] {
-            m.check_unchanged()?;
-        }
-        progress.start(Phase::Sync, 0);
-        let files = writer.finish(&out_plan, sync)?;
-        Ok(WriteSummary {
-            files,
-            tensors: out_plan.tensors.len(),
-            bytes_written: out_plan.total_data_bytes(),
-            seconds: started.elapsed().as_secs_f64(),
-            expert_only: host.tensors.keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
-        })
-    }
-
-    /// Where every tensor of the host model belongs (for `inspect`).
-    pub fn places(&self) -> &[(String, Place)] {
-        &self.layout.places
-    }
-}
-
-/// Puts the saved safety-expert sums in front of each tensor's expert sums, after checking that the
-/// saved base sums equal the fresh ones.
-fn splice_saved(stats: &mut [TensorStats], saved: &[TensorStats], base: &Model) -> Result<()> {
-    let by_name: std::collections::HashMap<&str, &TensorStats> = saved.iter().map(|s| (s.name.as_str(), s)).collect();
-    for s in stats.iter_mut() {
-        let Some(old) = by_name.get(s.name.as_str()) else {
-            return Err(Error::argument(format!("saved statistics have no entry for tensor '{}'", s.name)));
-        };
-        if old.base_ss.to_bits() != s.base_ss.to_bits() || old.numel != s.numel || old.diff_ss.is_empty() {
-            return Err(Error::argument(format!(
-                "saved statistics do not belong to the base model {} (tensor '{}' differs); recompute them",
-                base.path.display(),
-                s.name
-            )));
-        }
-        s.diff_ss.insert(0, old.diff_ss[0]);
-    }
-    Ok(())
 }
 
 /// Every measured tensor of `m` is a float tensor (a mask or an integer buffer cannot be measured).
@@ -361,14 +211,4 @@ pub fn measured_are_floats(m: &Model, layout: &Layout) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Runs `f` on a fresh rayon pool of `threads` threads.
-fn run_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("layerswap-{i}"))
-        .build()
-        .map_err(|e| Error::argument(format!("cannot start {threads} worker threads: {e}")))?;
-    Ok(pool.install(f))
 }

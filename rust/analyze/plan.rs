@@ -1,17 +1,33 @@
-//! Decisions (METHOD.md §4) and what they mean for each output tensor (§5).
+//! Decisions (METHOD.md §4) and what they mean for each output tensor (§5). A [`Plan`] holds the
+//! decisions for one language expert; "plan" names nothing else.
 
 use serde::{Deserialize, Serialize};
 
+use crate::analyze::score::{unit_scores, Unit};
 use crate::error::{Error, Result};
 use crate::layout::{Layout, Part, Place};
-use crate::options::{Granularity, MergeOptions, SourcePolicy, VocabSource};
-use crate::score::{unit_scores, Unit};
-use crate::stats::TensorStats;
+use crate::options::{Granularity, MergeOptions, VocabSource};
+
+/// The sums of squares behind one measured tensor's relative changes, for one language expert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorStats {
+    /// Tensor name.
+    pub name: String,
+    /// Element count.
+    pub numel: u64,
+    /// Σ B² (in `official` numerics, of B rounded to bf16, summed in float32 as torch does).
+    pub base_ss: f64,
+    /// Σ (S − B)², the safety expert's task vector.
+    pub safety_ss: f64,
+    /// Σ (M − B)², the language expert's task vector.
+    pub expert_ss: f64,
+}
 
 /// Added to the sum of scores before normalising (METHOD.md §4).
 pub const SUM_EPS: f64 = 1e-8;
 
-/// What happens to a unit.
+/// Where a unit, or any output tensor, is taken from: the one enum of decisions, used for the units
+/// (§4) and for the tensors no unit covers (the `outside` and `norms` options, §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
@@ -77,17 +93,8 @@ pub struct Plan {
     pub n_layers: usize,
     /// Per-unit decisions, in unit order.
     pub units: Vec<UnitDecision>,
-}
-
-/// What the write pass does for one output tensor.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Action {
-    /// Copy the safety expert's tensor.
-    Safety,
-    /// Copy the language expert's tensor.
-    Expert,
-    /// Blend with this weight on the safety expert.
-    Blend(f64),
+    /// The sums behind the scores, one per measured tensor.
+    pub stats: Vec<TensorStats>,
 }
 
 /// Normalises two score vectors and decides every unit.
@@ -112,12 +119,11 @@ pub fn decide(a_s: &[f64], a_m: &[f64], tau: f64) -> Vec<(f64, f64, f64, Decisio
 }
 
 impl Plan {
-    /// Builds the plan for expert number `expert` (index into each [`TensorStats::diff_ss`]); expert 0
-    /// of the statistics is the safety expert.
-    pub fn new(stats: &[TensorStats], layout: &Layout, options: &MergeOptions, expert: usize) -> Plan {
-        let g = options.granularity;
-        let a_s = unit_scores(stats, layout, g, options.numerics, 0);
-        let a_m = unit_scores(stats, layout, g, options.numerics, expert);
+    /// Scores and decides every unit from one language expert's sums.
+    pub fn new(stats: Vec<TensorStats>, layout: &Layout, options: &MergeOptions) -> Plan {
+        let (g, numerics) = (options.granularity, options.numerics);
+        let a_s = unit_scores(&stats, layout, g, numerics, |s| s.safety_ss);
+        let a_m = unit_scores(&stats, layout, g, numerics, |s| s.expert_ss);
         let units = Unit::all(layout.n_layers, g)
             .into_iter()
             .zip(decide(&a_s, &a_m, options.tau))
@@ -134,7 +140,7 @@ impl Plan {
                 source: Source::Measured,
             })
             .collect();
-        Plan { options: options.clone(), layout: layout.def.name.clone(), n_layers: layout.n_layers, units }
+        Plan { options: options.clone(), layout: layout.def.name.clone(), n_layers: layout.n_layers, units, stats }
     }
 
     /// Checks a plan made elsewhere (a decisions file, overrides) before it is written: one unit per
@@ -157,46 +163,28 @@ impl Plan {
         Ok(())
     }
 
-    fn from_unit(&self, u: &UnitDecision) -> Action {
-        match u.decision {
-            Decision::Safety => Action::Safety,
-            Decision::Expert => Action::Expert,
-            Decision::Blend => Action::Blend(u.alpha.unwrap_or(self.options.alpha)),
-        }
-    }
-
-    fn from_policy(&self, p: SourcePolicy) -> Action {
-        match p {
-            SourcePolicy::Safety => Action::Safety,
-            SourcePolicy::Expert => Action::Expert,
-            SourcePolicy::Blend => Action::Blend(self.options.alpha),
-        }
-    }
-
-    /// What the output tensor at `place` is made of.
-    pub fn action(&self, place: Place) -> Action {
-        match (place, self.options.granularity) {
-            (Place::Vocab, _) if self.options.vocab_from == VocabSource::Expert => Action::Expert,
-            (Place::Outside | Place::Vocab, _) => self.from_policy(self.options.outside),
+    /// What the output tensor at `place` is made of, and the safety expert's weight if it is a blend:
+    /// a unit's own weight when it has one (in layer granularity the layer's norms go with it), else
+    /// the run's alpha.
+    pub fn decision_at(&self, place: Place) -> (Decision, f64) {
+        let unit = match (place, self.options.granularity) {
+            (Place::Layer { layer, .. }, Granularity::Layer) => Some(&self.units[layer]),
+            (Place::Layer { layer, part: part @ (Part::Attention | Part::Mlp), .. }, Granularity::Module) => {
+                Some(&self.units[Unit::index(layer, part, Granularity::Module)])
+            }
+            _ => None,
+        };
+        let alpha = unit.and_then(|u| u.alpha).unwrap_or(self.options.alpha);
+        let decision = match (place, self.options.granularity) {
+            (Place::Vocab, _) if self.options.vocab_from == VocabSource::Expert => Decision::Expert,
+            (Place::Outside | Place::Vocab, _) => self.options.outside,
             // A merge refuses unassigned tensors before it gets here (Layout::check_assigned); should one
             // slip through, it stays the host's rather than follow a decision it was not measured for.
-            (Place::Unassigned { .. }, _) => Action::Expert,
-            (Place::Layer { layer, .. }, Granularity::Layer) => self.from_unit(&self.units[layer]),
-            (Place::Layer { part: Part::Norm, .. }, Granularity::Module) => self.from_policy(self.options.norms),
-            (Place::Layer { layer, part, .. }, Granularity::Module) => {
-                self.from_unit(&self.units[Unit::index(layer, part, Granularity::Module)])
-            }
-        }
-    }
-
-    /// Units per decision: (safety, expert, blend).
-    pub fn counts(&self) -> (usize, usize, usize) {
-        let c = |d| self.units.iter().filter(|u| u.decision == d).count();
-        (c(Decision::Safety), c(Decision::Expert), c(Decision::Blend))
-    }
-
-    /// Serialises the plan to JSON.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("plan serialises")
+            (Place::Unassigned { .. }, _) => Decision::Expert,
+            (Place::Layer { layer, .. }, Granularity::Layer) => self.units[layer].decision,
+            (Place::Layer { part: Part::Norm, .. }, Granularity::Module) => self.options.norms,
+            (Place::Layer { layer, part, .. }, Granularity::Module) => self.units[Unit::index(layer, part, Granularity::Module)].decision,
+        };
+        (decision, alpha)
     }
 }

@@ -1,0 +1,267 @@
+//! The write stage: every output tensor is a byte copy of one source, a dtype conversion of one
+//! source, or a blend α·S + (1−α)·M, computed chunk by chunk and written straight to its final offset.
+//! [`Session::write`] runs it for one language expert of an opened [`Session`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::analyze::plan::{Decision, Plan};
+use crate::budget::{run_pool, Budget, BufferPool};
+use crate::dtype::{cast, decode_f32, decode_f64, encode_f32, encode_f64, Dtype, BATCH};
+use crate::error::{Error, Result};
+use crate::io::writer::OutputTensor;
+use crate::io::{Model, OutputWriter, ShardMap};
+use crate::layout::Place;
+use crate::official;
+use crate::open::Session;
+use crate::options::Numerics;
+use crate::progress::{Phase, Progress};
+use crate::stream::{chunks, read_elems};
+
+/// What writing one language expert did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteSummary {
+    /// Files written (shards and index), inside the output folder.
+    pub files: Vec<PathBuf>,
+    /// Output tensors.
+    pub tensors: usize,
+    /// Bytes of tensor data written.
+    pub bytes_written: u64,
+    /// Seconds spent.
+    pub seconds: f64,
+    /// Tensors outside the layers that only the language expert has (not the safety expert): copied
+    /// from the language expert whatever the `outside` policy, and listed in the report as a warning.
+    pub expert_only: Vec<String>,
+}
+
+impl Session {
+    /// Writes language expert `expert`'s merged model, as `plan` decides it, into the existing, empty
+    /// folder `out_dir`. With `sync` false the final sync to disk is left to the caller (see
+    /// [`OutputWriter::finish`]). Refuses to finish when an input changed since it was opened.
+    pub fn write(&self, expert: usize, plan: &Plan, out_dir: &Path, sync: bool, progress: &Progress) -> Result<WriteSummary> {
+        let options = &plan.options;
+        options.validate()?;
+        plan.check()?;
+        let Some(host) = self.experts.get(expert) else {
+            return Err(Error::argument(format!("no language expert {expert} in a session of {}", self.experts.len())));
+        };
+        if plan.n_layers != self.layout.n_layers || plan.layout != self.layout.def.name {
+            return Err(Error::argument(format!(
+                "the plan is for a {}-layer '{}' model but {} is a {}-layer '{}' model",
+                plan.n_layers,
+                plan.layout,
+                host.path.display(),
+                self.layout.n_layers,
+                self.layout.def.name
+            )));
+        }
+        self.check_vocab(expert, options)?;
+        let started = Instant::now();
+        let specs: Vec<(String, Dtype, Vec<u64>)> = host
+            .tensors
+            .iter()
+            // Non-float tensors (masks, position ids) keep their type: only floats are converted.
+            .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
+            .collect();
+        let shards = ShardMap::new(&specs, options.shard_size)?;
+        let jobs: Vec<Job> = shards
+            .tensors
+            .iter()
+            .map(|out| {
+                let place = self.layout.place(&out.name);
+                let measured = matches!(place, Place::Layer { target: true, .. });
+                // Only the host has it, or it is not a float (a mask or position ids cannot be blended
+                // and never learns): the language expert's bytes.
+                let (decision, alpha) = if self.safety.tensor(&out.name).is_none() || !out.dtype.is_float() {
+                    (Decision::Expert, 0.0)
+                } else {
+                    plan.decision_at(place)
+                };
+                Job { out, decision, alpha, check_finite: !measured && !options.allow_non_finite }
+            })
+            .collect();
+        let budget = Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?;
+        let writer = OutputWriter::create(out_dir, &shards)?;
+        progress.start(Phase::Write, shards.total_data_bytes());
+        run_pool(budget.workers, || {
+            let pool = BufferPool::new(&budget);
+            write(&jobs, &self.safety, host, options.numerics, &writer, budget.chunk_elems, &pool, progress)
+        })??;
+        // Data read from a file that changed meanwhile may mix old and new bytes: refuse to finish.
+        for m in [&self.base, &self.safety, host] {
+            m.check_unchanged()?;
+        }
+        progress.start(Phase::Sync, 0);
+        let files = writer.finish(&shards, sync)?;
+        Ok(WriteSummary {
+            files,
+            tensors: shards.tensors.len(),
+            bytes_written: shards.total_data_bytes(),
+            seconds: started.elapsed().as_secs_f64(),
+            expert_only: host.tensors.keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
+        })
+    }
+}
+
+/// One output tensor and how to make it.
+#[derive(Debug, Clone)]
+pub struct Job<'a> {
+    /// Where it goes.
+    pub out: &'a OutputTensor,
+    /// What it is made of.
+    pub decision: Decision,
+    /// Weight of the safety expert when `decision` is [`Decision::Blend`].
+    pub alpha: f64,
+    /// Refuse NaN/Inf in the sources read for this tensor. Set for the tensors the analyze pass
+    /// does not read (embeddings, norms, lm_head), unless the user allowed non-finite values: the
+    /// data is in cache here anyway, so the check costs next to nothing.
+    pub check_finite: bool,
+}
+
+/// Writes `jobs` on the current rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub fn write(
+    jobs: &[Job<'_>],
+    safety: &Model,
+    expert: &Model,
+    numerics: Numerics,
+    writer: &OutputWriter,
+    chunk_elems: usize,
+    pool: &BufferPool,
+    progress: &Progress,
+) -> Result<()> {
+    let numels: Vec<u64> = jobs.iter().map(|j| j.out.shape.iter().product()).collect();
+    let work = chunks(&numels, chunk_elems);
+    work.par_iter().try_for_each(|c| {
+        progress.check()?;
+        let job = &jobs[c.tensor];
+        let out = job.out;
+        let mut bufs = pool.take();
+        let [a, b, o] = &mut bufs[..3] else { unreachable!("write pass needs three buffers") };
+        let out_bytes = c.len * out.dtype.size();
+        let dst = out.offset + c.start * out.dtype.size() as u64;
+        let read = match job.decision {
+            Decision::Safety | Decision::Expert => {
+                let src = if job.decision == Decision::Safety { safety } else { expert };
+                let t = src.tensor(&out.name).expect("checked by caller");
+                let verbatim = t.dtype == out.dtype && (numerics == Numerics::Exact || t.dtype == Dtype::BF16 || !t.dtype.is_float());
+                if verbatim && !job.check_finite {
+                    // A byte copy nobody needs to look at: in the kernel, without passing through us.
+                    let (size, n) = (t.dtype.size() as u64, c.len * t.dtype.size());
+                    writer.copy_from(out.shard, dst, src.shard_of(t), t.offset + c.start * size, n, a.bytes_mut(n))?;
+                    progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                    progress.advance(out_bytes as u64);
+                    return Ok(());
+                }
+                let bytes = read_elems(src, t, c.start, c.len, a)?;
+                if job.check_finite && !all_finite(t.dtype, bytes) {
+                    return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                }
+                if verbatim {
+                    writer.write_at(out.shard, dst, bytes)?;
+                } else {
+                    convert(t.dtype, bytes, out.dtype, o.bytes_mut(out_bytes), numerics);
+                    writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
+                }
+                bytes.len()
+            }
+            Decision::Blend => {
+                let ts = safety.tensor(&out.name).expect("checked by caller");
+                let tm = expert.tensor(&out.name).expect("checked by caller");
+                let s = read_elems(safety, ts, c.start, c.len, a)?;
+                let m = read_elems(expert, tm, c.start, c.len, b)?;
+                if job.check_finite {
+                    for (src, t, bytes) in [(safety, ts, &*s), (expert, tm, &*m)] {
+                        if !all_finite(t.dtype, bytes) {
+                            return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                        }
+                    }
+                }
+                blend(ts.dtype, s, m, out.dtype, o.bytes_mut(out_bytes), job.alpha, numerics);
+                writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
+                s.len() + m.len()
+            }
+        };
+        progress.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+        progress.advance(out_bytes as u64);
+        Ok(())
+    })
+}
+
+/// True when no element of `bytes` is NaN or ±Inf (exponent bits all ones). Branch-free so that it
+/// vectorises: it runs over every byte of the unmeasured tensors in the write pass.
+pub fn all_finite(dtype: Dtype, bytes: &[u8]) -> bool {
+    match dtype {
+        Dtype::BF16 => cast::<u16>(bytes).iter().fold(0u16, |acc, &v| acc | u16::from(v & 0x7F80 == 0x7F80)) == 0,
+        Dtype::F16 => cast::<u16>(bytes).iter().fold(0u16, |acc, &v| acc | u16::from(v & 0x7C00 == 0x7C00)) == 0,
+        Dtype::F32 => cast::<f32>(bytes).iter().fold(true, |acc, v| acc & v.is_finite()),
+        Dtype::F64 => cast::<f64>(bytes).iter().fold(true, |acc, v| acc & v.is_finite()),
+        Dtype::Opaque(_) => true,
+    }
+}
+
+/// Converts one source's elements to another dtype (official numerics: through bf16, as the authors
+/// load every checkpoint in bf16).
+pub fn convert(src_dtype: Dtype, src: &[u8], out_dtype: Dtype, out: &mut [u8], numerics: Numerics) {
+    let (si, so) = (src_dtype.size(), out_dtype.size());
+    let n = src.len() / si;
+    if (src_dtype == Dtype::F64 || out_dtype == Dtype::F64) && numerics == Numerics::Exact {
+        let mut v = [0f64; BATCH];
+        for lo in (0..n).step_by(BATCH) {
+            let hi = (lo + BATCH).min(n);
+            decode_f64(src_dtype, &src[lo * si..hi * si], &mut v[..hi - lo]);
+            encode_f64(&v[..hi - lo], out_dtype, &mut out[lo * so..hi * so]);
+        }
+        return;
+    }
+    let mut v = [0f32; BATCH];
+    for lo in (0..n).step_by(BATCH) {
+        let hi = (lo + BATCH).min(n);
+        let v = &mut v[..hi - lo];
+        decode_f32(src_dtype, &src[lo * si..hi * si], v);
+        if numerics == Numerics::Official {
+            v.iter_mut().for_each(|x| *x = official::load(*x));
+        }
+        encode_f32(v, out_dtype, &mut out[lo * so..hi * so]);
+    }
+}
+
+/// out = α·S + (1−α)·M. Exact: computed in f32 (f64 when F64 is involved) with the weights rounded
+/// to that type, products and sum each in that type, no fused multiply-add, then rounded once to the
+/// output dtype. Official: inputs in bf16, α·S, (1−α)·M and their sum each rounded to bf16 (METHOD.md §6).
+pub fn blend(in_dtype: Dtype, s: &[u8], m: &[u8], out_dtype: Dtype, out: &mut [u8], alpha: f64, numerics: Numerics) {
+    let (si, so) = (in_dtype.size(), out_dtype.size());
+    let n = s.len() / si;
+    if (in_dtype == Dtype::F64 || out_dtype == Dtype::F64) && numerics == Numerics::Exact {
+        let (ws, wm) = (alpha, 1.0 - alpha);
+        let (mut vs, mut vm) = ([0f64; BATCH], [0f64; BATCH]);
+        for lo in (0..n).step_by(BATCH) {
+            let hi = (lo + BATCH).min(n);
+            let (vs, vm) = (&mut vs[..hi - lo], &mut vm[..hi - lo]);
+            decode_f64(in_dtype, &s[lo * si..hi * si], vs);
+            decode_f64(in_dtype, &m[lo * si..hi * si], vm);
+            vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = ws * *a + wm * *b);
+            encode_f64(vs, out_dtype, &mut out[lo * so..hi * so]);
+        }
+        return;
+    }
+    let (ws, wm) = (alpha as f32, (1.0 - alpha) as f32);
+    let (mut vs, mut vm) = ([0f32; BATCH], [0f32; BATCH]);
+    for lo in (0..n).step_by(BATCH) {
+        let hi = (lo + BATCH).min(n);
+        let (vs, vm) = (&mut vs[..hi - lo], &mut vm[..hi - lo]);
+        decode_f32(in_dtype, &s[lo * si..hi * si], vs);
+        decode_f32(in_dtype, &m[lo * si..hi * si], vm);
+        match numerics {
+            Numerics::Exact => vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = ws * *a + wm * *b),
+            Numerics::Official => {
+                vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = official::blend(ws, wm, *a, *b))
+            }
+        }
+        encode_f32(vs, out_dtype, &mut out[lo * so..hi * so]);
+    }
+}
