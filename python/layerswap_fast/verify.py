@@ -489,7 +489,8 @@ def _check_units(result: VerifyResult, plan: reference.RefPlan, report: dict[str
             check.detail = "missing from the report"
         elif r["decision"] != u.decision:
             check.detail = f"decision {r['decision']} in the report, {u.decision} in the reference (d {r['d']:+.3e} vs {u.d:+.3e}, tau {plan.tau:g})"
-        elif (r.get("source"), r.get("alpha")) != (u.source, u.alpha):
+        elif (r.get("source", "measured"), r.get("alpha", plan.alpha if r["decision"] == "blend" else None)) != (u.source, u.alpha):
+            # (reports written before decision control carry neither field: measured, at the run's alpha)
             check.detail = (f"{u.decision} from {r.get('source')} with alpha {r.get('alpha')} in the report, "
                             f"from {u.source} with alpha {u.alpha} in the reference")
         else:
