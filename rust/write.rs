@@ -81,7 +81,7 @@ impl Session {
                 } else {
                     plan.decision_at(place)
                 };
-                Job { out, decision, alpha, check_finite: !measured && !options.allow_non_finite }
+                Job { out, decision, alpha, check_finite: !measured && !options.allow_non_finite, refuse_overflow: !options.allow_non_finite }
             })
             .collect();
         let budget = Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?;
@@ -120,6 +120,9 @@ pub struct Job<'a> {
     /// does not read (embeddings, norms, lm_head), unless the user allowed non-finite values: the
     /// data is in cache here anyway, so the check costs next to nothing.
     pub check_finite: bool,
+    /// Refuse a converted or blended value that comes out ±Inf from finite inputs (a narrowing
+    /// `out_dtype` overflowing), unless the user allowed non-finite values.
+    pub refuse_overflow: bool,
 }
 
 /// Writes `jobs` on the current rayon pool.
@@ -165,6 +168,9 @@ pub fn write(
                     writer.write_at(out.shard, dst, bytes)?;
                 } else {
                     convert(t.dtype, bytes, out.dtype, o.bytes_mut(out_bytes), numerics);
+                    if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && all_finite(t.dtype, bytes) {
+                        return Err(overflow(&src.shard_of(t).path, &out.name, t.dtype, out.dtype));
+                    }
                     writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
                 }
                 bytes.len()
@@ -182,6 +188,9 @@ pub fn write(
                     }
                 }
                 blend(ts.dtype, s, m, out.dtype, o.bytes_mut(out_bytes), job.alpha, numerics);
+                if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && all_finite(ts.dtype, s) && all_finite(tm.dtype, m) {
+                    return Err(overflow(&expert.shard_of(tm).path, &out.name, ts.dtype, out.dtype));
+                }
                 writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
                 s.len() + m.len()
             }
@@ -190,6 +199,15 @@ pub fn write(
         progress.advance(out_bytes as u64);
         Ok(())
     })
+}
+
+/// The error for finite values that became ±Inf in a narrower output dtype.
+fn overflow(path: &std::path::Path, tensor: &str, from: Dtype, to: Dtype) -> Error {
+    Error::argument(format!(
+        "{}: tensor '{tensor}': {from} values overflow to Inf in the output dtype {to}; choose a wider --out-dtype \
+         (--allow-non-finite, or allow_non_finite=True in Python, writes them anyway)",
+        path.display()
+    ))
 }
 
 /// True when no element of `bytes` is NaN or ±Inf (exponent bits all ones). Branch-free so that it

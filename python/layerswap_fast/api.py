@@ -6,6 +6,7 @@ byte of tensor data is read, reduced, blended and written by the Rust engine in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core, decisions
-from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
+from layerswap_fast.folder import (REPORT_FILE, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+                                   staged_output)
 from layerswap_fast.errors import InvalidOptionError
-from layerswap_fast.options import MergeOptions
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
@@ -24,7 +26,16 @@ PathLike = Union[str, os.PathLike]
 ProgressCallback = Callable[[str, int, int], None]
 
 
+_path, _flag, _callback = path_arg, flag_arg, callback_arg
+
+
 def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOptions:
+    """The options of a call: ``options`` with keyword overrides. Unknown keywords are a TypeError
+    naming them (as for any function), wrong values an InvalidOptionError naming the field."""
+    options_arg(options)
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(MergeOptions)})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} (MergeOptions fields and the documented parameters only)")
     if options is None:
         return MergeOptions(**kwargs)
     return options.replace(**kwargs) if kwargs else options
@@ -34,11 +45,10 @@ def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
     """A custom layout file as the engine reads it: JSON as is; TOML (``.toml``) converted to JSON."""
     if layout is None:
         return None
-    p = Path(layout)
+    p = path_arg(layout, "layout")
     if p.suffix.lower() != ".toml":
         return p.read_text()
-    import tomllib
-
+    tomllib = toml()
     try:
         return json.dumps(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as e:
@@ -69,7 +79,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
 
     Args:
         model: a Hugging Face folder or a ``.safetensors`` file.
-        layout: a custom layout definition file (JSON), overriding detection.
+        layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
         ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
@@ -77,7 +87,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = Path(model)
+    p = path_arg(model, "model")
     return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
 
 
@@ -92,7 +102,7 @@ def analyze(
     **kwargs: Any,
 ) -> Plan:
     """Computes the plan: per unit, the scores of the safety and language experts, p_S, p_M, d and the
-    decision (METHOD.md §2–§4). Reads the models once, writes nothing.
+    decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
@@ -108,6 +118,8 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
+    base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
+    callback_arg(progress, "progress")
     out = json.loads(
         _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
                       progress=progress)
@@ -125,6 +137,7 @@ def merge(
     layout: Optional[PathLike] = None,
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
+    config_from: Optional[PathLike] = None,
     decisions: Optional[PathLike] = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
@@ -141,10 +154,13 @@ def merge(
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields
             (``overrides={"3": "safety"}``, ``select="bands", bands=(2, 2, 1)`` included).
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` if it is empty or an earlier output of this tool (it holds
+            ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
+        config_from: a model folder whose config, processor and tokenizer files go to the output
+            instead of the language expert's (for a language expert given as a bare ``.safetensors``).
         decisions: a decisions file (the JSON ``analyze --json`` writes, possibly edited): merge exactly
-            its decisions (per-unit α allowed), then ``options.overrides``. Its layout, granularity and
-            layer count must match the models.
+            its decisions (per-unit α allowed), then ``options.overrides``. Its layout and layer count
+            must match the models; its granularity is the run's.
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -154,22 +170,26 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    if base is None and decisions is None:
-        raise InvalidOptionError("the base model is needed unless the decisions come from a file (decisions=...)")
-    if decisions is not None and opts.select != "adaptive":
+    base_p = _path(base, "base", optional=decisions is not None)
+    safety_p, expert_p, out_p = _path(safety, "safety"), _path(expert, "expert"), _path(out, "out")
+    layout_p = _path(layout, "layout", optional=True)
+    config_p = _path(config_from, "config_from", optional=True)
+    decisions_p = _path(decisions, "decisions", optional=True)
+    _flag(force, "force")
+    _callback(progress, "progress")
+    if decisions_p is not None and opts.select != "adaptive":
         raise InvalidOptionError("a decisions file already decides every unit; drop select 'bands' (overrides still apply)")
-    if base is None and opts.effective_tokenizer_from == "base":
+    if base_p is None and opts.effective_tokenizer_from == "base":
         raise InvalidOptionError("tokenizer_from 'base' needs the base model; pass it or choose the expert's tokenizer")
-    safety_p, expert_p, out_p = Path(safety), Path(expert), Path(out)
-    base_p = Path(base) if base is not None else None
-    check_output(out_p, [p for p in (base_p, safety_p, expert_p) if p is not None], force)
+    check_output(out_p, [p for p in (base_p, safety_p, expert_p, layout_p, config_p, decisions_p) if p is not None], force)
+    # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
+    plan_side_files(expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
     arch, layout_json = architecture(expert_p), _layout_json(layout)
-    if decisions is not None:
-        plan, opts = decided_plan(decisions, expert_p, opts, layout_json)
-    elif not opts.overrides and opts.select == "adaptive":
-        plan = None
-    else:
+    plan: Optional[Plan] = None
+    if decisions_p is not None:
+        plan, opts = decided_plan(decisions_p, expert_p, opts, layout_json)
+    elif opts.overrides or opts.select != "adaptive":
         engine = json.loads(_core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], arch, layout_json,
                                           progress=progress))
         plan = decide(Plan.from_engine(engine["plans"][0]), opts)
@@ -181,16 +201,16 @@ def merge(
             plan = decide(Plan.from_engine(result["plan"]), opts)
             write, bytes_read = result["write"], result["bytes_read"]
         else:
-            # B is only checked by the write pass; without it (a decisions file) S stands in for the
-            # check, which then only asks again what S and M must satisfy anyway.
+            # B is only checked by the write pass; without it (a decisions file) S stands in for that
+            # check, which then asks again only what S and M must satisfy anyway.
             write = json.loads(_core.write(str(base_p or safety_p), str(safety_p), str(expert_p), str(stage),
-                                                json.dumps(plan.to_dict(with_stats=True)), arch, layout_json, True, progress))
+                                           json.dumps(plan.to_dict(with_stats=True)), arch, layout_json, True, progress))
             bytes_read = 0
-        report = finish_output(stage, plan, write, bytes_read, opts, (base_p, safety_p, expert_p), started)
+        report = finish_output(stage, plan, write, bytes_read, opts, (base_p, safety_p, expert_p), started, config_from=config_p)
     return report
 
 
-def decided_plan(path: PathLike, expert: Path, opts: MergeOptions, layout_json: Optional[str]) -> tuple[Plan, MergeOptions]:
+def decided_plan(path: Path, expert: Path, opts: MergeOptions, layout_json: Optional[str]) -> tuple[Plan, MergeOptions]:
     """The plan a decisions file describes, checked against the language expert's layout and layer
     count, with ``opts.overrides`` applied on top; and the options with the file's granularity."""
     data = decisions.load_decisions(path)
@@ -206,19 +226,35 @@ def decided_plan(path: PathLike, expert: Path, opts: MergeOptions, layout_json: 
     return decide(plan, opts, source="file"), opts
 
 
-def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Optional[Path], Path, Path], started: float) -> dict[str, Any]:
-    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
-    a staged output whose shards the engine has written. Returns the report."""
+def _tokenizer_source(opts: MergeOptions, inputs: tuple[Optional[Path], Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
-    tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
-    assert tok_source is not None, "merge refuses tokenizer_from='base' without the base model"
-    side_files = copy_side_files(stage, expert_p, tok_source)
+    source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+    assert source is not None, "merge refuses tokenizer_from='base' without the base model"
+    return source
+
+
+def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
+                  inputs: tuple[Optional[Path], Path, Path], started: float, config_from: Optional[Path] = None) -> dict[str, Any]:
+    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
+    ``config_from``) and the report to a staged output whose shards the engine has written. Returns
+    the report."""
+    base_p, safety_p, expert_p = inputs
+    side = plan_side_files(expert_p, _tokenizer_source(opts, inputs), config_from)
+    side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    notes = list(side.notes)
+    for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
+        if p is None:
+            continue
+        ignored = ignored_model_files(p)
+        if ignored:
+            notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
+                         "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
     report = {
         "tool": "layerswap-fast",
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
-        "inputs": {"base": str(base_p) if base_p is not None else None, "safety": str(safety_p), "expert": str(expert_p)},
+        "inputs": {"base": str(base_p) if base_p is not None else None, "safety": str(safety_p), "expert": str(expert_p),
+                   **({"config_from": str(config_from)} if config_from is not None else {})},
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,
@@ -235,6 +271,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
+        "notes": notes,
         "warnings": [
             f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
             for name in write.get("expert_only", [])

@@ -14,24 +14,29 @@ sees at the same paths.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.api import ProgressCallback, _layout_json, decide, finish_output
-from layerswap_fast.errors import InvalidOptionError, LayerswapError
-from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage
-from layerswap_fast.options import MergeOptions
+from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, decide, finish_output
+from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
+from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
+                                   discard_stage, new_stage, plan_side_files, replace_refusal)
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
-MANIFEST = "layerswap_bulk.json"
+MANIFEST = BULK_MANIFEST
 SUMMARY = "layerswap_bulk_summary.json"
+#: Files this tool writes (or may write) in OUT beside the experts' folders: no expert may be named
+#: like one of them, nor like anything starting with "layerswap" (compared without case, as on
+#: case-insensitive filesystems). Writers of new OUT files add their names here.
+OWN_FILES = [MANIFEST, SUMMARY, "index.html", "report.html", "README.md"]
 EXECUTORS = ("local", "ray")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -46,8 +51,14 @@ class ExpertSpec:
     options: MergeOptions = field(default_factory=MergeOptions)
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidOptionError(f"expert name {self.name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+        reserved = {n.lower() for n in OWN_FILES}
+        if self.name.lower() in reserved or self.name.lower().startswith("layerswap"):
+            raise InvalidOptionError(f"expert name {self.name!r} is the name of a file layerswap-fast writes in the output folder; choose another")
+        object.__setattr__(self, "path", path_arg(self.path, f"path of expert {self.name!r}"))
+        if not isinstance(self.options, MergeOptions):
+            raise InvalidOptionError(f"expert {self.name!r}: options must be MergeOptions, not {type(self.options).__name__}")
 
 
 @dataclass(frozen=True)
@@ -90,10 +101,7 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
             raise InvalidOptionError(f"{p}: YAML bulk files need PyYAML (pip install pyyaml); TOML needs nothing") from None
         data = yaml.safe_load(text)
     else:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
+        tomllib = toml()
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -155,10 +163,15 @@ def _read_manifest(out: Path) -> dict[str, Any]:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
@@ -222,17 +235,76 @@ def bulk_merge(
         The summary (also written to ``out/layerswap_bulk_summary.json``): per expert status, decisions,
         time, and the cross-language table of decisions per unit.
     """
-    if executor not in EXECUTORS:
+    if not isinstance(executor, str) or executor not in EXECUTORS:
         raise InvalidOptionError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if isinstance(experts, (str, bytes, os.PathLike)) or not isinstance(experts, Iterable):
+        raise TypeError(f"experts must be a list of ExpertSpec, not {type(experts).__name__} {experts!r}")
     specs = list(experts)
     if not specs:
         raise InvalidOptionError("no language experts given")
+    for e in specs:
+        if not isinstance(e, ExpertSpec):
+            raise InvalidOptionError(f"experts must be ExpertSpec values, not {type(e).__name__}")
     names = [e.name for e in specs]
-    if len(set(names)) != len(names):
-        raise InvalidOptionError(f"expert names must be unique; got {names}")
-    base_p, safety_p, out_p = Path(base), Path(safety), Path(out)
-    check_output(out_p, [base_p, safety_p, *(e.path for e in specs)], force=True)
-    out_p.mkdir(parents=True, exist_ok=True)
+    if len({n.lower() for n in names}) != len(names):
+        raise InvalidOptionError(f"expert names must be unique (without regard to case); got {names}")
+    base_p, safety_p, out_p = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(out, "out")
+    flag_arg(force, "force")
+    callback_arg(progress, "progress")
+    callback_arg(on_expert, "on_expert")
+    inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
+              path_arg(saved_stats, "saved_stats", optional=True)]
+    check_bulk_out(out_p, inputs)
+    created = not out_p.exists()
+    published: list[str] = []
+    try:
+        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published)
+    except KeyboardInterrupt as interrupted:
+        # Say truthfully what exists now: the outputs published (and recorded in the manifest)
+        # before the interruption; whatever was being written is gone.
+        interrupted.written = (  # type: ignore[attr-defined]
+            f"published before the interruption: {', '.join(str(out_p / n) for n in published)} (recorded in {out_p / MANIFEST}); "
+            f"not written: {', '.join(n for n in names if n not in published) or 'none'}"
+            if published else "no expert's output was written"
+        )
+        _remove_if_unused(out_p, created, published)
+        raise
+    except BaseException:
+        _remove_if_unused(out_p, created, published)
+        raise
+    if not published:
+        _remove_if_unused(out_p, created, published)
+    return summary
+
+
+def check_bulk_out(out: Path, inputs: list[Optional[Path]]) -> None:
+    """OUT of a bulk run must not overlap any input, and must be new, empty, or an earlier bulk
+    output (it holds layerswap_bulk.json): a bulk run adds folders and files there."""
+    check_not_input(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputExistsError(f"{out}: exists and is not a folder")
+        names = {p.name for p in out.iterdir()}
+        if names and not names & {MANIFEST, SUMMARY}:
+            hint = " (it is a single merge's output; give a new OUT)" if set(OUTPUT_MARKERS) & names else ""
+            raise OutputExistsError(f"{out}: is not empty and not an output of a bulk run (no {MANIFEST}){hint}; nothing in it was touched")
+
+
+def _remove_if_unused(out: Path, created: bool, published: list[str]) -> None:
+    """A run that created OUT and published nothing leaves no OUT (only its own files are removed)."""
+    if not created or published or not out.is_dir():
+        return
+    for name in (SUMMARY, MANIFEST):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
+    with contextlib.suppress(OSError):
+        out.rmdir()
+
+
+def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path, layout: Optional[PathLike], executor: str,
+              force: bool, saved_stats: Optional[PathLike], progress: Optional[ProgressCallback],
+              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str]) -> dict[str, Any]:
+    names = [e.name for e in specs]
     manifest = _read_manifest(out_p)
     layout_json = _layout_json(layout)
     entries: dict[str, dict[str, Any]] = {}
@@ -244,11 +316,20 @@ def bulk_merge(
             entries[e.name] = {**old, "status": "skipped", "note": "finished earlier; output verified against the manifest"}
             _notify(on_expert, e.name, entries[e.name])
             continue
+        refusal = replace_refusal(target) if target.exists() or target.is_symlink() else None
         if target.exists() and not force and not (old and old.get("status") == "ok"):
-            entries[e.name] = {"status": "failed", "error": f"{target}: exists and is not a finished output of this run (use --force to replace it)",
-                               "kind": "OutputExistsError"}
+            refusal = "exists and is not a finished output of this run (use --force to replace it)"
+        if refusal:
+            entries[e.name] = {"status": "failed", "error": f"{target}: {refusal}", "kind": "OutputExistsError"}
             _notify(on_expert, e.name, entries[e.name])
             continue
+        try:  # a side file that is a FIFO or a dangling link fails this expert now, not after its merge
+            plan_side_files(e.path, _tokenizer_source(e.options, (base_p, safety_p, e.path)))
+        except LayerswapError as err:
+            entries[e.name] = _failure(err)
+            _notify(on_expert, e.name, entries[e.name])
+            continue
+        clear_stale(target)
         todo.append(e)
     stats_seconds = 0.0
     if todo:
@@ -274,10 +355,12 @@ def bulk_merge(
                 _notify(on_expert, e.name, entries[e.name])
                 continue
             jobs.append((e, plan))
+
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
                 entries[e.name] = outcome
             else:
+                published.append(e.name)
                 r = outcome["report"]
                 entries[e.name] = {"status": "ok", "options": e.options.to_dict(), "files": outcome["files"], "counts": r["counts"],
                                    "seconds": r["seconds"], "units": r["units"], "expert": str(e.path)}
@@ -288,7 +371,8 @@ def bulk_merge(
         run = _run_ray if executor == "ray" else _run_local
         run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record)
     summary = _summary(entries, names, stats_seconds)
-    _write_json_atomic(out_p / SUMMARY, summary)
+    if out_p.exists():
+        _write_json_atomic(out_p / SUMMARY, summary)
     return summary
 
 
@@ -385,8 +469,27 @@ def _summary(entries: dict[str, dict[str, Any]], names: list[str], stats_seconds
 # --- saved statistics ---------------------------------------------------------------------------
 
 
-def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike) -> None:
-    """Saves the base and safety-expert statistics of an analysis, for reuse by later bulk runs."""
+def check_stats_path(path: PathLike, inputs: Iterable[Optional[PathLike]]) -> None:
+    """Refuses a ``--save-stats`` path that overlaps an input, or that holds something other than a
+    statistics file (which would be overwritten). Called before any work."""
+    p = Path(path)
+    check_not_input(p, [Path(i) if i is not None else None for i in inputs], "--save-stats file")
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        raise OutputExistsError(f"{p}: --save-stats file exists and is not a regular file; refusing to replace it")
+    if p.exists() and p.stat().st_size > 0:
+        with open(p, "rb") as f:
+            head = f.read(64)
+        if not head.startswith(b'{\n  "layerswap_stats"'):
+            raise OutputExistsError(f"{p}: exists and is not a statistics file of layerswap-fast; refusing to overwrite it")
+
+
+def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike, expert: Optional[PathLike] = None) -> None:
+    """Saves the base and safety-expert statistics of an analysis, for reuse by later bulk runs.
+
+    Raises:
+        OutputExistsError: ``path`` overlaps an input or holds something else than a statistics file.
+    """
+    check_stats_path(path, [base, safety, expert])
     data = {
         "layerswap_stats": 1,
         "version": _core.__version__,
