@@ -55,6 +55,7 @@ def merge(
     architecture: Optional[str] = None,
     layout_json: Optional[str] = None,
     progress: _Progress = None,
+    emit: str = "model",
 ) -> str: ...
 def write(
     base: _Path,

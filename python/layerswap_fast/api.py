@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core, decisions
-from layerswap_fast.folder import (REPORT_FILE, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
 from layerswap_fast.errors import InvalidOptionError
+from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
@@ -121,7 +122,7 @@ def analyze(
     base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
     callback_arg(progress, "progress")
     out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
+        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
                       progress=progress)
     )
     return decide(Plan.from_engine(out["plans"][0]), opts)
@@ -138,6 +139,7 @@ def merge(
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
     config_from: Optional[PathLike] = None,
+    emit: str = "model",
     decisions: Optional[PathLike] = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
@@ -158,6 +160,9 @@ def merge(
             ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
         config_from: a model folder whose config, processor and tokenizer files go to the output
             instead of the language expert's (for a language expert given as a bare ``.safetensors``).
+        emit: ``"model"`` (default) writes a full model. ``"adapter"`` (both experts PEFT LoRA
+            adapters) writes the merge as an exact PEFT adapter for ``base`` instead:
+            ``adapter_model.safetensors`` and ``adapter_config.json`` (and the tokenizer).
         decisions: a decisions file (the JSON ``analyze --json`` writes, possibly edited): merge exactly
             its decisions (per-unit α allowed), then ``options.overrides``. Its layout and layer count
             must match the models; its granularity is the run's.
@@ -177,18 +182,26 @@ def merge(
     decisions_p = _path(decisions, "decisions", optional=True)
     _flag(force, "force")
     _callback(progress, "progress")
+    if emit not in ("model", "adapter"):
+        raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
+    controlled = decisions_p is not None or bool(opts.overrides) or opts.select != "adaptive"
+    if controlled and emit != "model":
+        raise InvalidOptionError("emit='adapter' writes the measured decisions only; drop overrides, bands and decisions files, "
+                                 "or write a full model")
     if decisions_p is not None and opts.select != "adaptive":
         raise InvalidOptionError("a decisions file already decides every unit; drop select 'bands' (overrides still apply)")
-    if base_p is None and opts.effective_tokenizer_from == "base":
-        raise InvalidOptionError("tokenizer_from 'base' needs the base model; pass it or choose the expert's tokenizer")
+    if base_p is None and (opts.effective_tokenizer_from == "base" or is_adapter(expert_p) or is_adapter(safety_p)):
+        raise InvalidOptionError("the base model is needed here (a LoRA adapter expert, or tokenizer_from 'base'); pass it")
     check_output(out_p, [p for p in (base_p, safety_p, expert_p, layout_p, config_p, decisions_p) if p is not None], force)
     # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
-    plan_side_files(expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
+    plan_side_files(model_of(expert_p, base_p) if base_p is not None else expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)),
+                    config_p)
     started = time.perf_counter()
-    arch, layout_json = architecture(expert_p), _layout_json(layout)
+    arch, layout_json = architecture(model_of(expert_p, base_p) if base_p is not None else expert_p), _layout_json(layout)
     plan: Optional[Plan] = None
     if decisions_p is not None:
-        plan, opts = decided_plan(decisions_p, expert_p, opts, layout_json)
+        # (an adapter expert has its base model's layout and layers)
+        plan, opts = decided_plan(decisions_p, model_of(expert_p, base_p) if base_p is not None else expert_p, opts, layout_json)
     elif opts.overrides or opts.select != "adaptive":
         engine = json.loads(_core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], arch, layout_json,
                                           progress=progress))
@@ -197,16 +210,17 @@ def merge(
         if plan is None:
             # The paper's rule alone: one engine call measures, decides and writes.
             result = json.loads(_core.merge(str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(), arch,
-                                            layout_json, progress))
+                                            layout_json, progress, emit))
             plan = decide(Plan.from_engine(result["plan"]), opts)
-            write, bytes_read = result["write"], result["bytes_read"]
+            write, bytes_read, sources = result["write"], result["bytes_read"], result.get("sources")
         else:
             # B is only checked by the write pass; without it (a decisions file) S stands in for that
             # check, which then asks again only what S and M must satisfy anyway.
             write = json.loads(_core.write(str(base_p or safety_p), str(safety_p), str(expert_p), str(stage),
                                            json.dumps(plan.to_dict(with_stats=True)), arch, layout_json, True, progress))
-            bytes_read = 0
-        report = finish_output(stage, plan, write, bytes_read, opts, (base_p, safety_p, expert_p), started, config_from=config_p)
+            bytes_read, sources = 0, None
+        report = finish_output(stage, plan, write, bytes_read, opts, (base_p, safety_p, expert_p), started, config_from=config_p,
+                               sources=sources)
     return report
 
 
@@ -228,24 +242,33 @@ def decided_plan(path: Path, expert: Path, opts: MergeOptions, layout_json: Opti
 
 def _tokenizer_source(opts: MergeOptions, inputs: tuple[Optional[Path], Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
+    # A LoRA adapter's tokenizer is its own if it saved one, else the base model's.
     source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
     assert source is not None, "merge refuses tokenizer_from='base' without the base model"
-    return source
+    return tokenizer_of(source, base_p) if base_p is not None else source
 
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Optional[Path], Path, Path], started: float, config_from: Optional[Path] = None) -> dict[str, Any]:
+                  inputs: tuple[Optional[Path], Path, Path], started: float, config_from: Optional[Path] = None,
+                  sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
     ``config_from``) and the report to a staged output whose shards the engine has written. Returns
-    the report."""
+    the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
+    adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
     base_p, safety_p, expert_p = inputs
-    side = plan_side_files(expert_p, _tokenizer_source(opts, inputs), config_from)
+    side = plan_side_files(model_of(expert_p, base_p) if base_p is not None else expert_p, _tokenizer_source(opts, inputs), config_from)
+    adapter_out = "modules" in write
+    if adapter_out:
+        side.copies = [(src, name) for src, name in side.copies if name in TOKENIZER_FILES]
     side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    if adapter_out:
+        side_files.append(write_adapter_config(stage, write, base_p, safety_p, expert_p))
     notes = list(side.notes)
     for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
         if p is None:
             continue
-        ignored = ignored_model_files(p)
+        ignored = [] if is_adapter(p) else ignored_model_files(p)
         if ignored:
             notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
                          "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
@@ -255,6 +278,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
         "inputs": {"base": str(base_p) if base_p is not None else None, "safety": str(safety_p), "expert": str(expert_p),
                    **({"config_from": str(config_from)} if config_from is not None else {})},
+        # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
+        **({"sources": sources} if sources else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,
@@ -267,6 +292,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
             "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
             "tensors": write["tensors"],
             "bytes_written": write["bytes_written"],
+            **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
+               else {"kind": "model"}),
         },
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),

@@ -28,6 +28,7 @@ from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
                                    discard_stage, new_stage, plan_side_files, replace_refusal)
+from layerswap_fast.lora import model_of
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
 from layerswap_fast.plan import Plan
 
@@ -185,8 +186,9 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
     stage = new_stage(target)
     try:
         write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
-                                            architecture(expert), layout_json, sync, progress))
-        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
+                                            architecture(model_of(expert, Path(base))), layout_json, sync, progress))
+        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
+                               sources=plan_dict.get("sources"))
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -324,7 +326,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
             _notify(on_expert, e.name, entries[e.name])
             continue
         try:  # a side file that is a FIFO or a dangling link fails this expert now, not after its merge
-            plan_side_files(e.path, _tokenizer_source(e.options, (base_p, safety_p, e.path)))
+            plan_side_files(model_of(e.path, base_p), _tokenizer_source(e.options, (base_p, safety_p, e.path)))
         except LayerswapError as err:
             entries[e.name] = _failure(err)
             _notify(on_expert, e.name, entries[e.name])
@@ -337,7 +339,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
         saved_json = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
         result = json.loads(
             _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
-                          architecture(todo[0].path), layout_json, saved_json, True, progress)
+                          architecture(model_of(todo[0].path, base_p)), layout_json, saved_json, True, progress)
         )
         stats_seconds = time.perf_counter() - t0
         failed = {f["index"]: f for f in result["failures"]}
@@ -354,7 +356,9 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 entries[e.name] = _failure(err)
                 _notify(on_expert, e.name, entries[e.name])
                 continue
-            jobs.append((e, plan))
+            # The engine's word on each expert (full or LoRA) rides with its plan into its report.
+            src = {"safety": result["sources"]["safety"], "expert": result["sources"]["experts"][i]}
+            jobs.append((e, {**plan, "sources": src}))
 
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:

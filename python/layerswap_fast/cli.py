@@ -246,6 +246,8 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
 @click.option("--config-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Model folder whose config, processor and tokenizer files go to the output (for a language expert given as a bare .safetensors file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--emit", type=click.Choice(("model", "adapter")), default="model", show_default=True,
+              help="What to write: a full model, or (both experts PEFT LoRA adapters) the merge as an exact PEFT adapter for the base.")
 @click.option("--decisions", "decisions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help=_DECISIONS_FILE_HELP)
 @method_options
@@ -256,7 +258,7 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
 @click.pass_context
 def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path],
           out: Optional[Path], plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool,
-          config_from: Optional[Path], quiet: bool, decisions_file: Optional[Path], **params: Any) -> None:
+          config_from: Optional[Path], quiet: bool, emit: str, decisions_file: Optional[Path], **params: Any) -> None:
     """Merge the safety expert into the language expert(s) and write Hugging Face folders.
 
     The output holds merged safetensors shards (and their index), the language expert's config, the
@@ -289,12 +291,14 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
         bar = ProgressBar(enabled=False if quiet else None)
         try:
             report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar,
-                               config_from=config_from, decisions=decisions_file)
+                               config_from=config_from, emit=emit, decisions=decisions_file)
         finally:
             bar.close()
         if not quiet:
             click.echo(merge_summary(report, str(out)))
         return
+    if emit != "model":
+        raise click.UsageError("--emit adapter writes one adapter: give one -m/--expert without a name (bulk runs write full models)")
     if plan_file is not None:
         plan = bulk.load_bulk_file(plan_file, options)
         base, safety = base or plan.base, safety or plan.safety

@@ -71,7 +71,8 @@ def merge_summary(report: dict[str, Any], out: str, units: bool = True) -> str:
     return "\n".join(
         [
             f"wrote {out}: {plural(report['output']['tensors'], 'tensor')} in "
-            f"{plural(len([f for f in report['output']['files'] if f.endswith('.safetensors')]), 'shard')}",
+            f"{plural(len([f for f in report['output']['files'] if f.endswith('.safetensors')]), 'shard')}"
+            + (f" (a PEFT adapter of {plural(len(report['output']['modules']), 'LoRA module')})" if report["output"].get("kind") == "adapter" else ""),
         ]
         + ([f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend ({report['granularity']} granularity, {report['numerics']} numerics)"]
            if units else [])

@@ -87,7 +87,9 @@ fn inspect(py: Python<'_>, model: PathBuf, architecture: Option<String>, layout_
 ///     progress: called as ``progress(phase, done, total)`` about ten times a second.
 ///
 /// Returns:
-///     JSON text: ``{"plans": [plan or null per expert], "failures": [{"index", "kind", "message"}]}``.
+///     JSON text: ``{"plans": [plan or null per expert], "failures": [{"index", "kind", "message"}],
+///     "sources": {"safety": info, "experts": [info or null per expert]}}``; an info says whether the
+///     expert is a full model or a LoRA adapter (``kind``, ``rank``, ``stats_source``...).
 ///
 /// Raises:
 ///     InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
@@ -120,6 +122,7 @@ fn analyze(
         let (session, outcomes) = open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
         let mut failures = vec![];
         let mut kept_options = vec![];
+        let mut kept_info = session.experts.iter().map(|e| e.info());
         for (i, o) in outcomes.into_iter().enumerate() {
             match o {
                 Ok(_) => kept_options.push(options[if options.len() == 1 { 0 } else { i }].clone()),
@@ -131,7 +134,9 @@ fn analyze(
         let failed: std::collections::HashSet<u64> = failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
         let mut it = plans.into_iter();
         let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
-        Ok(serde_json::json!({"plans": all, "failures": failures}).to_string())
+        let info: Vec<Option<crate::expert::ExpertInfo>> =
+            (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { kept_info.next() }).collect();
+        Ok(serde_json::json!({"plans": all, "failures": failures, "sources": {"safety": session.safety.info(), "experts": info}}).to_string())
     })
 }
 
@@ -182,15 +187,17 @@ fn write(
 ///     base, safety, expert: folders or files of B, S and M.
 ///     out_dir: empty staging folder to write shards (and index) into.
 ///     options_json, architecture, layout_json, progress: as for ``analyze``.
+///     emit: ``"model"`` (a full model) or ``"adapter"`` (both experts LoRA: the merge as a PEFT
+///         adapter file; ``write`` then also says what its adapter_config.json must hold).
 ///
 /// Returns:
-///     JSON text: ``{"plan": {...}, "write": {...}, "bytes_read": n}``.
+///     JSON text: ``{"plan": {...}, "write": {...}, "bytes_read": n, "sources": {"safety", "expert"}}``.
 ///
 /// Raises:
 ///     InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError,
 ///     KeyboardInterrupt (Ctrl-C: the engine stops within one chunk).
 #[pyfunction]
-#[pyo3(signature = (base, safety, expert, out_dir, options_json, architecture=None, layout_json=None, progress=None))]
+#[pyo3(signature = (base, safety, expert, out_dir, options_json, architecture=None, layout_json=None, progress=None, emit="model"))]
 #[allow(clippy::too_many_arguments)]
 fn merge(
     py: Python<'_>,
@@ -202,17 +209,36 @@ fn merge(
     architecture: Option<String>,
     layout_json: Option<String>,
     progress: Option<Py<PyAny>>,
+    emit: &str,
 ) -> PyResult<String> {
     let options = parse_options(options_json)?;
     let custom = parse_layout(layout_json)?;
+    let adapter = match emit {
+        "model" => false,
+        "adapter" => true,
+        other => return Err(to_py(Error::argument(format!("emit must be 'model' or 'adapter', got '{other}'")))),
+    };
     run(py, progress, move |p| {
         let session = open::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        if adapter && (session.safety.adapter().is_none() || session.experts[0].adapter().is_none()) {
+            // Before the analyze pass, not after it.
+            let full = if session.safety.adapter().is_none() { session.safety.path() } else { session.experts[0].path() };
+            return Err(Error::argument(format!(
+                "--emit adapter needs two LoRA adapter experts, but {} is a full model; write a full model instead",
+                full.display()
+            )));
+        }
         let plans = session.analyze(&options, p)?;
-        let write = session.write(0, &plans[0], &out_dir, true, p)?;
+        let write = if adapter {
+            serde_json::to_value(session.emit_adapter(0, &plans[0], &out_dir, p)?).expect("json")
+        } else {
+            serde_json::to_value(session.write(0, &plans[0], &out_dir, true, p)?).expect("json")
+        };
         Ok(serde_json::json!({
             "plan": plans[0],
             "write": write,
             "bytes_read": p.bytes_read.load(std::sync::atomic::Ordering::Relaxed),
+            "sources": {"safety": session.safety.info(), "expert": session.experts[0].info()},
         })
         .to_string())
     })
