@@ -381,3 +381,10 @@ def test_any_overrides_equal_the_reference_with_the_same_decisions(make_trio, tm
     assert set(ref) == set(got)
     for name, t in ref.items():
         assert got[name][2] == t.contiguous().view(torch.uint8).numpy().tobytes(), name
+
+
+def test_decision_control_refuses_an_adapter_output(eight, tmp_path):
+    for controls in (dict(overrides={"3": "safety"}), dict(select="bands", bands="2,2,1")):
+        with pytest.raises(lsf.InvalidOptionError, match="emit='adapter'"):
+            lsf.merge(eight["base"], eight["safety"], eight["expert"], tmp_path / "out", emit="adapter", **controls)
+    assert not (tmp_path / "out").exists()
