@@ -549,6 +549,13 @@ def test_wrong_types_in_bulk_and_verify_name_the_parameter(tmp_path: Path) -> No
         bulk.bulk_merge(GOOD["base"], GOOD["safety"], [bulk.ExpertSpec("ko", GOOD["expert"])], tmp_path / "o", force="no")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model"):
         lsf.inspect(None)  # type: ignore[arg-type]
+    pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="out"):
+        lsf.verify(None, GOOD["base"], GOOD["safety"], GOOD["expert"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="options"):
+        lsf.verify(tmp_path, GOOD["base"], GOOD["safety"], GOOD["expert"], options="layer")  # type: ignore[arg-type]
+    with pytest.raises(lsf.InvalidOptionError, match="max_ulp"):
+        lsf.verify(tmp_path, GOOD["base"], GOOD["safety"], GOOD["expert"], max_ulp=True)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -27,9 +27,6 @@ PathLike = Union[str, os.PathLike]
 ProgressCallback = Callable[[str, int, int], None]
 
 
-_path, _flag, _callback = path_arg, flag_arg, callback_arg
-
-
 def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOptions:
     """The options of a call: ``options`` with keyword overrides. Unknown keywords are a TypeError
     naming them (as for any function), wrong values an InvalidOptionError naming the field."""
@@ -175,13 +172,13 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    base_p = _path(base, "base", optional=decisions is not None)
-    safety_p, expert_p, out_p = _path(safety, "safety"), _path(expert, "expert"), _path(out, "out")
-    layout_p = _path(layout, "layout", optional=True)
-    config_p = _path(config_from, "config_from", optional=True)
-    decisions_p = _path(decisions, "decisions", optional=True)
-    _flag(force, "force")
-    _callback(progress, "progress")
+    base_p = path_arg(base, "base", optional=decisions is not None)
+    safety_p, expert_p, out_p = path_arg(safety, "safety"), path_arg(expert, "expert"), path_arg(out, "out")
+    layout_p = path_arg(layout, "layout", optional=True)
+    config_p = path_arg(config_from, "config_from", optional=True)
+    decisions_p = path_arg(decisions, "decisions", optional=True)
+    flag_arg(force, "force")
+    callback_arg(progress, "progress")
     if emit not in ("model", "adapter"):
         raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
     controlled = decisions_p is not None or bool(opts.overrides) or opts.select != "adaptive"

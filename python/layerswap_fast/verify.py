@@ -30,7 +30,7 @@ from layerswap_fast import decisions as decision_control
 from layerswap_fast import reference
 from layerswap_fast.folder import CONFIG_FILES, PROCESSOR_FILES, REPORT_FILE, TOKENIZER_FILES, auto_map_files
 from layerswap_fast.errors import InvalidOptionError
-from layerswap_fast.options import MergeOptions, path_arg
+from layerswap_fast.options import MergeOptions, options_arg, path_arg
 
 PathLike = Union[str, Path]
 
@@ -374,6 +374,7 @@ def verify(
     """
     if isinstance(max_ulp, bool) or not isinstance(max_ulp, int) or max_ulp < 0:
         raise InvalidOptionError(f"max_ulp must be a whole number >= 0; got {max_ulp!r}")
+    options_arg(options)
     reference._torch()
     _dtype_cache.clear()  # models may have been rewritten since the last call
     opts = options.replace(**kwargs) if options is not None and kwargs else options or MergeOptions(**kwargs)

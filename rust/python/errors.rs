@@ -1,4 +1,5 @@
-//! Python exception classes (one base, `LayerswapError`) and the single table that maps engine errors
+//! Python exception classes (one base, `LayerswapError`), registered under the `layerswap_fast`
+//! namespace so that `pickle` finds them there, and the single table that maps engine errors
 //! and OS error kinds to them.
 
 use pyo3::create_exception;
@@ -7,12 +8,12 @@ use pyo3::prelude::*;
 
 use crate::error::Error;
 
-create_exception!(_core, LayerswapError, PyException, "Base class of every error layerswap-fast raises on purpose.");
-create_exception!(_core, InvalidModelError, LayerswapError, "A file or folder is not a valid model: bad header, truncated data, broken index, unknown layout.");
-create_exception!(_core, IncompatibleModelsError, LayerswapError, "The models disagree: a tensor missing, or of another shape, dtype or layer count.");
-create_exception!(_core, NonFiniteTensorError, InvalidModelError, "A tensor holds NaN or Inf.");
-create_exception!(_core, MemoryBudgetError, LayerswapError, "The memory budget is too small for the work.");
-create_exception!(_core, InvalidOptionError, LayerswapError, "An option is outside its allowed range.");
+create_exception!(layerswap_fast, LayerswapError, PyException, "Base class of every error layerswap-fast raises on purpose.");
+create_exception!(layerswap_fast, InvalidModelError, LayerswapError, "A file or folder is not a valid model: bad header, truncated data, broken index, unknown layout.");
+create_exception!(layerswap_fast, IncompatibleModelsError, LayerswapError, "The models disagree: a tensor missing, or of another shape, dtype or layer count.");
+create_exception!(layerswap_fast, NonFiniteTensorError, InvalidModelError, "A tensor holds NaN or Inf.");
+create_exception!(layerswap_fast, MemoryBudgetError, LayerswapError, "The memory budget is too small for the work.");
+create_exception!(layerswap_fast, InvalidOptionError, LayerswapError, "An option is outside its allowed range.");
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
