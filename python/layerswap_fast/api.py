@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from layerswap_fast import _core, decisions
+from layerswap_fast import _core, decisions, hub
 from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
 from layerswap_fast.errors import InvalidOptionError
@@ -76,7 +76,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
     """Opens one model and describes it: detected layout, layers, and where every tensor belongs.
 
     Args:
-        model: a Hugging Face folder or a ``.safetensors`` file.
+        model: a Hugging Face folder, a ``.safetensors`` file or a hub id ``org/name[@REVISION]``.
         layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
@@ -85,7 +85,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = path_arg(model, "model")
+    p = hub.resolve(path_arg(model, "model")).path
     return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
 
 
@@ -103,7 +103,8 @@ def analyze(
     decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        base, safety, expert: model folders, ``.safetensors`` files or hub ids (``org/name[@REVISION]``,
+            looked up in the hub cache; an existing local path wins) of B, S and M.
         options: a :class:`MergeOptions`; keyword arguments (``granularity=``, ``tau=``, ``alpha=``,
             ``numerics=``, ``max_memory=``, ``threads=``...) override its fields.
         layout: a custom layout definition file.
@@ -116,10 +117,11 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
-    base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
+    base_p, safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((base, "base"), (safety, "safety"), (expert, "expert")))
     callback_arg(progress, "progress")
     out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
+        _core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], architecture(model_of(expert_p, base_p)),
+                      _layout_json(layout),
                       progress=progress)
     )
     return decide(Plan.from_engine(out["plans"][0]), opts)
@@ -148,8 +150,9 @@ def merge(
     failure or Ctrl-C there is no ``out`` and no leftover. Inputs are only ever read.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M. ``base`` may be
-            None with ``decisions`` (no statistics pass runs, so B is not needed).
+        base, safety, expert: model folders, ``.safetensors`` files or hub ids of B, S and M (as for
+            :func:`analyze`); the report records each hub id with the commit it resolved to. ``base``
+            may be None with ``decisions`` (no statistics pass runs, so B is not needed).
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields
             (``overrides={"3": "safety"}``, ``select="bands", bands=(2, 2, 1)`` included).
@@ -172,8 +175,10 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    base_p = path_arg(base, "base", optional=decisions is not None)
-    safety_p, expert_p, out_p = path_arg(safety, "safety"), path_arg(expert, "expert"), path_arg(out, "out")
+    sources = {role: hub.resolve(path_arg(m, role)) for role, m in (("base", base), ("safety", safety), ("expert", expert))
+               if m is not None or role != "base" or decisions is None}
+    base_p = sources["base"].path if "base" in sources else None
+    safety_p, expert_p, out_p = sources["safety"].path, sources["expert"].path, path_arg(out, "out")
     layout_p = path_arg(layout, "layout", optional=True)
     config_p = path_arg(config_from, "config_from", optional=True)
     decisions_p = path_arg(decisions, "decisions", optional=True)
@@ -209,15 +214,15 @@ def merge(
             result = json.loads(_core.merge(str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(), arch,
                                             layout_json, progress, emit))
             plan = decide(Plan.from_engine(result["plan"]), opts)
-            write, bytes_read, sources = result["write"], result["bytes_read"], result.get("sources")
+            write, bytes_read, model_kinds = result["write"], result["bytes_read"], result.get("sources")
         else:
             # B is only checked by the write pass; without it (a decisions file) S stands in for that
             # check, which then asks again only what S and M must satisfy anyway.
             write = json.loads(_core.write(str(base_p or safety_p), str(safety_p), str(expert_p), str(stage),
                                            json.dumps(plan.to_dict(with_stats=True)), arch, layout_json, True, progress))
-            bytes_read, sources = 0, None
+            bytes_read, model_kinds = 0, None
         report = finish_output(stage, plan, write, bytes_read, opts, (base_p, safety_p, expert_p), started, config_from=config_p,
-                               sources=sources)
+                               sources=model_kinds, hub_inputs=hub.hub_report(sources))
     return report
 
 
@@ -247,12 +252,14 @@ def _tokenizer_source(opts: MergeOptions, inputs: tuple[Optional[Path], Path, Pa
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Optional[Path], Path, Path], started: float, config_from: Optional[Path] = None,
-                  sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                  sources: Optional[dict[str, Any]] = None, hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
     ``config_from``) and the report to a staged output whose shards the engine has written. Returns
     the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
     adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
-    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter.
+    ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the
+    report's ``"hub"``."""
     base_p, safety_p, expert_p = inputs
     side = plan_side_files(model_of(expert_p, base_p) if base_p is not None else expert_p, _tokenizer_source(opts, inputs), config_from)
     adapter_out = "modules" in write
@@ -277,6 +284,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
                    **({"config_from": str(config_from)} if config_from is not None else {})},
         # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
         **({"sources": sources} if sources else {}),
+        # Inputs named by hub id: id, revision and the commit they resolved to (for an exact rerun).
+        **({"hub": hub_inputs} if hub_inputs else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,

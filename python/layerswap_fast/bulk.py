@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
-from layerswap_fast import _core
+from layerswap_fast import _core, hub
 from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, decide, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
@@ -124,12 +125,20 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
             spec = dict(spec) if isinstance(spec, dict) else {"path": spec}
             if "path" not in spec:
                 raise InvalidOptionError(f"{p}: expert '{name}' has no path")
-            epath = root / spec.pop("path")
+            epath = _bulk_path(root, spec.pop("path"))
             experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common))
     except TypeError as e:
         raise InvalidOptionError(f"{p}: {e}") from None
     out = root / data["out"] if data.get("out") else None
-    return BulkSpec(root / data["base"], root / data["safety"], tuple(experts), out)
+    return BulkSpec(_bulk_path(root, data["base"]), _bulk_path(root, data["safety"]), tuple(experts), out)
+
+
+def _bulk_path(root: Path, value: Any) -> Path:
+    """A model named in a bulk file: a path relative to the file, or a hub id when no such path exists."""
+    local = root / str(value)
+    if not (local.exists() or local.is_symlink()) and hub.looks_like_hub_id(str(value)):
+        return Path(str(value))
+    return local
 
 
 # --- checksums and the manifest ---------------------------------------------------------------------
@@ -179,7 +188,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: dict[str, Any], opts: MergeOptions,
-                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
+                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback],
+                 hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
     beside ``target``; returns the stage and the report. On any error the stage is removed."""
     started = time.perf_counter()
@@ -188,7 +198,7 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
         write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
                                             architecture(model_of(expert, Path(base))), layout_json, sync, progress))
         report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
-                               sources=plan_dict.get("sources"))
+                               sources=plan_dict.get("sources"), hub_inputs=hub_inputs)
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -196,9 +206,9 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
 
 
 def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-               layout_json: Optional[str]) -> dict[str, Any]:
+               layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
     """One Ray task: an expert's write pass, then its checksums, sync and rename into place."""
-    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None)
+    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None, hub_inputs)
     return _publish(stage, Path(out), report)
 
 
@@ -221,8 +231,9 @@ def bulk_merge(
     """Merges the safety expert into every expert, writing ``out/<name>/`` for each.
 
     Args:
-        base, safety: model folders or files of B and S.
-        experts: :class:`ExpertSpec` per language expert (name, path, options).
+        base, safety: model folders or files of B and S, or hub ids (``org/name[@REVISION]``).
+        experts: :class:`ExpertSpec` per language expert (name, path or hub id, options). An expert
+            whose hub id cannot be resolved fails alone.
         out: parent folder of the outputs (created if needed); holds the manifest and summary.
         layout: custom layout definition file.
         executor: ``local`` or ``ray``.
@@ -254,13 +265,15 @@ def bulk_merge(
     flag_arg(force, "force")
     callback_arg(progress, "progress")
     callback_arg(on_expert, "on_expert")
+    hub_ids = _resolve(base_p, safety_p, specs)
+    base_p, safety_p, specs = hub_ids.base, hub_ids.safety, hub_ids.specs
     inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
               path_arg(saved_stats, "saved_stats", optional=True)]
     check_bulk_out(out_p, inputs)
     created = not out_p.exists()
     published: list[str] = []
     try:
-        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published)
+        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published, hub_ids)
     except KeyboardInterrupt as interrupted:
         # Say truthfully what exists now: the outputs published (and recorded in the manifest)
         # before the interruption; whatever was being written is gone.
@@ -277,6 +290,39 @@ def bulk_merge(
     if not published:
         _remove_if_unused(out_p, created, published)
     return summary
+
+
+@dataclass(frozen=True)
+class _HubIds:
+    """A bulk run's models after hub ids were resolved (see :mod:`layerswap_fast.hub`)."""
+
+    base: Path
+    safety: Path
+    #: The experts, each with its local folder (an expert whose id did not resolve keeps its id).
+    specs: list[ExpertSpec]
+    #: Each expert's model as the user gave it (path or hub id), for the manifest.
+    given: dict[str, str]
+    #: Per expert, the report's "hub" entry (ids and commits of its inputs from the hub).
+    reports: dict[str, dict[str, dict[str, str]]]
+    #: Experts whose hub id could not be resolved: their failure entries (the others still run).
+    unresolved: dict[str, dict[str, Any]]
+
+
+def _resolve(base: Path, safety: Path, specs: list[ExpertSpec]) -> _HubIds:
+    """Resolves hub ids among the models (local paths stay as they are). B and S must resolve; an
+    expert that does not fails alone."""
+    shared = {"base": hub.resolve(base), "safety": hub.resolve(safety)}
+    resolved, reports, unresolved = [], {}, {}
+    for e in specs:
+        try:
+            src = hub.resolve(e.path)
+        except LayerswapError as err:
+            unresolved[e.name] = _failure(err)
+            resolved.append(e)
+            continue
+        reports[e.name] = hub.hub_report({**shared, "expert": src})
+        resolved.append(dataclasses.replace(e, path=src.path))
+    return _HubIds(shared["base"].path, shared["safety"].path, resolved, {e.name: str(e.path) for e in specs}, reports, unresolved)
 
 
 def check_bulk_out(out: Path, inputs: list[Optional[Path]]) -> None:
@@ -305,13 +351,17 @@ def _remove_if_unused(out: Path, created: bool, published: list[str]) -> None:
 
 def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path, layout: Optional[PathLike], executor: str,
               force: bool, saved_stats: Optional[PathLike], progress: Optional[ProgressCallback],
-              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str]) -> dict[str, Any]:
+              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str], hub_ids: "_HubIds") -> dict[str, Any]:
     names = [e.name for e in specs]
+    entries: dict[str, dict[str, Any]] = dict(hub_ids.unresolved)
+    for name, entry in entries.items():
+        _notify(on_expert, name, entry)
     manifest = _read_manifest(out_p)
     layout_json = _layout_json(layout)
-    entries: dict[str, dict[str, Any]] = {}
     todo: list[ExpertSpec] = []
     for e in specs:
+        if e.name in entries:  # its hub id did not resolve
+            continue
         old = manifest["experts"].get(e.name)
         target = out_p / e.name
         if not force and old and old.get("status") == "ok" and _same_output(old.get("options"), e.options) and _verified(target, old):
@@ -367,13 +417,13 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 published.append(e.name)
                 r = outcome["report"]
                 entries[e.name] = {"status": "ok", "options": e.options.to_dict(), "files": outcome["files"], "counts": r["counts"],
-                                   "seconds": r["seconds"], "units": r["units"], "expert": str(e.path)}
+                                   "seconds": r["seconds"], "units": r["units"], "expert": hub_ids.given[e.name]}
                 manifest["experts"][e.name] = {k: entries[e.name][k] for k in ("status", "options", "files", "counts", "units", "expert")}
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])
 
         run = _run_ray if executor == "ray" else _run_local
-        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record)
+        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record, hub_ids.reports)
     summary = _summary(entries, names, stats_seconds)
     if out_p.exists():
         _write_json_atomic(out_p / SUMMARY, summary)
@@ -411,7 +461,7 @@ def _publish(stage: Path, target: Path, report: dict[str, Any]) -> dict[str, Any
         raise
 
 
-def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+def _run_local(jobs, base, safety, out: Path, layout_json, progress, record, hub_inputs) -> None:
     """Write passes one after another; each expert's disk sync, checksums and rename run in a
     background thread while the next expert is being written, so the disk and the cores work at once."""
     pending: Optional[tuple[ExpertSpec, concurrent.futures.Future]] = None
@@ -420,7 +470,8 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
             for e, plan in jobs:
                 target = out / e.name
                 try:
-                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress)
+                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress,
+                                                 hub_inputs.get(e.name))
                 except (LayerswapError, OSError) as err:
                     record(e, _failure(err))
                     continue
@@ -435,7 +486,7 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
                 record(pending[0], pending[1].result())
 
 
-def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record, hub_inputs) -> None:
     """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
     try:
         import ray  # type: ignore[import-not-found]
@@ -444,7 +495,8 @@ def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> No
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(_write_one)
-    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json): e for e, plan in jobs}
+    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, hub_inputs.get(e.name)): e
+               for e, plan in jobs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])

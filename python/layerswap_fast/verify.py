@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from layerswap_fast import decisions as decision_control
-from layerswap_fast import reference
+from layerswap_fast import hub, reference
 from layerswap_fast.folder import CONFIG_FILES, PROCESSOR_FILES, REPORT_FILE, TOKENIZER_FILES, auto_map_files
 from layerswap_fast.errors import InvalidOptionError
 from layerswap_fast.options import MergeOptions, options_arg, path_arg
@@ -349,7 +349,7 @@ def verify(
 
     Args:
         out: the folder ``merge`` wrote.
-        base, safety, expert: the models it was made from.
+        base, safety, expert: the models it was made from (paths or hub ids, as for ``merge``).
         options: the :class:`MergeOptions` of the merge; keyword arguments (``granularity=``,
             ``tau=``, ``alpha=``, ``numerics=``, ``outside=``, ``norms=``, ``vocab_from=``,
             ``out_dtype=``...) override its fields. Resource options are ignored.
@@ -378,8 +378,9 @@ def verify(
     reference._torch()
     _dtype_cache.clear()  # models may have been rewritten since the last call
     opts = options.replace(**kwargs) if options is not None and kwargs else options or MergeOptions(**kwargs)
-    out_p, safety_p, expert_p = path_arg(out, "out"), path_arg(safety, "safety"), path_arg(expert, "expert")
-    base_p = path_arg(base, "base", optional=decisions is not None)
+    out_p = path_arg(out, "out")
+    safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((safety, "safety"), (expert, "expert")))
+    base_p = hub.resolve(path_arg(base, "base")).path if base is not None or decisions is None else None
     if not out_p.is_dir():
         raise FileNotFoundError(f"{out_p}: no such output folder")
     from_file = decision_control.load_decisions(decisions) if decisions is not None else None
