@@ -15,6 +15,7 @@ process; the PEFT contender loads them with ``PeftModel.from_pretrained``, which
 Contenders, each a child process (wall time around it; CPU and peak RSS from ``os.wait4``, which covers
 the children it waited for), on a warm page cache:
   lsf-full         layerswap-fast merge -b B -s S_lora -m M_lora -o OUT           (B + ΔW, streamed)
+  lsf-full-256MiB  the same with --max-memory 256MiB
   lsf-adapter      the same with --emit adapter                                    (an exact PEFT adapter)
   lsf-analyze      layerswap-fast analyze on the adapters (statistics from the factors)
   peft-then-merge  for S and M: transformers load of B (bf16), PeftModel.from_pretrained,
@@ -121,6 +122,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         rw.mkdir()
         cmds = {
             "lsf-full": [lsf, "merge", "-q", "-b", str(base), "-s", str(adapters["safety"]), "-m", str(adapters["expert"]), "-o", str(rw / "full")],
+            "lsf-full-256MiB": [lsf, "merge", "-q", "-b", str(base), "-s", str(adapters["safety"]), "-m", str(adapters["expert"]),
+                                "-o", str(rw / "full256"), "--max-memory", "256MiB"],
             "lsf-adapter": [lsf, "merge", "-q", "-b", str(base), "-s", str(adapters["safety"]), "-m", str(adapters["expert"]), "-o", str(rw / "adapter"),
                             "--emit", "adapter"],
             "lsf-analyze": [lsf, "analyze", "--json", "-b", str(base), "-s", str(adapters["safety"]), "-m", str(adapters["expert"])],
@@ -139,9 +142,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             res.pop("stdout")
             runs.setdefault(name, []).append(res)
             print(f"  round {r}: {name}: {res['wall_s']:.2f} s, peak RSS {res['peak_rss_bytes'] / MIB:.0f} MiB", file=sys.stderr, flush=True)
-            for out in ("full", "adapter"):
-                if name == f"lsf-{out}":
-                    shutil.rmtree(rw / out, ignore_errors=True)
+            for out in ("full", "full256", "adapter"):
+                shutil.rmtree(rw / out, ignore_errors=True)
         shutil.rmtree(rw, ignore_errors=True)
     med = {name: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "cpu_s", "peak_rss_bytes")} for name, rs in runs.items()}
     return {"size": args.size, "rank": args.rank, "repeat": args.repeat, "base_bytes": sum(f.stat().st_size for f in model_files(base)),

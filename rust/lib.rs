@@ -35,6 +35,7 @@ mod python;
 
 pub use analyze::{Decision, Plan, TensorStats, UnitDecision};
 pub use error::{Error, Result};
+pub use analyze::Measured;
 pub use open::{open, Session};
 pub use options::{Granularity, MergeOptions, Numerics};
 pub use write::WriteSummary;

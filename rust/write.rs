@@ -35,8 +35,11 @@ pub struct WriteSummary {
     pub files: Vec<PathBuf>,
     /// Output tensors.
     pub tensors: usize,
-    /// Bytes of tensor data written.
+    /// Bytes of tensor data written (all of it, less what was cloned).
     pub bytes_written: u64,
+    /// Bytes of tensor data shared with an input's blocks instead of written (copy-on-write file
+    /// systems only; 0 elsewhere).
+    pub bytes_cloned: u64,
     /// Seconds spent.
     pub seconds: f64,
     /// Tensors outside the layers that only the language expert has (not the safety expert): copied
@@ -73,7 +76,17 @@ impl Session {
             // Non-float tensors (masks, position ids) keep their type: only floats are converted.
             .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
             .collect();
-        let shards = ShardMap::new(&specs, options.shard_size)?;
+        // Laid out like the host's own shards where possible, so that on a copy-on-write file system
+        // the tensors copied whole share the inputs' blocks instead of being written.
+        // (A LoRA expert has no shards of its own: the plain layout.)
+        let like = match host {
+            Expert::Full(m) => ShardMap::like(m, &specs, options.shard_size)?,
+            Expert::Lora { .. } => None,
+        };
+        let shards = match like {
+            Some(s) => s,
+            None => ShardMap::new(&specs, options.shard_size)?,
+        };
         let jobs: Vec<Job> = shards
             .tensors
             .iter()
@@ -112,11 +125,13 @@ impl Session {
             m.check_unchanged()?;
         }
         progress.start(Phase::Sync, 0);
+        let cloned = writer.bytes_cloned();
         let files = writer.finish(&shards, sync)?;
         Ok(WriteSummary {
             files,
             tensors: shards.tensors.len(),
-            bytes_written: shards.total_data_bytes(),
+            bytes_written: shards.total_data_bytes() - cloned,
+            bytes_cloned: cloned,
             seconds: started.elapsed().as_secs_f64(),
             expert_only: host.tensors().keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
         })
@@ -195,9 +210,18 @@ pub fn write(
                     _ => unreachable!("a copy has one byte source"),
                 };
                 let verbatim = t.dtype == out.dtype && (numerics == Numerics::Exact || t.dtype == Dtype::BF16 || !t.dtype.is_float());
-                if verbatim && !job.check_finite {
-                    // A byte copy nobody needs to look at: in the kernel, without passing through us.
+                if verbatim && (!job.check_finite || writer.may_clone()) {
+                    // A byte copy: in the kernel, without passing through us, or shared with the
+                    // source's blocks on a copy-on-write file system. Where values must be checked,
+                    // they are read for the check only (still cheaper than writing them).
                     let (size, n) = (t.dtype.size() as u64, c.len * t.dtype.size());
+                    if job.check_finite {
+                        let bytes = read_elems(src, t, c.start, c.len, b)?;
+                        if !all_finite(t.dtype, bytes) {
+                            return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                        }
+                        progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     writer.copy_from(out.shard, dst, src.shard_of(t), t.offset + c.start * size, n, a.bytes_mut(n))?;
                     progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                     progress.advance(out_bytes as u64);

@@ -24,6 +24,8 @@ __all__ = [
     "checksums",
     "inspect",
     "merge",
+    "plans_from_sums",
+    "sums",
     "write",
 ]
 
@@ -67,6 +69,27 @@ def write(
     layout_json: Optional[str] = None,
     sync: bool = True,
     progress: _Progress = None,
+) -> str: ...
+def sums(
+    base: _Path,
+    safety: _Path,
+    expert: _Path,
+    measured: str,
+    options_json: str,
+    architecture: Optional[str] = None,
+    layout_json: Optional[str] = None,
+    progress: _Progress = None,
+) -> str: ...
+def plans_from_sums(
+    base: _Path,
+    safety: _Path,
+    experts: list[_Path],
+    options_json: list[str],
+    safety_sums_json: str,
+    expert_sums_json: list[str],
+    architecture: Optional[str] = None,
+    layout_json: Optional[str] = None,
+    lenient: bool = False,
 ) -> str: ...
 def builtin_layouts() -> list[tuple[str, str]]: ...
 def checksums(paths: list[_Path], threads: int) -> list[str]: ...

@@ -298,6 +298,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
             "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
             "tensors": write["tensors"],
             "bytes_written": write["bytes_written"],
+            # Shared with the inputs' blocks instead of written (copy-on-write file systems only).
+            "bytes_cloned": write.get("bytes_cloned", 0),
             **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
                else {"kind": "model"}),
         },

@@ -5,10 +5,12 @@ then every expert gets its own decisions and its own write pass, into ``OUT/<nam
 (``OUT/layerswap_bulk.json``) records finished outputs with checksums (XXH3 of 8 MiB blocks), so a rerun skips experts whose
 output is verified intact and redoes the rest. One expert failing does not stop the others.
 
-Executors: ``local`` (default) runs the write passes one after another in this process (each uses all
-cores); ``ray`` runs them as Ray tasks on the cluster named by the usual ``RAY_ADDRESS`` environment
-variable (or a local Ray instance), assuming the inputs and ``OUT`` are on a filesystem every node
-sees at the same paths.
+Executors: ``local`` (default) runs the statistics pass and then the write passes one after another
+in this process (each uses all cores); ``ray`` splits the statistics pass into Ray tasks (one reads B
+and S, each other one reads B and one language expert; the plans are made on the driver from the sums
+they return) and runs one write task per expert, on the cluster named by the usual ``RAY_ADDRESS``
+environment variable (or a local instance on 127.0.0.1), assuming the inputs and ``OUT`` are on a
+filesystem every node sees at the same paths. Both give the same bytes.
 """
 
 from __future__ import annotations
@@ -384,13 +386,17 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
         clear_stale(target)
         todo.append(e)
     stats_seconds = 0.0
+    nodes: dict[str, str] = {}
     if todo:
         t0 = time.perf_counter()
         saved_json = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
-        result = json.loads(
-            _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
-                          architecture(model_of(todo[0].path, base_p)), layout_json, saved_json, True, progress)
-        )
+        if executor == "ray":
+            result = _analyze_ray(str(base_p), str(safety_p), todo, layout_json, saved_json, nodes)
+        else:
+            result = json.loads(
+                _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
+                              architecture(model_of(todo[0].path, base_p)), layout_json, saved_json, True, progress)
+            )
         stats_seconds = time.perf_counter() - t0
         failed = {f["index"]: f for f in result["failures"]}
         jobs = []
@@ -422,9 +428,13 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])
 
-        run = _run_ray if executor == "ray" else _run_local
-        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record, hub_ids.reports)
+        if executor == "ray":
+            _run_ray(jobs, str(base_p), str(safety_p), out_p, layout_json, record, nodes, hub_ids.reports)
+        else:
+            _run_local(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record, hub_ids.reports)
     summary = _summary(entries, names, stats_seconds)
+    if nodes:
+        summary["ray_nodes"] = nodes
     if out_p.exists():
         _write_json_atomic(out_p / SUMMARY, summary)
     return summary
@@ -486,22 +496,144 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record, hub
                 record(pending[0], pending[1].result())
 
 
-def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record, hub_inputs) -> None:
-    """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
+# --- the Ray executor ------------------------------------------------------------------------------
+
+
+def _connect_ray() -> Any:
+    """Imports Ray and connects to the cluster named by RAY_ADDRESS, or starts a local instance.
+
+    Ray picks the machine's outward address for every process unless
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is in its environment before Ray is imported. For a cluster
+    on this machine's loopback address (and for a local instance, which nobody else joins) it is set
+    here, so the driver's address matches the nodes' 127.0.0.1.
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    host = (address or "").rsplit(":", 1)[0].removeprefix("ray://")
+    if not address or host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray  # type: ignore[import-not-found]
     except ImportError:
         raise InvalidOptionError("--executor ray needs Ray: pip install 'layerswap-fast[ray]'") from None
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-    task = ray.remote(_write_one)
-    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, hub_inputs.get(e.name)): e
-               for e, plan in jobs}
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _placer(ray: Any) -> Callable[[Any, int], Any]:
+    """Task i goes to node i mod N of the cluster's live nodes with CPUs (soft affinity: elsewhere if
+    that node goes away). Every task reads or writes whole models, so spreading them evenly uses
+    every node's disk and link; Ray's own policies pack small tasks onto the first node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # type: ignore[import-not-found]
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    if not nodes:
+        return lambda task, i: task
+    return lambda task, i: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True))
+
+
+def _node() -> str:
+    """The Ray node this task runs on (recorded in the summary: which node did what)."""
+    import ray  # type: ignore[import-not-found]
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def _sums_task(base: str, safety: str, expert: str, measured: str, options_json: str, arch: Optional[str],
+               layout_json: Optional[str]) -> tuple[Union[str, dict[str, Any]], str]:
+    """One Ray task of the statistics pass: B and the safety expert, or B and one language expert.
+    Returns the sums (JSON), or the failure of a bad model as data (as the write task does), which
+    crosses back to the driver whatever the exception's class."""
+    try:
+        return _core.sums(base, safety, expert, measured, options_json, arch, layout_json), _node()
+    except (LayerswapError, OSError) as err:
+        return _failure(err), _node()
+
+
+def _write_task(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
+                layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]]) -> tuple[dict[str, Any], str]:
+    """One Ray task of the write passes: an expert's write pass, checksums, sync and rename (a bad
+    model's failure comes back as data, as in ``_sums_task``)."""
+    try:
+        return _write_one(base, safety, expert, out, plan_dict, opts, layout_json, hub_inputs), _node()
+    except (LayerswapError, OSError) as err:
+        return _failure(err), _node()
+
+
+def _analyze_ray(base: str, safety: str, todo: list[ExpertSpec], layout_json: Optional[str], saved_json: Optional[str],
+                 nodes: dict[str, str]) -> dict[str, Any]:
+    """The statistics pass as Ray tasks: one reads B and S (unless saved statistics stand in for S),
+    each other one reads B and one language expert; the engine then checks that every share saw the
+    same base sums and makes the plans here, from sums of a few bytes per tensor. The result has the
+    shape of ``_core.analyze``'s (an expert whose task failed is in ``failures``)."""
+    ray = _connect_ray()
+    place = _placer(ray)
+    task = ray.remote(_sums_task)
+    # The pass follows the first expert's options (numerics, non-finite policy), as a local run's does.
+    pass_json = todo[0].options.to_engine_json()
+    arch = architecture(model_of(todo[0].path, Path(base)))
+    numerics = {e.options.numerics for e in todo}
+    if len(numerics) > 1:
+        raise InvalidOptionError("all experts of one run must use the same numerics (statistics are shared)")
+    safety_ref = None if saved_json else place(task, 0).remote(base, safety, str(todo[0].path), "safety", pass_json, arch, layout_json)
+    refs = [place(task, i + 1).remote(base, safety, str(e.path), "expert", pass_json, architecture(model_of(e.path, Path(base))), layout_json)
+            for i, e in enumerate(todo)]
+    safety_sums = ""
+    if saved_json:  # the safety expert's share, from its saved statistics
+        safety_sums = json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "diff_ss": [t["safety_ss"]]}
+                                  for t in json.loads(saved_json)])
+    if safety_ref is not None:
+        share, nodes["statistics:safety"] = ray.get(safety_ref)
+        if isinstance(share, dict):  # B or S is bad: nothing can be merged (a local run raises too)
+            raise _kinds().get(share["kind"], LayerswapError)(share["error"])
+        safety_sums = share
+    ok: list[int] = []
+    shares: list[str] = []
+    result: dict[str, Any] = {"plans": [None] * len(todo), "failures": [], "sources": {"safety": None, "experts": [None] * len(todo)}}
+    for i, (e, ref) in enumerate(zip(todo, refs)):
+        share, nodes[f"statistics:{e.name}"] = ray.get(ref)
+        if isinstance(share, dict):
+            result["failures"].append({"index": i, "kind": share["kind"], "message": share["error"]})
+            continue
+        ok.append(i)
+        shares.append(share)
+    if ok:
+        planned = json.loads(_core.plans_from_sums(base, safety, [str(todo[i].path) for i in ok], [todo[i].options.to_engine_json() for i in ok],
+                                                   safety_sums, shares, arch, layout_json, True))
+        for f in planned["failures"]:
+            i = ok[f["index"]]
+            result["failures"].append({**f, "index": i})
+        for i, p, src in zip(ok, planned["plans"], planned["sources"]["experts"]):
+            result["plans"][i] = p
+            result["sources"]["experts"][i] = src
+        result["sources"]["safety"] = planned["sources"]["safety"]
+    return result
+
+
+def _kinds() -> dict[str, type[Exception]]:
+    """Exception classes by name, to raise a task's failure on the driver as what it was."""
+    from layerswap_fast import errors
+
+    kinds: dict[str, type[Exception]] = {n: getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)}
+    kinds.update({c.__name__: c for c in (OSError, FileNotFoundError, PermissionError)})
+    return kinds
+
+
+def _run_ray(jobs, base, safety, out: Path, layout_json, record, nodes: dict[str, str], hub_inputs) -> None:
+    """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
+    ray = _connect_ray()
+    place = _placer(ray)
+    task = ray.remote(_write_task)
+    pending = {place(task, i).remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, hub_inputs.get(e.name)): e
+               for i, (e, plan) in enumerate(jobs)}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
         try:
-            outcome = ray.get(done[0])
+            outcome, nodes[f"write:{e.name}"] = ray.get(done[0])
         except Exception as err:  # a Ray task error wraps the original exception
             outcome = _failure(getattr(err, "cause", None) or err)
         record(e, outcome)

@@ -77,7 +77,9 @@ def merge_summary(report: dict[str, Any], out: str, units: bool = True) -> str:
         + ([f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend ({report['granularity']} granularity, {report['numerics']} numerics)"]
            if units else [])
         + [
-            f"read {fmt_bytes(report['bytes_read'])}, wrote {fmt_bytes(report['output']['bytes_written'])} "
+            f"read {fmt_bytes(report['bytes_read'])}, wrote {fmt_bytes(report['output']['bytes_written'])}"
+            + (f" (+{fmt_bytes(report['output']['bytes_cloned'])} shared with the inputs)" if report["output"].get("bytes_cloned") else "")
+            + " "
             f"in {secs:.2f} s ({fmt_bytes(rate)}/s read); peak memory {fmt_bytes(report['peak_rss_bytes'])}",
         ]
         + [f"note: {n}" for n in report.get("notes", [])]

@@ -27,6 +27,10 @@ SIZES: dict[str, dict] = {
     "0.5b": dict(n_layers=24, hidden=896, intermediate=4864, heads=14, kv_heads=2, vocab=151936, tie_embeddings=True),
     "1b": dict(n_layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tie_embeddings=True),
     "3b": dict(n_layers=28, hidden=3072, intermediate=8192, heads=24, kv_heads=8, vocab=128256, tie_embeddings=True),
+    # Llama-2-7B and Llama-3-70B shapes (benchmarks: 7b is 13.5 GB per model in bf16; 70b, 141 GB, is
+    # only ever laid out as sparse files by benches/generate.py --sparse).
+    "7b": dict(n_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
+    "70b": dict(n_layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256),
 }
 
 

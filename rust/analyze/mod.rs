@@ -52,41 +52,7 @@ impl Session {
             sources.push(&self.safety);
         }
         sources.extend(self.experts.iter());
-        let lora = sources.iter().any(|e| e.adapter().is_some());
-        if lora && pass.numerics == Numerics::Official {
-            return Err(Error::argument(
-                "numerics 'official' reproduces the authors' scripts, which take full models only; LoRA adapter experts need numerics 'exact'",
-            ));
-        }
-        let models: Vec<&Model> = sources.iter().filter_map(|e| if let Expert::Full(m) = e { Some(m) } else { None }).collect();
-        let budget = Budget::plan(pass.max_memory, pass.threads, models.len() + 1, self.widest(pass))?;
-        let targets = self.layout.targets();
-        let total: u64 = targets.iter().map(|n| self.base.tensor(n).unwrap().nbytes).sum::<u64>() * (models.len() as u64 + 1);
-        progress.start(Phase::Analyze, total);
-        let sums = run_pool(budget.workers, || -> Result<Vec<sums::Sums>> {
-            let pool = BufferPool::new(&budget);
-            let full = sums::compute_allowing(&targets, &self.base, &models, pass.numerics, pass.allow_non_finite, budget.chunk_elems, &pool, progress)?;
-            if !lora {
-                return Ok(full);
-            }
-            let mut from_factors = vec![];
-            for e in &sources {
-                if let Some(a) = e.adapter() {
-                    progress.check()?;
-                    from_factors.push(a.diff_sum_sq(&targets, &self.base, budget.chunk_elems)?);
-                }
-            }
-            // Each source takes its next column from its own kind.
-            Ok(full
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut s)| {
-                    let (mut f, mut l) = (s.diff_ss.iter(), from_factors.iter());
-                    s.diff_ss = sources.iter().map(|e| if e.adapter().is_some() { l.next().unwrap()[i] } else { *f.next().unwrap() }).collect();
-                    s
-                })
-                .collect())
-        })??;
+        let sums = self.sums(&sources, pass, progress)?;
         let safety_ss: Vec<f64> = match saved {
             Some(saved) => saved_safety_sums(&sums, saved, &self.base)?,
             None => sums.iter().map(|s| s.diff_ss[0]).collect(),
@@ -111,6 +77,126 @@ impl Session {
             })
             .collect())
     }
+
+    /// The pass over B and `sources`: Σ B² and Σ (X − B)² per measured tensor, one `diff_ss` entry
+    /// per source in order. Full models are read element by element in one fused pass; LoRA adapters
+    /// are measured from their factors.
+    fn sums(&self, sources: &[&Expert], options: &MergeOptions, progress: &Progress) -> Result<Vec<sums::Sums>> {
+        let lora = sources.iter().any(|e| e.adapter().is_some());
+        if lora && options.numerics == Numerics::Official {
+            return Err(Error::argument(
+                "numerics 'official' reproduces the authors' scripts, which take full models only; LoRA adapter experts need numerics 'exact'",
+            ));
+        }
+        let models: Vec<&Model> = sources.iter().filter_map(|e| if let Expert::Full(m) = e { Some(m) } else { None }).collect();
+        let budget = Budget::plan(options.max_memory, options.threads, models.len() + 1, self.widest(options))?;
+        let targets = self.layout.targets();
+        let total: u64 = targets.iter().map(|n| self.base.tensor(n).unwrap().nbytes).sum::<u64>() * (models.len() as u64 + 1);
+        progress.start(Phase::Analyze, total);
+        let sums = run_pool(budget.workers, || -> Result<Vec<sums::Sums>> {
+            let pool = BufferPool::new(&budget);
+            let full = sums::compute_allowing(&targets, &self.base, &models, options.numerics, options.allow_non_finite, budget.chunk_elems, &pool, progress)?;
+            if !lora {
+                return Ok(full);
+            }
+            let mut from_factors = vec![];
+            for e in sources {
+                if let Some(a) = e.adapter() {
+                    progress.check()?;
+                    from_factors.push(a.diff_sum_sq(&targets, &self.base, budget.chunk_elems)?);
+                }
+            }
+            // Each source takes its next column from its own kind.
+            Ok(full
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut s)| {
+                    let (mut f, mut l) = (s.diff_ss.iter(), from_factors.iter());
+                    s.diff_ss = sources.iter().map(|e| if e.adapter().is_some() { l.next().unwrap()[i] } else { *f.next().unwrap() }).collect();
+                    s
+                })
+                .collect())
+        })??;
+        Ok(sums)
+    }
+
+    /// One share of a pass split across machines: B and one model only (the safety expert, or
+    /// language expert `k`), with one `diff_ss` entry. Every sum keeps its own lanes whatever the
+    /// other models of a pass are, so these are the same bits the single pass over all models gives;
+    /// [`Session::plans_from_shares`] puts the shares together.
+    pub fn sums_of(&self, model: Measured, options: &MergeOptions, progress: &Progress) -> Result<Vec<sums::Sums>> {
+        options.validate()?;
+        let m = match model {
+            Measured::Safety => &self.safety,
+            Measured::Expert(k) => self.experts.get(k).ok_or_else(|| Error::argument(format!("no language expert {k} in this session")))?,
+        };
+        self.sums(&[m], options, progress)
+    }
+
+    /// Plans from a pass computed in shares ([`Session::sums_of`], or saved sums of the safety
+    /// expert): `safety` holds the safety expert's share and `experts[k]` language expert `k`'s, with
+    /// `options[k]` its options. Every share must cover the measured tensors of this session with
+    /// bit-identical base sums (else they were not computed from the same base model). The same plans
+    /// as [`Session::analyze_each`] over the same models.
+    pub fn plans_from_shares(&self, options: &[MergeOptions], safety: &[sums::Sums], experts: &[Vec<sums::Sums>]) -> Result<Vec<Plan>> {
+        if options.len() != self.experts.len() || experts.len() != self.experts.len() {
+            return Err(Error::argument(format!(
+                "{} option sets and {} shares of sums for {} experts",
+                options.len(),
+                experts.len(),
+                self.experts.len()
+            )));
+        }
+        for o in options {
+            o.validate()?;
+            if o.numerics != options[0].numerics {
+                return Err(Error::argument("all experts of one run must use the same numerics (the sums are shared)"));
+            }
+        }
+        let targets = self.layout.targets();
+        let share = |part: &[sums::Sums], whose: &dyn Fn() -> String| -> Result<Vec<(f64, f64)>> {
+            let by_name: HashMap<&str, &sums::Sums> = part.iter().map(|s| (s.name.as_str(), s)).collect();
+            if by_name.len() != targets.len() {
+                return Err(Error::argument(format!("sums for {} cover {} tensors; this model has {} measured tensors", whose(), by_name.len(), targets.len())));
+            }
+            targets
+                .iter()
+                .map(|n| {
+                    let numel = self.base.tensor(n).unwrap().numel();
+                    match by_name.get(n) {
+                        Some(p) if p.numel == numel && p.diff_ss.len() == 1 => Ok((p.base_ss, p.diff_ss[0])),
+                        _ => Err(Error::argument(format!("sums for {} have no entry for tensor '{n}' of {numel} elements", whose()))),
+                    }
+                })
+                .collect()
+        };
+        let s = share(safety, &|| "the safety expert".to_string())?;
+        let mut plans = vec![];
+        for (k, (part, o)) in experts.iter().zip(options).enumerate() {
+            let m = share(part, &|| self.experts[k].path().display().to_string())?;
+            let mut stats = Vec::with_capacity(targets.len());
+            for (i, n) in targets.iter().enumerate() {
+                if m[i].0.to_bits() != s[i].0.to_bits() {
+                    return Err(Error::argument(format!(
+                        "sums for {} were not computed from the same base model as the safety expert's (tensor '{n}' differs)",
+                        self.experts[k].path().display()
+                    )));
+                }
+                stats.push(TensorStats { name: n.to_string(), numel: self.base.tensor(n).unwrap().numel(), base_ss: s[i].0, safety_ss: s[i].1, expert_ss: m[i].1 });
+            }
+            plans.push(Plan::new(stats, &self.layout, o));
+        }
+        Ok(plans)
+    }
+}
+
+/// The model a share of a pass split across machines measures against B ([`Session::sums_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measured {
+    /// The safety expert S.
+    Safety,
+    /// Language expert number `k` of the session.
+    Expert(usize),
 }
 
 /// The saved safety-expert sums, in the order of `sums`, after checking that the saved base sums

@@ -13,8 +13,9 @@ use crate::options::Numerics;
 use crate::progress::Progress;
 use crate::stream::{chunks, read_elems, Chunk};
 
-/// Sums of squares for one tensor.
-#[derive(Debug, Clone, PartialEq)]
+/// Sums of squares for one tensor (serialisable: shares of a pass cross machines, see
+/// [`crate::Session::sums_of`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sums {
     /// Tensor name.
     pub name: String,

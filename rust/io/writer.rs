@@ -6,17 +6,17 @@
 //! synced (see `python/layerswap_fast/folder.py`), so a failed or interrupted run never leaves a
 //! half-written model where a complete one is expected.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::io::header::encode_header;
 use crate::io::shard::Shard;
-use crate::io::model::{INDEX_FILE, SINGLE_FILE};
+use crate::io::model::{Model, INDEX_FILE, SINGLE_FILE};
 
 /// One tensor of the output.
 #[derive(Debug, Clone)]
@@ -63,6 +63,53 @@ impl ShardMap {
             groups.last_mut().unwrap().push(i);
             current += n;
         }
+        Self::from_groups(tensors, &groups, &vec![None; groups.len()])
+    }
+
+    /// The layout of `host`'s own shards, if the output can have it: the same shards holding the same
+    /// tensors in the same order at the same data offsets, each header padded so that the data starts
+    /// at the same offset within a [`CLONE_BLOCK`] as in the host's shard (at the very same offset
+    /// where the header fits). Every tensor then sits at the same block offsets as in the host, so a
+    /// copy-on-write file system can share those blocks with the host instead of writing them
+    /// ([`OutputWriter::copy_from`]), and with any other model saved the same way (the safety expert
+    /// of the same architecture, usually). `None` when a tensor's output dtype differs from the
+    /// host's (other sizes) or a host shard holds more than `max_shard_bytes` of data.
+    pub fn like(host: &Model, tensors: &[(String, Dtype, Vec<u64>)], max_shard_bytes: u64) -> Result<Option<ShardMap>> {
+        if max_shard_bytes == 0 {
+            return Err(Error::argument("shard size must be positive"));
+        }
+        let index: HashMap<&str, usize> = tensors.iter().enumerate().map(|(i, t)| (t.0.as_str(), i)).collect();
+        if index.len() != host.tensors.len() {
+            return Ok(None);
+        }
+        let mut groups = vec![];
+        let mut starts = vec![];
+        for shard in &host.shards {
+            if shard.header.tensors.is_empty() {
+                continue;
+            }
+            let data: u64 = shard.header.tensors.iter().map(|t| t.nbytes()).sum();
+            if data > max_shard_bytes {
+                return Ok(None);
+            }
+            let mut group = vec![];
+            for t in &shard.header.tensors {
+                let Some(&i) = index.get(t.name.as_str()) else { return Ok(None) };
+                if tensors[i].1 != t.dtype || tensors[i].2 != t.shape {
+                    return Ok(None);
+                }
+                group.push(i);
+            }
+            groups.push(group);
+            starts.push(Some(shard.header.data_start()));
+        }
+        Self::from_groups(tensors, &groups, &starts).map(Some)
+    }
+
+    /// Shards from groups of tensor indices, in order. `data_start[s]`, if given, is where shard `s`'s
+    /// data should start: its header is padded with spaces to start there, or, if the header does
+    /// not fit, at the next offset that is the same modulo [`CLONE_BLOCK`].
+    fn from_groups(tensors: &[(String, Dtype, Vec<u64>)], groups: &[Vec<usize>], data_start: &[Option<u64>]) -> Result<ShardMap> {
         if groups.is_empty() {
             return Err(Error::argument("the output would contain no tensors"));
         }
@@ -85,7 +132,10 @@ impl ShardMap {
                 entries.push((name.clone(), *dtype, shape.clone(), pos, pos + n));
                 pos += n;
             }
-            let header = encode_header(&entries, &metadata);
+            let mut header = encode_header(&entries, &metadata);
+            if let Some(want) = data_start[s] {
+                pad_header(&mut header, want);
+            }
             let base = header.len() as u64;
             for (name, dtype, shape, start, end) in entries {
                 out.push(OutputTensor { name, dtype, shape, shard: s, offset: base + start, nbytes: end - start });
@@ -101,12 +151,31 @@ impl ShardMap {
     }
 }
 
+/// Pads a complete header prefix (length + JSON) with spaces after the JSON so that it ends at `want`,
+/// or, when it is already longer, at the next offset congruent to `want` modulo [`CLONE_BLOCK`]
+/// (JSON allows trailing whitespace; safetensors' own writer pads the same way).
+fn pad_header(header: &mut Vec<u8>, want: u64) {
+    let have = header.len() as u64;
+    let target = if have <= want { want } else { want + (have - want).div_ceil(CLONE_BLOCK) * CLONE_BLOCK };
+    header.resize(target as usize, b' ');
+    let json_len = target - 8;
+    header[..8].copy_from_slice(&json_len.to_le_bytes());
+}
+
+/// The block size file systems share data in (FICLONERANGE needs block-aligned offsets and lengths):
+/// 4 KiB, the block of XFS, btrfs and ZFS's default record alignment on current systems.
+pub const CLONE_BLOCK: u64 = 4096;
+
 /// Open output shard files.
 pub struct OutputWriter {
     dir: PathBuf,
     files: Vec<(PathBuf, File)>,
     /// Cleared the first time the kernel says it cannot copy into these files (see `copy_from`).
     in_kernel: AtomicBool,
+    /// Cleared the first time the file system says it cannot share blocks (see `copy_from`).
+    can_clone: AtomicBool,
+    /// Bytes shared with an input instead of written.
+    cloned: AtomicU64,
 }
 
 impl OutputWriter {
@@ -122,7 +191,7 @@ impl OutputWriter {
             file.write_all_at(header, 0).map_err(|e| Error::io(&path, e))?;
             files.push((path, file));
         }
-        Ok(OutputWriter { dir: dir.to_path_buf(), files, in_kernel: AtomicBool::new(true) })
+        Ok(OutputWriter { dir: dir.to_path_buf(), files, in_kernel: AtomicBool::new(true), can_clone: AtomicBool::new(true), cloned: AtomicU64::new(0) })
     }
 
     /// Writes `bytes` at absolute offset `offset` of shard `shard`.
@@ -133,12 +202,78 @@ impl OutputWriter {
         Ok(())
     }
 
-    /// Copies `len` bytes at `src_offset` of `src` to absolute offset `offset` of shard `shard`, inside
-    /// the kernel where it can (`copy_file_range`: one page-cache copy, instead of a read into and a
-    /// write from user memory). Where it cannot (another file system, an old kernel) or on any error,
-    /// the rest goes through `scratch` (at least `len` bytes) with a plain read and write, which also
-    /// gives the precise error (input truncated, disk failure) naming the right file.
+    /// Copies `len` bytes at `src_offset` of `src` to absolute offset `offset` of shard `shard`.
+    ///
+    /// On a copy-on-write file system (XFS with reflink, btrfs, ZFS ≥ 2.2) with source and output on
+    /// it, the whole blocks of the range are shared with the source (FICLONERANGE) instead of written,
+    /// when source and destination sit at the same offset within a block (an output laid out like
+    /// its source, see [`ShardMap::like`]); only the partial blocks at the edges are copied. The
+    /// rest is copied inside the kernel where it can (`copy_file_range`: one page-cache copy, instead
+    /// of a read into and a write from user memory). Where it cannot (another file system, an old
+    /// kernel) or on any error, the rest goes through `scratch` (at least `len` bytes) with a plain
+    /// read and write, which also gives the precise error (input truncated, disk failure) naming the
+    /// right file.
     pub fn copy_from(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: usize, scratch: &mut [u8]) -> Result<()> {
+        let block = CLONE_BLOCK;
+        if (len as u64) < block || src_offset % block != offset % block || !self.can_clone.load(Ordering::Relaxed) {
+            return self.copy_range(shard, offset, src, src_offset, len, scratch);
+        }
+        let head = ((block - offset % block) % block) as usize;
+        let middle = (len - head) / block as usize * block as usize;
+        if middle > 0 && self.clone_range(shard, offset + head as u64, src, src_offset + head as u64, middle as u64) {
+            self.cloned.fetch_add(middle as u64, Ordering::Relaxed);
+            if head > 0 {
+                self.copy_range(shard, offset, src, src_offset, head, scratch)?;
+            }
+            let done = head + middle;
+            if done < len {
+                self.copy_range(shard, offset + done as u64, src, src_offset + done as u64, len - done, scratch)?;
+            }
+            return Ok(());
+        }
+        self.copy_range(shard, offset, src, src_offset, len, scratch)
+    }
+
+    /// Whether blocks may still be shared with inputs: true until the file system has said it
+    /// cannot (so on ext4 it is false after the first attempt).
+    pub fn may_clone(&self) -> bool {
+        self.can_clone.load(Ordering::Relaxed)
+    }
+
+    /// Bytes shared with inputs so far instead of written (see [`OutputWriter::copy_from`]).
+    pub fn bytes_cloned(&self) -> u64 {
+        self.cloned.load(Ordering::Relaxed)
+    }
+
+    /// Shares `len` bytes (a multiple of the block) at `src_offset` of `src` into shard `shard` at
+    /// `offset` (both block-aligned). False if the file system did not (then nothing changed): not
+    /// copy-on-write, another file system, or the source range is not shareable.
+    fn clone_range(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        let (_, file) = &self.files[shard];
+        let range = libc::file_clone_range { src_fd: src.file().as_raw_fd() as i64, src_offset, src_length: len, dest_offset: offset };
+        loop {
+            // SAFETY: ioctl on a descriptor we own, with a pointer to a live, initialised local of the
+            // type FICLONERANGE expects; the kernel only reads it.
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::FICLONERANGE, &range) };
+            if rc == 0 {
+                return true;
+            }
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // Not a copy-on-write file system, or source and output on different ones: never.
+                Some(libc::EOPNOTSUPP | libc::EXDEV | libc::ENOTTY | libc::ENOSYS | libc::EBADF | libc::EPERM) => {
+                    self.can_clone.store(false, Ordering::Relaxed);
+                    return false;
+                }
+                // EINVAL (this range cannot be shared, e.g. other block size), ETXTBSY...: copy it.
+                _ => return false,
+            }
+        }
+    }
+
+    /// Copies a range inside the kernel where it can, else through `scratch` (see `copy_from`).
+    fn copy_range(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: usize, scratch: &mut [u8]) -> Result<()> {
         use std::os::fd::AsRawFd;
         let (_, file) = &self.files[shard];
         let mut done = 0usize;
@@ -241,6 +376,45 @@ mod tests {
         let header = encode_header(&[("t".to_string(), Dtype::F16, vec![n as u64], 0, data.len() as u64)], &BTreeMap::new());
         std::fs::write(&path, [header.as_slice(), data].concat()).unwrap();
         Shard::open(&path).unwrap()
+    }
+
+    /// The output laid out like the host: same tensors, same order, same file offsets when our
+    /// header fits in the host's, the same offsets within a block when it does not; the plain layout
+    /// when a dtype differs or a host shard is larger than the shard size.
+    #[test]
+    fn layout_like_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = [("b".to_string(), Dtype::F16, vec![3000u64]), ("a".to_string(), Dtype::F16, vec![5u64])];
+        for pad in [0usize, 100] {
+            // Host: "b" before "a" (not name order); its header is shorter than ours (no metadata)
+            // or longer (100 bytes of metadata).
+            let meta: BTreeMap<String, String> = if pad == 0 { BTreeMap::new() } else { [("x".to_string(), "y".repeat(pad))].into() };
+            let entries = [("b".to_string(), Dtype::F16, vec![3000], 0, 6000), ("a".to_string(), Dtype::F16, vec![5], 6000, 6010)];
+            let header = encode_header(&entries, &meta);
+            let path = dir.path().join(format!("host-{pad}.safetensors"));
+            std::fs::write(&path, [header.as_slice(), &[0u8; 6010]].concat()).unwrap();
+            let host = Model::open(&path).unwrap();
+            let plan = ShardMap::like(&host, &tensors, 1 << 20).unwrap().unwrap();
+            assert_eq!(plan.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+            for t in &plan.tensors {
+                let h = host.tensor(&t.name).unwrap();
+                if pad > 0 {
+                    assert_eq!(t.offset, h.offset);
+                } else {
+                    assert_eq!(t.offset, h.offset + CLONE_BLOCK);
+                }
+            }
+            // The padded header is still a valid one that says where the data is.
+            let (_, prefix, data) = &plan.shards[0];
+            let json_len = u64::from_le_bytes(prefix[..8].try_into().unwrap());
+            assert_eq!(json_len + 8, prefix.len() as u64);
+            let parsed = crate::io::header::Header::parse(&prefix[8..], *data).unwrap();
+            assert_eq!(parsed.tensors.iter().map(|t| (t.name.as_str(), t.start)).collect::<Vec<_>>(), [("b", 0), ("a", 6000)]);
+            // Another output dtype, or shards limited below the host's: the plain layout.
+            let wide = [("b".to_string(), Dtype::F32, vec![3000u64]), ("a".to_string(), Dtype::F32, vec![5u64])];
+            assert!(ShardMap::like(&host, &wide, 1 << 20).unwrap().is_none());
+            assert!(ShardMap::like(&host, &tensors, 5000).unwrap().is_none());
+        }
     }
 
     /// In-kernel copies and the plain fallback produce the same bytes at the same offsets, and a

@@ -11,12 +11,15 @@ use crate::layout::{Layout, LayoutDef, BUILTIN_LAYOUTS};
 use crate::options::MergeOptions;
 use crate::open;
 use crate::python::errors::{kind_name, to_py};
+use crate::analyze::sums::Sums;
 use crate::analyze::TensorStats;
 use crate::python::progress::run;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
+    m.add_function(wrap_pyfunction!(sums, m)?)?;
+    m.add_function(wrap_pyfunction!(plans_from_sums, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(write, m)?)?;
     m.add_function(wrap_pyfunction!(builtin_layouts, m)?)?;
@@ -134,6 +137,120 @@ fn analyze(
         let failed: std::collections::HashSet<u64> = failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
         let mut it = plans.into_iter();
         let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
+        let info: Vec<Option<crate::expert::ExpertInfo>> =
+            (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { kept_info.next() }).collect();
+        Ok(serde_json::json!({"plans": all, "failures": failures, "sources": {"safety": session.safety.info(), "experts": info}}).to_string())
+    })
+}
+
+/// One share of a statistics pass split across machines: the sums of B and one model.
+///
+/// Args:
+///     base, safety, expert: folders or files of B, S and one language expert M (opened and checked
+///         together; only B and the measured model are read).
+///     measured: ``"safety"`` (sums of S against B) or ``"expert"`` (sums of M against B).
+///     options_json: MergeOptions as JSON (numerics, memory, threads).
+///     architecture, layout_json, progress: as for ``analyze``.
+///
+/// Returns:
+///     JSON text: a list of ``{"name", "numel", "base_ss", "diff_ss": [x]}``, one per measured tensor.
+///
+/// Raises:
+///     as ``analyze``.
+#[pyfunction]
+#[pyo3(signature = (base, safety, expert, measured, options_json, architecture=None, layout_json=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn sums(
+    py: Python<'_>,
+    base: PathBuf,
+    safety: PathBuf,
+    expert: PathBuf,
+    measured: &str,
+    options_json: &str,
+    architecture: Option<String>,
+    layout_json: Option<String>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let which = match measured {
+        "safety" => crate::analyze::Measured::Safety,
+        "expert" => crate::analyze::Measured::Expert(0),
+        other => return Err(to_py(Error::argument(format!("measured must be 'safety' or 'expert'; got {other:?}")))),
+    };
+    let options = parse_options(options_json)?;
+    let custom = parse_layout(layout_json)?;
+    run(py, progress, move |p| {
+        let session = open::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        let sums = session.sums_of(which, &options, p)?;
+        Ok(serde_json::to_string(&sums).expect("json"))
+    })
+}
+
+/// Plans from a statistics pass computed in shares by ``sums`` (or saved safety-expert statistics).
+///
+/// Args:
+///     base, safety, experts: as for ``analyze`` (headers are read, no tensor data).
+///     options_json: one MergeOptions JSON per expert.
+///     safety_sums_json: the safety expert's share.
+///     expert_sums_json: one share per expert, in order.
+///     architecture, layout_json: as for ``analyze``.
+///     lenient: an expert that cannot be opened or does not fit B, S and the first expert is
+///         reported in ``failures`` instead of failing the call (as in ``analyze``).
+///
+/// Returns:
+///     JSON text: ``{"plans": [plan or null per expert], "failures": [...], "sources": {...}}`` as
+///     ``analyze`` returns them.
+///
+/// Raises:
+///     InvalidOptionError: shares that do not fit this model or were computed from another base.
+#[pyfunction]
+#[pyo3(signature = (base, safety, experts, options_json, safety_sums_json, expert_sums_json, architecture=None, layout_json=None, lenient=false))]
+#[allow(clippy::too_many_arguments)]
+fn plans_from_sums(
+    py: Python<'_>,
+    base: PathBuf,
+    safety: PathBuf,
+    experts: Vec<PathBuf>,
+    options_json: Vec<String>,
+    safety_sums_json: &str,
+    expert_sums_json: Vec<String>,
+    architecture: Option<String>,
+    layout_json: Option<String>,
+    lenient: bool,
+) -> PyResult<String> {
+    let options = options_json.iter().map(|o| parse_options(o)).collect::<PyResult<Vec<_>>>()?;
+    if options.len() != experts.len() || expert_sums_json.len() != experts.len() {
+        return Err(to_py(Error::argument(format!(
+            "{} option sets and {} sets of sums for {} experts",
+            options.len(),
+            expert_sums_json.len(),
+            experts.len()
+        ))));
+    }
+    let custom = parse_layout(layout_json)?;
+    let parse = |t: &str| -> PyResult<Vec<Sums>> {
+        serde_json::from_str(t).map_err(|e| to_py(Error::argument(format!("sums are not valid: {e}"))))
+    };
+    let safety_sums = parse(safety_sums_json)?;
+    let expert_sums = expert_sums_json.iter().map(|t| parse(t)).collect::<PyResult<Vec<_>>>()?;
+    run(py, None, move |_| {
+        let refs: Vec<&std::path::Path> = experts.iter().map(|e| e.as_path()).collect();
+        let (session, outcomes) = open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
+        let (mut failures, mut kept_options, mut kept_sums) = (vec![], vec![], vec![]);
+        for (i, o) in outcomes.into_iter().enumerate() {
+            match o {
+                Ok(_) => {
+                    kept_options.push(options[i].clone());
+                    kept_sums.push(expert_sums[i].clone());
+                }
+                Err(e) if lenient => failures.push(serde_json::json!({"index": i, "kind": kind_name(&e), "message": e.to_string()})),
+                Err(e) => return Err(e),
+            }
+        }
+        let plans = session.plans_from_shares(&kept_options, &safety_sums, &kept_sums)?;
+        let failed: std::collections::HashSet<u64> = failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
+        let mut it = plans.into_iter();
+        let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
+        let mut kept_info = session.experts.iter().map(|e| e.info());
         let info: Vec<Option<crate::expert::ExpertInfo>> =
             (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { kept_info.next() }).collect();
         Ok(serde_json::json!({"plans": all, "failures": failures, "sources": {"safety": session.safety.info(), "experts": info}}).to_string())

@@ -61,3 +61,38 @@ fn unknown_layout_is_an_error() {
     let err = open(&p, &p, &[p.as_path()], None, None).unwrap_err();
     assert!(err.to_string().contains("unknown model layout"), "{err}");
 }
+
+/// A pass split into shares (B + S, B + each expert), as the Ray executor runs it, gives the same
+/// sums bit for bit and the same plans as one pass over everything; shares from another base model
+/// are refused by name.
+#[test]
+fn sums_in_shares_equal_one_pass() {
+    use layerswap_fast::Measured;
+    let dir = tempfile::tempdir().unwrap();
+    let [b, s, m] = write_trio(dir.path(), 4, Dtype::BF16, &[0.1, 0.1, 3.0, 3.0], &[3.0, 3.0, 0.1, 0.1]);
+    let other = tempfile::tempdir().unwrap();
+    let [_, _, m2] = write_trio(other.path(), 4, Dtype::BF16, &[0.1, 2.0, 0.1, 3.0], &[1.0, 0.1, 3.0, 0.1]);
+    for numerics in [layerswap_fast::Numerics::Exact, layerswap_fast::Numerics::Official] {
+        let session = open(&b, &s, &[m.as_path(), m2.as_path()], None, None).unwrap();
+        let options = [
+            MergeOptions { threads: 2, numerics, ..Default::default() },
+            MergeOptions { threads: 2, numerics, granularity: Granularity::Module, ..Default::default() },
+        ];
+        let plans = session.analyze_each(&options, None, &Progress::default()).unwrap();
+        // Each share on its own session, as on another node, and with another chunk size.
+        let small = MergeOptions { threads: 1, max_memory: 65 << 20, numerics, ..Default::default() };
+        let s_share = open(&b, &s, &[m.as_path()], None, None).unwrap().sums_of(Measured::Safety, &small, &Progress::default()).unwrap();
+        let shares: Vec<_> = [&m, &m2]
+            .iter()
+            .map(|x| open(&b, &s, &[x.as_path()], None, None).unwrap().sums_of(Measured::Expert(0), &small, &Progress::default()).unwrap())
+            .collect();
+        let from_shares = session.plans_from_shares(&options, &s_share, &shares).unwrap();
+        // Same bits in every sum, hence the same plans.
+        assert_eq!(serde_json::to_string(&from_shares).unwrap(), serde_json::to_string(&plans).unwrap());
+        // A share computed against another base model does not fit.
+        let mut wrong = shares.clone();
+        wrong[1][3].base_ss *= 1.0 + f64::EPSILON;
+        let err = session.plans_from_shares(&options, &s_share, &wrong).unwrap_err().to_string();
+        assert!(err.contains("same base model") && err.contains(&wrong[1][3].name), "{err}");
+    }
+}
