@@ -83,6 +83,7 @@ impl Session {
     pub fn outputs(&self, expert: usize, plan: &Plan) -> Result<Vec<(String, Dtype, Vec<u64>)>> {
         let options = &plan.options;
         options.validate()?;
+        plan.check()?;
         let Some(host) = self.experts.get(expert) else {
             return Err(Error::argument(format!("no language expert {expert} in a session of {}", self.experts.len())));
         };

@@ -45,7 +45,7 @@ def _verify_every_merge(monkeypatch: pytest.MonkeyPatch) -> None:
         if opts.allow_non_finite or is_adapter(Path(safety)) or is_adapter(Path(expert)):
             COUNTS["skipped"] += 1
             return report
-        result = verify(Path(out), base, safety, expert, options=opts, layout=layout)
+        result = verify(Path(out), base, safety, expert, options=opts, layout=layout, decisions=kwargs.get("decisions"))
         assert result.ok, result.summary()
         COUNTS["verified"] += 1
         return report

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from layerswap_fast import _core, card, hub, page
+from layerswap_fast import _core, card, decisions, hub, page
 from layerswap_fast.folder import (CARD_FILE, PAGE_FILE, REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
@@ -51,6 +51,20 @@ def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
         return json.dumps(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as e:
         raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
+
+
+def decide(plan: Plan, opts: MergeOptions, source: str = "measured") -> Plan:
+    """The plan with the decision controls of ``opts`` applied (bands, then overrides in order), and
+    every unit's ``alpha`` (for blends) and ``source`` filled in; ``source`` names where the plan's own
+    decisions came from (``measured``, or ``file`` for a decisions file).
+
+    Raises:
+        InvalidOptionError: an override names a unit the model does not have, or bands do not fit.
+    """
+    d = plan.to_dict()
+    d["units"] = decisions.apply(d["units"], n_layers=plan.n_layers, granularity=plan.granularity, alpha=opts.alpha,
+                                 select=opts.select, bands=opts.bands, overrides=opts.overrides, source=source)
+    return Plan.from_dict(d, plan.stats)
 
 
 def peak_rss_bytes() -> int:
@@ -110,11 +124,11 @@ def analyze(
                       _layout_json(layout),
                       progress=progress)
     )
-    return Plan.from_engine(out["plans"][0])
+    return decide(Plan.from_engine(out["plans"][0]), opts)
 
 
 def merge(
-    base: PathLike,
+    base: Optional[PathLike],
     safety: PathLike,
     expert: PathLike,
     out: PathLike,
@@ -125,6 +139,7 @@ def merge(
     progress: Optional[ProgressCallback] = None,
     config_from: Optional[PathLike] = None,
     emit: str = "model",
+    decisions: Optional[PathLike] = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
@@ -136,9 +151,11 @@ def merge(
 
     Args:
         base, safety, expert: model folders, ``.safetensors`` files or hub ids of B, S and M (as for
-            :func:`analyze`); the report records each hub id with the commit it resolved to.
+            :func:`analyze`); the report records each hub id with the commit it resolved to. ``base``
+            may be None with ``decisions`` (no statistics pass runs, so B is not needed).
         out: the output folder; must not exist unless ``force``.
-        options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
+        options, layout, progress: as for :func:`analyze`; keyword arguments override option fields
+            (``overrides={"3": "safety"}``, ``select="bands", bands=(2, 2, 1)`` included).
         force: replace an existing ``out`` if it is empty or an earlier output of this tool (it holds
             ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
         config_from: a model folder whose config, processor and tokenizer files go to the output
@@ -146,6 +163,9 @@ def merge(
         emit: ``"model"`` (default) writes a full model. ``"adapter"`` (both experts PEFT LoRA
             adapters) writes the merge as an exact PEFT adapter for ``base`` instead:
             ``adapter_model.safetensors`` and ``adapter_config.json`` (and the tokenizer).
+        decisions: a decisions file (the JSON ``analyze --json`` writes, possibly edited): merge exactly
+            its decisions (per-unit α allowed), then ``options.overrides``. Its layout and layer count
+            must match the models; its granularity is the run's.
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -155,44 +175,91 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    sources = {role: hub.resolve(path_arg(m, role)) for role, m in (("base", base), ("safety", safety), ("expert", expert))}
-    base_p, safety_p, expert_p, out_p = sources["base"].path, sources["safety"].path, sources["expert"].path, path_arg(out, "out")
+    sources = {role: hub.resolve(path_arg(m, role)) for role, m in (("base", base), ("safety", safety), ("expert", expert))
+               if m is not None or role != "base" or decisions is None}
+    base_p = sources["base"].path if "base" in sources else None
+    safety_p, expert_p, out_p = sources["safety"].path, sources["expert"].path, path_arg(out, "out")
     layout_p = path_arg(layout, "layout", optional=True)
     config_p = path_arg(config_from, "config_from", optional=True)
+    decisions_p = path_arg(decisions, "decisions", optional=True)
     flag_arg(force, "force")
     callback_arg(progress, "progress")
     if emit not in ("model", "adapter"):
         raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
-    check_output(out_p, [base_p, safety_p, expert_p, layout_p, config_p], force)
+    controlled = decisions_p is not None or bool(opts.overrides) or opts.select != "adaptive"
+    if controlled and emit != "model":
+        raise InvalidOptionError("emit='adapter' writes the measured decisions only; drop overrides, bands and decisions files, "
+                                 "or write a full model")
+    if decisions_p is not None and opts.select != "adaptive":
+        raise InvalidOptionError("a decisions file already decides every unit; drop select 'bands' (overrides still apply)")
+    if base_p is None and (opts.effective_tokenizer_from == "base" or is_adapter(expert_p) or is_adapter(safety_p)):
+        raise InvalidOptionError("the base model is needed here (a LoRA adapter expert, or tokenizer_from 'base'); pass it")
+    check_output(out_p, [p for p in (base_p, safety_p, expert_p, layout_p, config_p, decisions_p) if p is not None], force)
     # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
-    plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
+    plan_side_files(model_of(expert_p, base_p) if base_p is not None else expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)),
+                    config_p)
     started = time.perf_counter()
+    arch, layout_json = architecture(model_of(expert_p, base_p) if base_p is not None else expert_p), _layout_json(layout)
+    plan: Optional[Plan] = None
+    if decisions_p is not None:
+        # (an adapter expert has its base model's layout and layers)
+        plan, opts = decided_plan(decisions_p, model_of(expert_p, base_p) if base_p is not None else expert_p, opts, layout_json)
+    elif opts.overrides or opts.select != "adaptive":
+        engine = json.loads(_core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], arch, layout_json,
+                                          progress=progress))
+        plan = decide(Plan.from_engine(engine["plans"][0]), opts)
     with staged_output(out_p, force) as stage:
-        result = json.loads(
-            _core.merge(
-                str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
-                architecture(model_of(expert_p, base_p)), _layout_json(layout), progress, emit,
-            )
-        )
-        plan = Plan.from_engine(result["plan"])
-        report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               config_from=config_p, sources=result.get("sources"), hub_inputs=hub.hub_report(sources),
-                               target=out_p, layout_json=_layout_json(layout))
+        if plan is None:
+            # The paper's rule alone: one engine call measures, decides and writes.
+            result = json.loads(_core.merge(str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(), arch,
+                                            layout_json, progress, emit))
+            plan = decide(Plan.from_engine(result["plan"]), opts)
+            write, bytes_read, model_kinds = result["write"], result["bytes_read"], result.get("sources")
+        else:
+            # B is only checked by the write pass; without it (a decisions file) S stands in for that
+            # check, which then asks again only what S and M must satisfy anyway.
+            write = json.loads(_core.write(str(base_p or safety_p), str(safety_p), str(expert_p), str(stage),
+                                           json.dumps(plan.to_dict(with_stats=True)), arch, layout_json, True, progress))
+            bytes_read, model_kinds = 0, None
+        report = finish_output(stage, plan, write, bytes_read, opts, (base_p, safety_p, expert_p), started, config_from=config_p,
+                               sources=model_kinds, hub_inputs=hub.hub_report(sources),
+                               target=out_p, layout_json=layout_json)
     return report
 
 
-def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Path:
+def decided_plan(path: Path, expert: Path, opts: MergeOptions, layout_json: Optional[str]) -> tuple[Plan, MergeOptions]:
+    """The plan a decisions file describes, checked against the language expert's layout and layer
+    count, with ``opts.overrides`` applied on top; and the options with the file's granularity."""
+    data = decisions.load_decisions(path)
+    info = json.loads(_core.inspect(str(expert), architecture(expert), layout_json))
+    if (data["layout"], data["n_layers"]) != (info["layout"], info["n_layers"]):
+        raise InvalidOptionError(
+            f"{path}: the decisions are for a {data['n_layers']}-layer '{data['layout']}' model, but {expert} is a "
+            f"{info['n_layers']}-layer '{info['layout']}' model"
+        )
+    opts = opts.replace(granularity=data["granularity"])
+    engine_options = json.loads(opts.to_engine_json())
+    plan = Plan.from_dict({"options": engine_options, "layout": data["layout"], "n_layers": data["n_layers"], "units": data["units"]})
+    return decide(plan, opts, source="file"), opts
+
+
+def _tokenizer_source(opts: MergeOptions, inputs: tuple[Optional[Path], Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
     # A LoRA adapter's tokenizer is its own if it saved one, else the base model's.
-    return tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
+    source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
+    assert source is not None, "merge refuses tokenizer_from='base' without the base model"
+    return tokenizer_of(source, base_p) if base_p is not None else source
 
 
-def describe_inputs(inputs: dict[str, Path], layout_json: Optional[str] = None) -> dict[str, dict[str, Any]]:
+def describe_inputs(inputs: dict[str, Optional[Path]], layout_json: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Per input (base, safety, expert): its data size, shard count and detected layout, read from the
     safetensors headers (no tensor data). An input that cannot be described (e.g. a LoRA adapter) gets
     an empty entry."""
     out: dict[str, dict[str, Any]] = {}
     for role, p in inputs.items():
+        if p is None:  # no base model (a merge from a decisions file)
+            out[role] = {}
+            continue
         try:
             info = json.loads(_core.inspect(str(p), architecture(p), layout_json))
             out[role] = {"bytes": info["data_bytes"], "shards": info["shards"], "layout": info["layout"]}
@@ -201,7 +268,7 @@ def describe_inputs(inputs: dict[str, Path], layout_json: Optional[str] = None) 
     return out
 
 
-def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path], started: float,
+def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Optional[Path], Path, Path], started: float,
                  layout_json: Optional[str] = None, config_from: Optional[Path] = None) -> dict[str, Any]:
     """The report of an analysis: tool, inputs (with sizes, shard counts and layouts), parameters and
     every unit's scores and decision. :func:`finish_output` adds what a merge wrote."""
@@ -210,7 +277,7 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path]
         "tool": "layerswap-fast",
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
-        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
+        "inputs": {"base": str(base_p) if base_p is not None else None, "safety": str(safety_p), "expert": str(expert_p),
                    **({"config_from": str(config_from)} if config_from is not None else {})},
         "input_files": describe_inputs({"base": base_p, "safety": safety_p, "expert": expert_p}, layout_json),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
@@ -227,7 +294,7 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Path, Path, Path]
 
 
 def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
+                  inputs: tuple[Optional[Path], Path, Path], started: float, config_from: Optional[Path] = None,
                   sources: Optional[dict[str, Any]] = None, hub_inputs: Optional[dict[str, dict[str, str]]] = None,
                   target: Optional[Path] = None, layout_json: Optional[str] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
@@ -239,7 +306,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
     ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the
     report's ``"hub"``."""
     base_p, safety_p, expert_p = inputs
-    side = plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, inputs), config_from)
+    side = plan_side_files(model_of(expert_p, base_p) if base_p is not None else expert_p, _tokenizer_source(opts, inputs), config_from)
     adapter_out = "modules" in write
     if adapter_out:
         side.copies = [(src, name) for src, name in side.copies if name in TOKENIZER_FILES]
@@ -248,6 +315,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         side_files.append(write_adapter_config(stage, write, base_p, safety_p, expert_p))
     notes = list(side.notes)
     for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
+        if p is None:
+            continue
         ignored = [] if is_adapter(p) else ignored_model_files(p)
         if ignored:
             notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "

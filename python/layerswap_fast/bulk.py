@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core, hub
-from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, finish_output
+from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, decide, finish_output
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast import page
 from layerswap_fast.folder import (BULK_MANIFEST, BULK_PAGE_FILE, PAGE_FILE, REPORT_FILE, write_text_atomic, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
@@ -91,6 +91,11 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         tau = 0.002                # per-expert overrides
         [experts.sw]
         path = "expert-sw/"
+        overrides = { "3" = "safety", "2.mlp" = "blend:0.25" }   # decision control per expert
+        [experts.te]
+        path = "expert-te/"
+        select = "bands"
+        bands = [2, 2, 1]
     """
     p = Path(path)
     text = p.read_text()
@@ -401,9 +406,16 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 entries[e.name] = {"status": "failed", "error": failed[i]["message"], "kind": failed[i]["kind"]}
                 _notify(on_expert, e.name, entries[e.name])
                 continue
+            try:
+                # Each expert's own bands and overrides; a unit that does not exist fails that expert only.
+                plan = decide(Plan.from_engine(result["plans"][i]), e.options).to_dict(with_stats=True)
+            except InvalidOptionError as err:
+                entries[e.name] = _failure(err)
+                _notify(on_expert, e.name, entries[e.name])
+                continue
             # The engine's word on each expert (full or LoRA) rides with its plan into its report.
             src = {"safety": result["sources"]["safety"], "expert": result["sources"]["experts"][i]}
-            jobs.append((e, {**result["plans"][i], "sources": src}))
+            jobs.append((e, {**plan, "sources": src}))
 
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
@@ -452,7 +464,7 @@ def _same_output(saved: Any, opts: MergeOptions) -> bool:
     if not isinstance(saved, dict):
         return False
     ignore = ("threads", "max_memory")
-    now = opts.to_dict()
+    now = json.loads(json.dumps(opts.to_dict()))  # as the manifest holds them (tuples become lists)
     return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
 
 

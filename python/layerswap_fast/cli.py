@@ -19,14 +19,15 @@ from typing import Any, Callable, Optional
 import click
 
 from layerswap_fast import api, bulk
-from layerswap_fast.errors import LayerswapError, OutputExistsError
+from layerswap_fast import decisions
+from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast.folder import LeftoverWarning, check_not_input
-from layerswap_fast.options import from_cli, method_options, output_options, resource_options
+from layerswap_fast.options import decision_options, from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
 from layerswap_fast import page
 from layerswap_fast.errors import InvalidOptionError as InvalidReportError
 from layerswap_fast.folder import BULK_PAGE_FILE, PAGE_FILE, REPORT_FILE, write_text_atomic
-from layerswap_fast.report import bulk_table, decision_strip, decision_table, fmt_bytes, merge_summary, plural, report_table
+from layerswap_fast.report import bulk_table, decision_strip, decision_table, fmt_bytes, merge_summary, plural, report_table, sweep_table
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -115,9 +116,10 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _models(multiple: bool = False) -> Callable[[Callable], Callable]:
+def _models(multiple: bool = False, base_required: bool = True) -> Callable[[Callable], Callable]:
     """-b/-s/-m (and --layout). With ``multiple``, -m may repeat as NAME=PATH and all three may come
-    from a --plan file instead, so none is required by Click."""
+    from a --plan file instead, so none is required by Click; without ``base_required`` -b may be
+    left out (a decisions file needs no base model)."""
 
     def decorator(f: Callable) -> Callable:
         expert_help = (
@@ -135,7 +137,8 @@ def _models(multiple: bool = False) -> Callable[[Callable], Callable]:
             ]
         ):
             kind = str if (multiple and name == "expert") else click.Path(path_type=Path)
-            f = click.option(*flags, name, required=not multiple, multiple=multiple and name == "expert", type=kind, help=help_)(f)
+            required = not multiple and (base_required or name != "base")
+            f = click.option(*flags, name, required=required, multiple=multiple and name == "expert", type=kind, help=help_)(f)
         f = click.option("--layout", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                          help="Custom layout definition (JSON or TOML) for models no built-in layout recognises.")(f)
         return f
@@ -174,11 +177,29 @@ def main() -> None:
     """
 
 
+_DECISIONS_FILE_HELP = ("Merge exactly the decisions in this file (the JSON 'analyze --json' writes, possibly edited; "
+                       "per-unit alpha allowed): no statistics pass, -b may be left out. --override still applies.")
+
+
+def _granularity_clash(ctx: click.Context, path: Path, params: dict[str, Any]) -> None:
+    """A decisions file brings its granularity; an explicit -g that says otherwise is an error."""
+    if ctx.get_parameter_source("granularity") == click.core.ParameterSource.COMMANDLINE:
+        data = decisions.load_decisions(path)
+        if data["granularity"] != params["granularity"]:
+            raise InvalidOptionError(
+                f"{path}: the decisions are in {data['granularity']} granularity, but --granularity {params['granularity']} was given"
+            )
+
+
 @main.command()
 @_models()
 @method_options
+@decision_options
 @resource_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table (merge --decisions reads it back).")
+@click.option("--sweep-tau", "sweep_tau", default=None, metavar="A:B:N",
+              help="Decision counts at N values of tau evenly spaced from A to B (inclusive), from one statistics pass, "
+                   "and per unit the tau above which it becomes a blend (|d|). With --json: [{tau, counts}, ...].")
 @click.option("--save-stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save the base and safety-expert statistics to this file, for later bulk runs (merge --stats).")
 @click.option("--compare-numerics", is_flag=True,
@@ -187,14 +208,17 @@ def main() -> None:
               help="Also write the report page (heatmap, ratios, unit table) that a merge would write, to this file.")
 @_errors
 def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, save_stats: Optional[Path],
-            compare_numerics: bool, html_file: Optional[Path], **params: Any) -> None:
+            compare_numerics: bool, sweep_tau: Optional[str], html_file: Optional[Path], **params: Any) -> None:
     """Compute the per-unit scores and decisions; write nothing (but the --save-stats and --html files).
 
-    Prints, per unit, the raw scores A_S and A_M, the normalised p_S and p_M, d = p_S - p_M and the
-    decision, exactly as thresholded; then the decisions per layer and the count of fragile units
-    (whose decision would flip if tau were halved or doubled).
+    Prints, per unit, the raw scores A_S and A_M, the normalised p_S and p_M, d = p_S - p_M, the
+    decision (with its alpha when it is a blend) and where it came from: measured (d and tau), band
+    (--select bands) or override (--override); then the decisions per layer and the count of fragile
+    units (whose decision would flip if tau were halved or doubled). 'analyze --json > plan.json',
+    edit, then 'merge --decisions plan.json' merges exactly that.
     """
     options = from_cli(params)
+    taus = decisions.parse_sweep(sweep_tau) if sweep_tau is not None else None
     if save_stats is not None:
         bulk.check_stats_path(save_stats, [base, safety, expert, layout])
     if html_file is not None:
@@ -210,6 +234,11 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
         bar.close()
     if save_stats is not None:
         bulk.save_stats(save_stats, plan, base, safety, expert)
+    if taus is not None:
+        rows = decisions.sweep(plan.to_dict()["units"], taus, n_layers=plan.n_layers, granularity=plan.granularity,
+                               alpha=options.alpha, select=options.select, bands=options.bands, overrides=options.overrides)
+        click.echo(json.dumps(rows, indent=2) if as_json else sweep_table(plan, rows))
+        return
     if html_file is not None:
         report = api.build_report(plan, options, (base, safety, expert), started, api._layout_json(layout))
         write_text_atomic(html_file, page.render(report))
@@ -237,13 +266,17 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--emit", type=click.Choice(("model", "adapter")), default="model", show_default=True,
               help="What to write: a full model, or (both experts PEFT LoRA adapters) the merge as an exact PEFT adapter for the base.")
+@click.option("--decisions", "decisions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help=_DECISIONS_FILE_HELP)
 @method_options
+@decision_options
 @resource_options
 @output_options
 @_errors
-def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path], out: Optional[Path],
-          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, config_from: Optional[Path], quiet: bool, emit: str,
-          **params: Any) -> None:
+@click.pass_context
+def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path],
+          out: Optional[Path], plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool,
+          config_from: Optional[Path], quiet: bool, emit: str, decisions_file: Optional[Path], **params: Any) -> None:
     """Merge the safety expert into the language expert(s) and write Hugging Face folders.
 
     The output holds merged safetensors shards (and their index), the language expert's config, the
@@ -255,10 +288,20 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
       layerswap-fast merge -b base/ -s safety/ -m ko=expert-ko/ -m sw=expert-sw/ -o merged/
       layerswap-fast merge --plan experts.toml
     Rerunning a bulk merge skips experts whose outputs the manifest verifies, and redoes the rest.
+
+    \b
+    Decision control:
+      --override 3=safety --override '*.mlp=blend:0.25'   set units by hand (later wins)
+      --select bands --bands 2,2,1                         fixed bands (Bandarkar et al.)
+      --decisions plan.json                                merge an edited 'analyze --json' (no -b needed)
     """
     options = from_cli(params)
     named, experts = _parse_experts(expert)
-    if plan_file is None and (base is None or safety is None or not experts):
+    if decisions_file is not None:
+        if plan_file is not None or named or len(experts) != 1 or executor != "local" or saved_stats is not None:
+            raise click.UsageError("--decisions merges one language expert: give -s, -m and -o (-b is optional), no --plan/--stats/--executor")
+        _granularity_clash(ctx, decisions_file, params)
+    if plan_file is None and ((base is None and decisions_file is None) or safety is None or not experts):
         raise click.UsageError("give -b/--base, -s/--safety and -m/--expert, or --plan FILE")
     if plan_file is None and not named and len(experts) == 1 and executor == "local" and saved_stats is None:
         if out is None:
@@ -266,7 +309,7 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
         bar = ProgressBar(enabled=False if quiet else None)
         try:
             report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar,
-                               config_from=config_from, emit=emit)
+                               config_from=config_from, emit=emit, decisions=decisions_file)
         finally:
             bar.close()
         if not quiet:
@@ -375,27 +418,38 @@ def _compare_numerics(base: Path, safety: Path, expert: Path, layout: Optional[P
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@_models()
+@_models(base_required=False)
 @method_options
+@decision_options
 @output_options
+@click.option("--decisions", "decisions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The decisions file the merge was given (then -b may be left out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
 @click.option("--max-ulp", type=click.IntRange(min=0), default=0, show_default=True,
               help="Accept computed values up to N units in the last place off (for outputs of other tools); 0 requires every byte.")
 @_errors
-def verify(out: Path, base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, max_ulp: int, **params: Any) -> None:
+@click.pass_context
+def verify(ctx: click.Context, out: Path, base: Optional[Path], safety: Path, expert: Path, layout: Optional[Path], as_json: bool,
+           max_ulp: int, decisions_file: Optional[Path], **params: Any) -> None:
     """Recompute a merge with the torch reference and check OUT against it (needs torch).
 
     Pass the same method options as to merge. Checks that every unit's decision matches, that every
     tensor is present with the right dtype and shape, that every byte equals the reference's (exact
     and official numerics are reproducible bit for bit; --max-ulp N allows a tolerance), and that the
     folder (index, shard headers, side files, the dtype config.json states) is complete. The
-    reference finds each family's units in its own table, not in the engine's layout files. Prints a
-    table and every mismatch; exits 1 on any.
+    reference finds each family's units in its own table, not in the engine's layout files.
+    Overrides, bands and decisions files are applied to the reference's decisions as the merge
+    applied them, and each unit's source and alpha must match the report's. Prints a table and every
+    mismatch; exits 1 on any.
     """
     from layerswap_fast.verify import verify as run_verify
 
+    if base is None and decisions_file is None:
+        raise click.UsageError("give -b/--base (or --decisions FILE for a merge made from a decisions file)")
+    if decisions_file is not None:
+        _granularity_clash(ctx, decisions_file, params)
     try:
-        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout, max_ulp=max_ulp)
+        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout, max_ulp=max_ulp, decisions=decisions_file)
     except ImportError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())

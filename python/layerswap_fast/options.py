@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import click
 
+from layerswap_fast import decisions
 from layerswap_fast.errors import InvalidOptionError
 
 GRANULARITIES = ("layer", "module")
@@ -74,6 +75,12 @@ class MergeOptions:
         allow_non_finite: merge even if a measured tensor holds NaN/Inf.
         tokenizer_from: which model's tokenizer files go to the output (``expert`` by default, ``base``
             in ``official`` numerics, as the authors' code does).
+        select: how units are decided: ``adaptive`` (the paper's rule on d and τ) or ``bands`` (fixed
+            bands, Bandarkar et al.; layer granularity).
+        bands: ``(BOTTOM, TOP, TRANSITION)`` for ``select="bands"``; also accepts ``"2,2,1"``.
+        overrides: per-unit decisions applied last, in order (later wins): ``{"3": "safety",
+            "2.mlp": "blend:0.25"}``, or a list of ``"UNITS=DECISION"`` strings; stored as pairs.
+            Grammar in :mod:`layerswap_fast.decisions`.
     """
 
     granularity: str = "layer"
@@ -89,6 +96,9 @@ class MergeOptions:
     shard_size: int = 5_000_000_000
     allow_non_finite: bool = False
     tokenizer_from: Optional[str] = None
+    select: str = "adaptive"
+    bands: Optional[tuple[int, int, int]] = None
+    overrides: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
@@ -139,6 +149,15 @@ class MergeOptions:
             raise InvalidOptionError(f"threads must be at least 1; got {self.threads!r}")
         if self.threads is not None and self.threads > MAX_THREADS:
             raise InvalidOptionError(f"threads must be at most {MAX_THREADS}; got {self.threads}")
+        choice("select", decisions.SELECTS)
+        object.__setattr__(self, "bands", decisions.parse_bands(self.bands))
+        object.__setattr__(self, "overrides", decisions.normalize_overrides(self.overrides))
+        if self.select == "bands" and self.bands is None:
+            raise InvalidOptionError("select 'bands' needs bands BOTTOM,TOP[,TRANSITION] (--bands 2,2,1)")
+        if self.select != "bands" and self.bands is not None:
+            raise InvalidOptionError("bands are used only with select 'bands' (--select bands)")
+        if self.select == "bands" and self.granularity != "layer":
+            raise InvalidOptionError("select 'bands' works in layer granularity; got granularity 'module'")
 
     @property
     def effective_threads(self) -> int:
@@ -206,6 +225,16 @@ _METHOD_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
         help="Embeddings and lm_head: like the other outside tensors (vocabularies must match), or always the "
              "language expert's (for an extended vocabulary; its tokenizer goes with them).")),
 ]
+_DECISION_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
+    (("--select",), "select", dict(type=click.Choice(decisions.SELECTS), default="adaptive", show_default=True,
+        help="adaptive: the paper's rule on d and tau. bands: fixed bands (Bandarkar et al.), see --bands.")),
+    (("--bands",), "bands", dict(default=None, metavar="BOTTOM,TOP[,TRANSITION]",
+        help="With --select bands: layers [0, BOTTOM) and [L-TOP, L) from the language expert, the middle from the "
+             "safety expert, TRANSITION blended layers at each inner edge (j-th into the band: safety weight j/(T+1)).")),
+    (("--override",), "overrides", dict(multiple=True, metavar="UNITS=DECISION",
+        help="Set units' decisions; repeatable, later wins. UNITS: N, A-B, N.attn, N.mlp, A-B.mlp, *.attn, *.mlp; "
+             "DECISION: safety, expert, blend (the run's alpha) or blend:ALPHA.")),
+]
 _RESOURCE_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--max-memory",), "max_memory", dict(default="1GiB", show_default=True,
         help="Peak memory budget (e.g. 512MiB, 2GiB). Memory use does not grow with model size.")),
@@ -234,8 +263,9 @@ def _apply(options: list[tuple[tuple[str, ...], str, dict[str, Any]]]) -> Callab
 method_options = _apply(_METHOD_OPTIONS)
 resource_options = _apply(_RESOURCE_OPTIONS)
 output_options = _apply(_OUTPUT_OPTIONS)
+decision_options = _apply(_DECISION_OPTIONS)
 
-_FIELDS = {field for group in (_METHOD_OPTIONS, _RESOURCE_OPTIONS, _OUTPUT_OPTIONS) for _, field, _ in group}
+_FIELDS = {field for group in (_METHOD_OPTIONS, _DECISION_OPTIONS, _RESOURCE_OPTIONS, _OUTPUT_OPTIONS) for _, field, _ in group}
 
 
 def from_cli(params: dict[str, Any]) -> MergeOptions:

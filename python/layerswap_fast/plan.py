@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class UnitDecision:
         p_safety, p_expert: normalised scores p_S(u), p_M(u).
         d: p_S − p_M.
         decision: ``"safety"``, ``"expert"`` or ``"blend"``.
+        alpha: the safety expert's weight when the decision is a blend, else None.
+        source: where the decision came from: ``measured`` (d and τ), ``band``, ``file`` or ``override``.
     """
 
     layer: int
@@ -28,6 +30,8 @@ class UnitDecision:
     p_expert: float
     d: float
     decision: str
+    alpha: Optional[float] = None
+    source: str = "measured"
 
     @property
     def label(self) -> str:
@@ -73,6 +77,11 @@ class Plan:
         units = tuple(UnitDecision(**u) for u in plan["units"])
         ts = tuple(TensorStats(**s) for s in plan.get("stats", ()))
         return cls(plan["options"], plan["layout"], plan["n_layers"], units, ts)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], stats: tuple[TensorStats, ...] = ()) -> "Plan":
+        """The inverse of :meth:`to_dict` (units may carry ``alpha`` and ``source``)."""
+        return cls(d["options"], d["layout"], d["n_layers"], tuple(UnitDecision(**u) for u in d["units"]), stats)
 
     @property
     def granularity(self) -> str:

@@ -299,7 +299,8 @@ def unit_keys(n_layers: int, granularity: str) -> list[tuple[int, Optional[str]]
 
 @dataclass
 class RefUnit:
-    """One unit's scores and decision, as the reference computes them."""
+    """One unit's scores and decision, as the reference computes them. ``alpha`` is the unit's own
+    blend weight when it was given one (None: the plan's α); ``source`` says who decided it."""
 
     layer: int
     part: Optional[str]
@@ -309,6 +310,8 @@ class RefUnit:
     p_expert: float
     d: float
     decision: str
+    alpha: Optional[float] = None
+    source: str = "measured"
 
 
 @dataclass
@@ -335,12 +338,41 @@ class RefPlan:
     units: list[RefUnit]
     norms: list[RefTensorNorms] = field(default_factory=list)
 
-    def decision_of(self, layer: int, part: Optional[str]) -> str:
-        """The decision of one unit."""
+    def unit(self, layer: int, part: Optional[str]) -> RefUnit:
+        """One unit."""
         for u in self.units:
             if u.layer == layer and u.part == part:
-                return u.decision
+                return u
         raise KeyError((layer, part))
+
+    def decision_of(self, layer: int, part: Optional[str]) -> str:
+        """The decision of one unit."""
+        return self.unit(layer, part).decision
+
+    def with_decisions(self, decided: dict[tuple[int, Optional[str]], tuple[str, Optional[float], str]]) -> "RefPlan":
+        """A copy whose units ``(layer, part)`` in ``decided`` take the given ``(decision, alpha,
+        source)`` instead of the measured rule's (overrides, bands, a decisions file)."""
+        units = []
+        for u in self.units:
+            if (u.layer, u.part) in decided:
+                decision, alpha, source = decided[(u.layer, u.part)]
+                u = RefUnit(u.layer, u.part, u.score_safety, u.score_expert, u.p_safety, u.p_expert, u.d, decision,
+                            alpha if decision == "blend" else None, source)
+            units.append(u)
+        return RefPlan(self.granularity, self.numerics, self.tau, self.alpha, self.n_layers, units, self.norms)
+
+    def alpha_of(self, layer: Optional[int], part: Optional[str]) -> float:
+        """The safety expert's weight for a blend of the unit (its own α, else the plan's); the plan's
+        α outside the units."""
+        if layer is None:
+            return self.alpha
+        if self.granularity == "layer":
+            u = self.unit(layer, None)  # the layer's norms go with it, α included
+        elif part in ("attention", "mlp"):
+            u = self.unit(layer, part)
+        else:
+            return self.alpha  # a layer's own norms in module granularity follow the norms policy
+        return self.alpha if u.alpha is None else u.alpha
 
 
 def _norm(t: "torch.Tensor", numerics: str) -> float:
@@ -526,7 +558,9 @@ def merged_tensors(
     S, M = Checkpoint(safety), Checkpoint(expert)
     dtype = torch_dtype(out_dtype) if out_dtype else None
     for name in M.names():
-        source = source_of(patterns.place(name), plan, outside, norms, vocab_from)
+        place = patterns.place(name)
+        source = source_of(place, plan, outside, norms, vocab_from)
+        alpha = plan.alpha_of(place.layer, place.part) if place.part != "unassigned" else plan.alpha
         if name not in S:
             # Only the host has it (e.g. an untied lm_head where S ties it): the host's is all there is.
             source = "expert"
@@ -535,7 +569,7 @@ def merged_tensors(
             # Masks and position ids (BOOL, integers) are never measured or blended: the host's, unchanged.
             yield name, "expert", m
             continue
-        yield name, source, merged_tensor(source, S.get(name) if name in S else m, m, plan.alpha, plan.numerics, dtype)
+        yield name, source, merged_tensor(source, S.get(name) if name in S else m, m, alpha, plan.numerics, dtype)
 
 
 def merge(
@@ -553,12 +587,16 @@ def merge(
     vocab_from: str = "outside",
     out_dtype: Optional[str] = None,
     layout: LayoutArg = None,
+    decided: Optional[dict[tuple[int, Optional[str]], tuple[str, Optional[float], str]]] = None,
 ) -> RefPlan:
     """The whole method in torch: plan, then every merged tensor saved to one ``.safetensors`` file
-    (``safetensors.torch.save_file``; holds the output in memory, meant for small models)."""
+    (``safetensors.torch.save_file``; holds the output in memory, meant for small models). ``decided``
+    sets units' ``(decision, alpha, source)`` instead of the measured rule (see :meth:`RefPlan.with_decisions`)."""
     from safetensors.torch import save_file
 
     plan = compute_plan(base, safety, expert, granularity=granularity, tau=tau, alpha=alpha, numerics=numerics, layout=layout)
+    if decided:
+        plan = plan.with_decisions(decided)
     tensors = {n: t.contiguous() for n, _, t in merged_tensors(safety, expert, plan, outside=outside, norms=norms, vocab_from=vocab_from, out_dtype=out_dtype, layout=layout)}
     save_file(tensors, str(out_file), metadata={"format": "pt"})
     return plan

@@ -35,15 +35,30 @@ def _table(layout: str, n_layers: int, o: dict[str, Any], units: list[dict[str, 
     lines = [
         f"layout {layout}, {plural(n_layers, 'layer')}, granularity {o['granularity']}, "
         f"tau {o['tau']:g}, alpha {o['alpha']:g}, numerics {o['numerics']}",
-        f"{'unit':<22} {'A_safety':>10} {'A_expert':>10} {'p_safety':>9} {'p_expert':>9} {'d':>10}  decision",
+        f"{'unit':<22} {'A_safety':>10} {'A_expert':>10} {'p_safety':>9} {'p_expert':>9} {'d':>10}  {'decision':<12} source",
     ]
     for u in units:
         label = f"layer {u['layer']}" if u.get("part") is None else f"layer {u['layer']} {u['part']}"
+        decision = u["decision"] if u.get("alpha") is None else f"{u['decision']} {u['alpha']:g}"
         lines.append(
             f"{label:<22} {u['score_safety']:>10.5f} {u['score_expert']:>10.5f} {u['p_safety']:>9.5f} {u['p_expert']:>9.5f} "
-            f"{u['d']:>+10.5f}  {u['decision']}"
+            f"{u['d']:>+10.5f}  {decision:<12} {u.get('source', 'measured')}"
         )
     lines.append(f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend")
+    return "\n".join(lines)
+
+
+def sweep_table(plan: Plan, sweep: list[dict[str, Any]]) -> str:
+    """Decision counts per τ, then per unit the τ above which its measured decision becomes a blend
+    (|d|; a unit a band or an override decides does not move with τ)."""
+    lines = [f"{'tau':>12} {'safety':>7} {'expert':>7} {'blend':>7}"]
+    for row in sweep:
+        c = row["counts"]
+        lines.append(f"{row['tau']:>12.6g} {c['safety']:>7} {c['expert']:>7} {c['blend']:>7}")
+    lines.append(f"{'unit':<22} {'blend above tau':>16}  decided by")
+    for u in plan.units:
+        note = "d and tau" if u.source == "measured" else f"{u.source} ({u.decision if u.alpha is None else f'blend {u.alpha:g}'})"
+        lines.append(f"{u.label:<22} {abs(u.d):>16.6g}  {note}")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from layerswap_fast import decisions as decision_control
 from layerswap_fast import hub, reference
 from layerswap_fast.folder import CONFIG_FILES, PROCESSOR_FILES, REPORT_FILE, TOKENIZER_FILES, auto_map_files
 from layerswap_fast.errors import InvalidOptionError
@@ -69,7 +70,8 @@ class TensorCheck:
 
 @dataclass
 class UnitCheck:
-    """One unit: the reference's decision and d next to the report's."""
+    """One unit: the reference's decision and d next to the report's; ``source`` (measured,
+    override, file or band) and ``alpha`` (the blend weight, for blends) are the reference's."""
 
     layer: int
     part: Optional[str]
@@ -78,6 +80,8 @@ class UnitCheck:
     d_reference: float
     d_report: Optional[float]
     detail: str = ""
+    source: str = "measured"
+    alpha: Optional[float] = None
 
     @property
     def ok(self) -> bool:
@@ -128,6 +132,9 @@ class VerifyResult:
         ]
         n_units_bad = sum(not u.ok for u in self.units)
         rows.append(f"{'unit decisions':<30} {len(self.units):>6} {len(self.units) - n_units_bad:>10} {'-':>9} {n_units_bad:>9}")
+        sources = {s: sum(u.source == s for u in self.units) for s in ("measured", "band", "file", "override")}
+        if any(n for s, n in sources.items() if s != "measured"):
+            rows.append("  decided by: " + ", ".join(f"{n} {s}" for s, n in sources.items() if n))
         for source in ("safety", "expert", "blend"):
             ts = [t for t in self.tensors if t.source == source]
             if not ts:
@@ -328,13 +335,14 @@ _ST_NAMES = {"bf16": "BF16", "f16": "F16", "f32": "F32", "f64": "F64"}
 
 def verify(
     out: PathLike,
-    base: PathLike,
+    base: Optional[PathLike],
     safety: PathLike,
     expert: PathLike,
     *,
     options: Optional[MergeOptions] = None,
     layout: Optional[PathLike] = None,
     max_ulp: int = 0,
+    decisions: Optional[PathLike] = None,
     **kwargs: Any,
 ) -> VerifyResult:
     """Recomputes a merge with the torch reference and compares it with the output folder ``out``.
@@ -351,6 +359,11 @@ def verify(
         max_ulp: 0 (the default) requires every byte to equal the reference's, as ``exact`` and
             ``official`` numerics guarantee; N > 0 accepts blended or converted values up to N units
             in the last place off, for outputs made by other tools.
+        decisions: the decisions file given to the merge, if any: the reference takes its decisions
+            (then ``options.overrides``) instead of measuring, and ``base`` may be None.
+
+    Overrides and bands in ``options`` are applied to the reference's measured decisions the way the
+    merge applied them; every unit's decision, α and source must match the report's.
 
     Returns:
         A :class:`VerifyResult`; ``result.ok`` is False on any mismatch.
@@ -366,12 +379,19 @@ def verify(
     _dtype_cache.clear()  # models may have been rewritten since the last call
     opts = options.replace(**kwargs) if options is not None and kwargs else options or MergeOptions(**kwargs)
     out_p = path_arg(out, "out")
-    base_p, safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((base, "base"), (safety, "safety"), (expert, "expert")))
+    safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((safety, "safety"), (expert, "expert")))
+    base_p = hub.resolve(path_arg(base, "base")).path if base is not None or decisions is None else None
     if not out_p.is_dir():
         raise FileNotFoundError(f"{out_p}: no such output folder")
+    from_file = decision_control.load_decisions(decisions) if decisions is not None else None
+    if from_file is not None:
+        opts = opts.replace(granularity=from_file["granularity"])
+    elif base_p is None:
+        raise ValueError("verify needs the base model unless the merge's decisions came from a file")
     vocab_from = getattr(opts, "vocab_from", "outside")
     method = {"granularity": opts.granularity, "tau": opts.tau, "alpha": opts.alpha, "numerics": opts.numerics,
-              "outside": opts.outside, "norms": opts.norms, "vocab_from": vocab_from, "out_dtype": opts.effective_out_dtype}
+              "outside": opts.outside, "norms": opts.norms, "vocab_from": vocab_from, "out_dtype": opts.effective_out_dtype,
+              "select": opts.select, "bands": opts.bands, "overrides": opts.overrides}
     result = VerifyResult(str(out_p), method, max_ulp=max_ulp)
 
     report: dict[str, Any] = {}
@@ -382,6 +402,7 @@ def verify(
         result.problems.append(f"{report_path}: missing")
     params = report.get("parameters", {})
     for key, want in method.items():
+        want = json.loads(json.dumps(want))  # tuples as the report's JSON lists
         if key in params and params[key] != want and not (isinstance(want, float) and params[key] == want):
             result.problems.append(f"{REPORT_FILE}: the merge used {key}={params[key]!r}, but verify was asked for {want!r}")
 
@@ -395,8 +416,7 @@ def verify(
             result.problems.append(f"{REPORT_FILE}: {e.args[0]}")
             return result
 
-    plan = reference.compute_plan(base_p, safety_p, expert_p, granularity=opts.granularity, tau=opts.tau, alpha=opts.alpha,
-                                  numerics=opts.numerics, layout=patterns_layout)
+    plan = _reference_plan(base_p, safety_p, expert_p, opts, patterns_layout, from_file)
     _check_units(result, plan, report)
 
     where, problems = check_folder(out_p)
@@ -426,6 +446,25 @@ def verify(
     for name in sorted(set(where) - seen):
         result.tensors.append(TensorCheck(name, "-", "extra", detail=f"in {where[name].name} but not in the language expert"))
     return result
+
+
+def _reference_plan(base: Optional[Path], safety: Path, expert: Path, opts: MergeOptions, layout: Any,
+                    from_file: Optional[dict[str, Any]]) -> reference.RefPlan:
+    """The reference's plan: measured by the reference (or read from the decisions file), then the
+    bands and overrides of ``opts`` applied to its units."""
+    if from_file is None:
+        assert base is not None
+        plan = reference.compute_plan(base, safety, expert, granularity=opts.granularity, tau=opts.tau, alpha=opts.alpha,
+                                      numerics=opts.numerics, layout=layout)
+        source = "measured"
+    else:
+        units = [reference.RefUnit(u["layer"], u["part"], u["score_safety"], u["score_expert"], u["p_safety"], u["p_expert"], u["d"],
+                                   u["decision"], u["alpha"], "file") for u in from_file["units"]]
+        plan = reference.RefPlan(opts.granularity, opts.numerics, float(opts.tau), float(opts.alpha), from_file["n_layers"], units)
+        source = "file"
+    controlled = decision_control.apply([asdict(u) for u in plan.units], n_layers=plan.n_layers, granularity=plan.granularity,
+                                        alpha=opts.alpha, select=opts.select, bands=opts.bands, overrides=opts.overrides, source=source)
+    return plan.with_decisions({(u["layer"], u["part"]): (u["decision"], u["alpha"], u["source"]) for u in controlled})
 
 
 def _whole_copy(source: str, opts: MergeOptions, safety: Path, expert: Path, name: str) -> bool:
@@ -483,11 +522,15 @@ def _check_units(result: VerifyResult, plan: reference.RefPlan, report: dict[str
     got = {(u["layer"], u.get("part")): u for u in report.get("units", [])}
     for u in plan.units:
         r = got.pop((u.layer, u.part), None)
-        check = UnitCheck(u.layer, u.part, u.decision, r and r["decision"], u.d, r and r["d"])
+        check = UnitCheck(u.layer, u.part, u.decision, r and r["decision"], u.d, r and r["d"], source=u.source, alpha=u.alpha)
         if r is None:
             check.detail = "missing from the report"
         elif r["decision"] != u.decision:
             check.detail = f"decision {r['decision']} in the report, {u.decision} in the reference (d {r['d']:+.3e} vs {u.d:+.3e}, tau {plan.tau:g})"
+        elif (r.get("source", "measured"), r.get("alpha", plan.alpha if r["decision"] == "blend" else None)) != (u.source, u.alpha):
+            # (reports written before decision control carry neither field: measured, at the run's alpha)
+            check.detail = (f"{u.decision} from {r.get('source')} with alpha {r.get('alpha')} in the report, "
+                            f"from {u.source} with alpha {u.alpha} in the reference")
         else:
             off = [k for k, v in (("score_safety", u.score_safety), ("score_expert", u.score_expert), ("p_safety", u.p_safety),
                                   ("p_expert", u.p_expert), ("d", u.d)) if not _close(float(r[k]), v)]

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::analyze::score::{unit_scores, Unit};
+use crate::error::{Error, Result};
 use crate::layout::{Layout, Part, Place};
 use crate::options::{Granularity, MergeOptions, VocabSource};
 
@@ -38,6 +39,22 @@ pub enum Decision {
     Blend,
 }
 
+/// Who decided a unit. The engine's own plans are `Measured`; the Python package sets the others when
+/// it applies fixed bands, a decisions file or per-unit overrides (`layerswap_fast.decisions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The paper's rule on d and tau.
+    #[default]
+    Measured,
+    /// A per-unit override.
+    Override,
+    /// A decisions file.
+    File,
+    /// Fixed bands (Bandarkar et al.).
+    Band,
+}
+
 /// One unit's scores and decision, exactly as thresholded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UnitDecision {
@@ -56,6 +73,13 @@ pub struct UnitDecision {
     pub d: f64,
     /// The decision.
     pub decision: Decision,
+    /// The safety expert's weight if the unit is a blend with a weight of its own (a band's
+    /// transition layer, an override `blend:0.25`, a decisions file); None blends with the run's alpha.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Who decided the unit.
+    #[serde(default)]
+    pub source: Source,
 }
 
 /// The complete plan for one language expert.
@@ -112,13 +136,45 @@ impl Plan {
                 p_expert,
                 d,
                 decision,
+                alpha: None,
+                source: Source::Measured,
             })
             .collect();
         Plan { options: options.clone(), layout: layout.def.name.clone(), n_layers: layout.n_layers, units, stats }
     }
 
-    /// What the output tensor at `place` is made of, and the safety expert's weight if it is a blend.
+    /// Checks a plan made elsewhere (a decisions file, overrides) before it is written: one unit per
+    /// unit of the granularity, in order, and every blend weight in [0, 1].
+    pub fn check(&self) -> Result<()> {
+        let want = Unit::all(self.n_layers, self.options.granularity);
+        if self.units.len() != want.len() || self.units.iter().zip(&want).any(|(u, w)| u.unit != *w) {
+            return Err(Error::argument(format!(
+                "the plan's units are not the {} units of a {}-layer model in {:?} granularity",
+                want.len(),
+                self.n_layers,
+                self.options.granularity
+            )));
+        }
+        for u in &self.units {
+            if let Some(a) = u.alpha.filter(|a| !(0.0..=1.0).contains(a)) {
+                return Err(Error::argument(format!("unit {:?}: blend weight {a} is not between 0 and 1", u.unit)));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the output tensor at `place` is made of, and the safety expert's weight if it is a blend:
+    /// a unit's own weight when it has one (in layer granularity the layer's norms go with it), else
+    /// the run's alpha.
     pub fn decision_at(&self, place: Place) -> (Decision, f64) {
+        let unit = match (place, self.options.granularity) {
+            (Place::Layer { layer, .. }, Granularity::Layer) => Some(&self.units[layer]),
+            (Place::Layer { layer, part: part @ (Part::Attention | Part::Mlp), .. }, Granularity::Module) => {
+                Some(&self.units[Unit::index(layer, part, Granularity::Module)])
+            }
+            _ => None,
+        };
+        let alpha = unit.and_then(|u| u.alpha).unwrap_or(self.options.alpha);
         let decision = match (place, self.options.granularity) {
             (Place::Vocab, _) if self.options.vocab_from == VocabSource::Expert => Decision::Expert,
             (Place::Outside | Place::Vocab, _) => self.options.outside,
@@ -129,6 +185,6 @@ impl Plan {
             (Place::Layer { part: Part::Norm, .. }, Granularity::Module) => self.options.norms,
             (Place::Layer { layer, part, .. }, Granularity::Module) => self.units[Unit::index(layer, part, Granularity::Module)].decision,
         };
-        (decision, self.options.alpha)
+        (decision, alpha)
     }
 }
