@@ -280,8 +280,9 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Optional[Path], P
         "inputs": {"base": str(base_p) if base_p is not None else None, "safety": str(safety_p), "expert": str(expert_p),
                    **({"config_from": str(config_from)} if config_from is not None else {})},
         "input_files": describe_inputs({"base": base_p, "safety": safety_p, "expert": expert_p}, layout_json),
-        "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
-                       "threads": opts.effective_threads},
+        # As the JSON file holds them (tuples as lists), so that a page made now equals one made from the file.
+        "parameters": json.loads(json.dumps({**opts.to_dict(), "out_dtype": opts.effective_out_dtype,
+                                             "tokenizer_from": opts.effective_tokenizer_from, "threads": opts.effective_threads})),
         "layout": plan.layout,
         "n_layers": plan.n_layers,
         "granularity": plan.granularity,
