@@ -80,8 +80,16 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], stats: tuple[TensorStats, ...] = ()) -> "Plan":
-        """The inverse of :meth:`to_dict` (units may carry ``alpha`` and ``source``)."""
+        """The inverse of :meth:`to_dict` (units may carry ``alpha`` and ``source``); the statistics
+        come from ``d["stats"]`` when it has them (``to_dict(with_stats=True)``), else from ``stats``."""
+        if "stats" in d:
+            stats = tuple(TensorStats(**s) for s in d["stats"])
         return cls(d["options"], d["layout"], d["n_layers"], tuple(UnitDecision(**u) for u in d["units"]), stats)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        """The inverse of :meth:`to_json` (which leaves the statistics out)."""
+        return cls.from_dict(json.loads(text))
 
     @property
     def granularity(self) -> str:
