@@ -54,7 +54,7 @@ def _verify_every_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     from layerswap_fast import _core, bulk
 
     finish = bulk.finish_output
-    builtin = {name for name, _ in _core.builtin_layouts()}
+    builtin = set(_core.builtin_layouts())
 
     @functools.wraps(finish)
     def finish_then_verify(stage: Path, plan: Any, write: Any, bytes_read: int, opts: Any, inputs: Any, started: float) -> Any:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, staged_output
-from layerswap_fast.errors import InvalidOptionError
+from layerswap_fast._core import Plan, Session, WriteSummary
+from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, read_toml, staged_output
 from layerswap_fast.options import MergeOptions
-from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
 #: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
@@ -30,19 +29,21 @@ def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOp
     return options.replace(**kwargs) if kwargs else options
 
 
-def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
-    """A custom layout file as the engine reads it: JSON as is; TOML (``.toml``) converted to JSON."""
+def read_layout(layout: Optional[PathLike]) -> Optional[dict[str, Any]]:
+    """A custom layout definition file: JSON, or TOML (``.toml``)."""
     if layout is None:
         return None
     p = Path(layout)
-    if p.suffix.lower() != ".toml":
-        return p.read_text()
-    import tomllib
-
+    if p.suffix.lower() == ".toml":
+        return read_toml(p)
     try:
-        return json.dumps(tomllib.loads(p.read_text()))
-    except tomllib.TOMLDecodeError as e:
-        raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        # The engine names what is wrong with a definition; text that is not JSON at all is ours to name.
+        from layerswap_fast.errors import InvalidModelError
+
+        raise InvalidModelError(f"{p}: invalid layout definition: not valid JSON ({e})") from None
+    return data
 
 
 def peak_rss_bytes() -> int:
@@ -55,7 +56,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
 
     Args:
         model: a Hugging Face folder or a ``.safetensors`` file.
-        layout: a custom layout definition file (JSON), overriding detection.
+        layout: a custom layout definition file (JSON or TOML), overriding detection.
 
     Returns:
         ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
@@ -64,7 +65,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         layer but in no unit of the layout: a merge refuses those).
     """
     p = Path(model)
-    return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
+    return _core.inspect(p, architecture(p), read_layout(layout))
 
 
 def analyze(
@@ -94,11 +95,13 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
-    out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(Path(expert)), _layout_json(layout),
-                      progress=progress)
-    )
-    return Plan.from_engine(out["plans"][0])
+    session = open_session(base, safety, [expert], layout)
+    return session.analyze(opts, progress=progress)[0]
+
+
+def open_session(base: PathLike, safety: PathLike, experts: list[PathLike], layout: Optional[PathLike], lenient: bool = False) -> Session:
+    """Opens B, S and the experts once (the first expert's config.json names the architecture)."""
+    return Session(base, safety, experts, architecture=architecture(Path(experts[0])), layout=read_layout(layout), lenient=lenient)
 
 
 def merge(
@@ -137,19 +140,15 @@ def merge(
     base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
     check_output(out_p, [base_p, safety_p, expert_p], force)
     started = time.perf_counter()
+    session = open_session(base_p, safety_p, [expert_p], layout)
     with staged_output(out_p, force) as stage:
-        result = json.loads(
-            _core.merge(
-                str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
-                architecture(expert_p), _layout_json(layout), progress,
-            )
-        )
-        plan = Plan.from_engine(result["plan"])
-        report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started)
+        plan = session.analyze(opts, progress=progress, for_write=True)[0]
+        write = session.write(0, plan, stage, progress=progress)
+        report = finish_output(stage, plan, write, session.bytes_read, opts, (base_p, safety_p, expert_p), started)
     return report
 
 
-def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
+def finish_output(stage: Path, plan: Plan, write: WriteSummary, bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Path, Path, Path], started: float) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
     a staged output whose shards the engine has written. Returns the report."""
@@ -168,18 +167,18 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "granularity": plan.granularity,
         "numerics": opts.numerics,
         "counts": plan.counts(),
-        "units": plan.to_dict()["units"],
+        "units": [u.to_dict() for u in plan.units],
         "output": {
-            "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
-            "tensors": write["tensors"],
-            "bytes_written": write["bytes_written"],
+            "files": sorted(Path(f).name for f in write.files) + sorted(side_files),
+            "tensors": write.tensors,
+            "bytes_written": write.bytes_written,
         },
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
         "warnings": [
             f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
-            for name in write.get("expert_only", [])
+            for name in write.expert_only
         ],
     }
     (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -17,18 +17,17 @@ import concurrent.futures
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.api import ProgressCallback, _layout_json, finish_output
+from layerswap_fast._core import Plan, Session, TensorStats
+from layerswap_fast.api import ProgressCallback, finish_output, open_session, read_layout
 from layerswap_fast.errors import InvalidOptionError, LayerswapError
-from layerswap_fast.folder import architecture, check_output, commit_stage, discard_stage, new_stage
+from layerswap_fast.folder import check_output, commit_stage, discard_stage, new_stage, read_toml
 from layerswap_fast.options import MergeOptions
-from layerswap_fast.plan import Plan
 
 MANIFEST = "layerswap_bulk.json"
 SUMMARY = "layerswap_bulk_summary.json"
@@ -77,22 +76,14 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         path = "expert-sw/"
     """
     p = Path(path)
-    text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml  # type: ignore[import-untyped]
         except ImportError:
             raise InvalidOptionError(f"{p}: YAML bulk files need PyYAML (pip install pyyaml); TOML needs nothing") from None
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(p.read_text())
     else:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise InvalidOptionError(f"{p}: not valid TOML ({e})") from None
+        data = read_toml(p)
     if not isinstance(data, dict):
         raise InvalidOptionError(f"{p}: expected a table with base, safety and experts")
     for key in ("base", "safety", "experts"):
@@ -159,27 +150,29 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 # --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
 
 
-def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: dict[str, Any], opts: MergeOptions,
-                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
+def _write_stage(session: Session, shared: tuple[Path, Path], index: int, spec: ExpertSpec, target: Path, plan: Plan, sync: bool,
+                 progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
     beside ``target``; returns the stage and the report. On any error the stage is removed."""
     started = time.perf_counter()
     stage = new_stage(target)
     try:
-        write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
-                                            architecture(expert), layout_json, sync, progress))
-        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started)
+        write = session.write(index, plan, stage, sync=sync, progress=progress)
+        report = finish_output(stage, plan, write, 0, spec.options, (*shared, spec.path), started)
         return stage, report
     except BaseException:
         discard_stage(stage)
         raise
 
 
-def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-               layout_json: Optional[str]) -> dict[str, Any]:
-    """One Ray task: an expert's write pass, then its checksums, sync and rename into place."""
-    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None)
-    return _publish(stage, Path(out), report)
+def _write_one(base: Path, safety: Path, spec: ExpertSpec, out: Path, plan: Plan, layout: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """One Ray task: opens its own session (the task runs on another node, which cannot share this
+    process's open files), then the expert's write pass, checksums, sync and rename into place."""
+    from layerswap_fast.folder import architecture
+
+    session = Session(base, safety, [spec.path], architecture=architecture(spec.path), layout=layout)
+    stage, report = _write_stage(session, (base, safety), 0, spec, out, plan, True, None)
+    return _publish(stage, out, report)
 
 
 # --- the bulk run ----------------------------------------------------------------------------------
@@ -229,7 +222,7 @@ def bulk_merge(
     check_output(out_p, [base_p, safety_p, *(e.path for e in specs)], force=True)
     out_p.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(out_p)
-    layout_json = _layout_json(layout)
+    layout_def = read_layout(layout)
     entries: dict[str, dict[str, Any]] = {}
     todo: list[ExpertSpec] = []
     for e in specs:
@@ -248,20 +241,16 @@ def bulk_merge(
     stats_seconds = 0.0
     if todo:
         t0 = time.perf_counter()
-        saved_json = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
-        result = json.loads(
-            _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
-                          architecture(todo[0].path), layout_json, saved_json, True, progress)
-        )
+        saved = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
+        # One opening of B, S and every expert, shared by the analysis and every write of this process.
+        session = open_session(base_p, safety_p, [e.path for e in todo], layout, lenient=True)
+        for i, err in session.failures:
+            entries[todo[i].name] = _failure(err)
+            _notify(on_expert, todo[i].name, entries[todo[i].name])
+        plans = session.analyze([todo[i].options for i in session.opened], saved=saved, progress=progress)
         stats_seconds = time.perf_counter() - t0
-        failed = {f["index"]: f for f in result["failures"]}
-        jobs = []
-        for i, e in enumerate(todo):
-            if i in failed:
-                entries[e.name] = {"status": "failed", "error": failed[i]["message"], "kind": failed[i]["kind"]}
-                _notify(on_expert, e.name, entries[e.name])
-                continue
-            jobs.append((e, result["plans"][i]))
+        jobs = [(i, todo[i], plan) for i, plan in zip(session.opened, plans)]
+
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
                 entries[e.name] = outcome
@@ -273,8 +262,10 @@ def bulk_merge(
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])
 
-        run = _run_ray if executor == "ray" else _run_local
-        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record)
+        if executor == "ray":
+            _run_ray(jobs, base_p, safety_p, out_p, layout_def, record)
+        else:
+            _run_local(session, jobs, (base_p, safety_p), out_p, progress, record)
     summary = _summary(entries, names, stats_seconds)
     _write_json_atomic(out_p / SUMMARY, summary)
     return summary
@@ -311,16 +302,18 @@ def _publish(stage: Path, target: Path, report: dict[str, Any]) -> dict[str, Any
         raise
 
 
-def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
-    """Write passes one after another; each expert's disk sync, checksums and rename run in a
-    background thread while the next expert is being written, so the disk and the cores work at once."""
-    pending: Optional[tuple[ExpertSpec, concurrent.futures.Future]] = None
+def _run_local(session: Session, jobs: list[tuple[int, ExpertSpec, Plan]], shared: tuple[Path, Path], out: Path,
+               progress: Optional[ProgressCallback], record: Callable[[ExpertSpec, dict[str, Any]], None]) -> None:
+    """Write passes one after another on the run's session; each expert's disk sync, checksums and
+    rename run in a background thread while the next expert is being written, so the disk and the
+    cores work at once."""
+    pending: Optional[tuple[ExpertSpec, concurrent.futures.Future[dict[str, Any]]]] = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as committer:
         try:
-            for e, plan in jobs:
+            for index, e, plan in jobs:
                 target = out / e.name
                 try:
-                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress)
+                    stage, report = _write_stage(session, shared, index, e, target, plan, False, progress)
                 except (LayerswapError, OSError) as err:
                     record(e, _failure(err))
                     continue
@@ -335,16 +328,17 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
                 record(pending[0], pending[1].result())
 
 
-def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+def _run_ray(jobs: list[tuple[int, ExpertSpec, Plan]], base: Path, safety: Path, out: Path, layout: Optional[dict[str, Any]],
+             record: Callable[[ExpertSpec, dict[str, Any]], None]) -> None:
     """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
     try:
-        import ray  # type: ignore[import-not-found]
+        import ray
     except ImportError:
         raise InvalidOptionError("--executor ray needs Ray: pip install 'layerswap-fast[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(_write_one)
-    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json): e for e, plan in jobs}
+    pending = {task.remote(base, safety, e, out / e.name, plan, layout): e for _, e, plan in jobs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
@@ -386,8 +380,8 @@ def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike) -> 
     _write_json_atomic(Path(path), data)
 
 
-def load_saved_stats(path: PathLike, numerics: str) -> str:
-    """The saved statistics as the engine reads them; checks the file's kind and numerics."""
+def load_saved_stats(path: PathLike, numerics: str) -> list[TensorStats]:
+    """The saved statistics (B's and S's sums) as the engine reads them; checks the file's kind and numerics."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -398,7 +392,7 @@ def load_saved_stats(path: PathLike, numerics: str) -> str:
     if data.get("numerics") != numerics:
         raise InvalidOptionError(f"{p}: statistics were computed with {data.get('numerics')} numerics, this run uses {numerics}")
     try:
-        return json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0], "expert_ss": 0.0}
-                           for t in data["tensors"]])
+        return [TensorStats.from_dict({"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0], "expert_ss": 0.0})
+                for t in data["tensors"]]
     except (KeyError, IndexError, TypeError) as e:
         raise InvalidOptionError(f"{p}: not a valid statistics file ({e!r})") from None

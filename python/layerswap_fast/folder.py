@@ -8,11 +8,12 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from layerswap_fast.errors import InvalidModelError, OutputExistsError
+from layerswap_fast.errors import InvalidModelError, InvalidOptionError, OutputExistsError
 
 #: Files copied from the host (language expert) model: its configuration.
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -34,6 +35,18 @@ TOKENIZER_FILES = (
 REPORT_FILE = "layerswap_report.json"
 #: Largest config.json read (real ones are a few kilobytes).
 MAX_CONFIG_BYTES = 16 << 20
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file (a layout definition or a bulk file), with tomllib, or tomli before Python 3.11."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidOptionError(f"{path}: not valid TOML ({e})") from None
 
 
 def model_dir(path: Path) -> Optional[Path]:

@@ -1,13 +1,13 @@
 """Method and resource options: defined once here, validated here, and turned into CLI options here.
 
-The engine validates again (it never trusts a caller), but users get their errors from this module,
+The engine reads a :class:`MergeOptions` field by field (no copy of the fields on the Rust side to keep
+in step) and validates again (it never trusts a caller), but users get their errors from this module,
 phrased in terms of the option they typed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import click
 
+from layerswap_fast._core import MAX_THREADS
 from layerswap_fast.errors import InvalidOptionError
 
 GRANULARITIES = ("layer", "module")
@@ -22,8 +23,6 @@ NUMERICS = ("exact", "official")
 POLICIES = ("blend", "expert", "safety")
 VOCAB_SOURCES = ("outside", "expert")
 DTYPES = ("bf16", "f16", "f32", "f64")
-#: Most worker threads (as in the engine, rust/options.rs).
-MAX_THREADS = 4096
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -106,6 +105,8 @@ class MergeOptions:
                     f"vocab_from='expert' takes the language expert's embeddings, so its tokenizer must go with them; "
                     f"got tokenizer_from={self.tokenizer_from!r}"
                 )
+        if not isinstance(self.allow_non_finite, bool):
+            raise InvalidOptionError(f"allow_non_finite must be True or False; got {self.allow_non_finite!r}")
         if not isinstance(self.tau, (int, float)) or not (self.tau >= 0) or self.tau == float("inf"):
             raise InvalidOptionError(f"tau must be a finite number >= 0; got {self.tau!r}")
         if not isinstance(self.alpha, (int, float)) or not (0.0 <= self.alpha <= 1.0):
@@ -145,26 +146,6 @@ class MergeOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_engine_json(self) -> str:
-        """The options as the Rust engine reads them."""
-        out_dtype = self.effective_out_dtype
-        return json.dumps(
-            {
-                "granularity": self.granularity,
-                "tau": float(self.tau),
-                "alpha": float(self.alpha),
-                "numerics": self.numerics,
-                "outside": self.outside,
-                "norms": self.norms,
-                "vocab_from": self.vocab_from,
-                "out_dtype": out_dtype.upper() if out_dtype else None,
-                "allow_non_finite": self.allow_non_finite,
-                "max_memory": self.max_memory,
-                "threads": self.effective_threads,
-                "shard_size": self.shard_size,
-            }
-        )
 
 
 # --- CLI options, generated from one table -------------------------------------------------------

@@ -385,10 +385,7 @@ def _builtin_layout(name: str) -> Optional[dict[str, Any]]:
     """The engine's built-in layout definition called ``name`` (data: name patterns of a family)."""
     from layerswap_fast import _core
 
-    for n, text in _core.builtin_layouts():
-        if n == name:
-            return json.loads(text)
-    return None
+    return _core.builtin_layouts().get(name)
 
 
 def _whole_copy(source: str, opts: MergeOptions, safety: Path, expert: Path, name: str) -> bool:
