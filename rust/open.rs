@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::expert::{Expert, TensorSet};
 use crate::io::Model;
 use crate::layout::{Layout, LayoutDef, Place};
 use crate::options::{MergeOptions, VocabSource};
@@ -16,10 +17,10 @@ use crate::options::{MergeOptions, VocabSource};
 pub struct Session {
     /// Base model B.
     pub base: Model,
-    /// Safety expert S.
-    pub safety: Model,
-    /// Language experts M (the hosts).
-    pub experts: Vec<Model>,
+    /// Safety expert S (a full model or a LoRA adapter over B).
+    pub safety: Expert,
+    /// Language experts M (the hosts; full models or LoRA adapters over B).
+    pub experts: Vec<Expert>,
     /// Layout resolved on the first expert's tensor names.
     pub layout: Layout,
 }
@@ -47,14 +48,14 @@ pub fn open_lenient(
         return Err(Error::argument("at least one language expert is needed"));
     }
     let base = Model::open(base)?;
-    let safety = Model::open(safety)?;
-    let mut opened: Vec<Result<Model>> = experts.iter().map(|p| Model::open(p)).collect();
+    let safety = Expert::open(safety, &base)?;
+    let mut opened: Vec<Result<Expert>> = experts.iter().map(|p| Expert::open(p, &base)).collect();
     let first = match opened.iter().position(|m| m.is_ok()) {
         Some(i) => i,
         None => return Err(opened.remove(0).unwrap_err()),
     };
-    let host_names: Vec<&str> = opened[first].as_ref().unwrap().tensors.keys().map(|s| s.as_str()).collect();
-    let host = &opened[first].as_ref().unwrap().path;
+    let host_names: Vec<&str> = opened[first].as_ref().unwrap().tensors().keys().map(|s| s.as_str()).collect();
+    let host = opened[first].as_ref().unwrap().path();
     let layout = Layout::detect(&host_names, architecture, layout).map_err(|e| e.in_model(host))?;
     let mut session = Session { base, safety, experts: vec![], layout };
     session.check_shared()?;
@@ -73,11 +74,11 @@ pub fn open_lenient(
     Ok((session, outcomes))
 }
 
-fn describe(role: &str, m: &Model) -> String {
-    format!("{role} ({})", m.path.display())
+fn describe(role: &str, m: &dyn TensorSet) -> String {
+    format!("{role} ({})", m.path().display())
 }
 
-fn same_tensor(name: &str, a: (&str, &Model), b: (&str, &Model)) -> Result<()> {
+fn same_tensor(name: &str, a: (&str, &dyn TensorSet), b: (&str, &dyn TensorSet)) -> Result<()> {
     let ta = a.1.tensor(name).expect("caller looked it up");
     let Some(tb) = b.1.tensor(name) else {
         return Err(Error::Incompatible {
@@ -101,14 +102,14 @@ fn same_tensor(name: &str, a: (&str, &Model), b: (&str, &Model)) -> Result<()> {
 }
 
 impl Session {
-    fn layer_mismatch(&self, models: &[(&str, &Model)]) -> Result<()> {
+    fn layer_mismatch(&self, models: &[(&str, &dyn TensorSet)]) -> Result<()> {
         let mut counts: Vec<(String, usize)> = vec![];
         for (role, m) in models {
             // A model whose names the layout does not fit at all (another family) says so, not "0 layers".
-            let l = self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str())).map_err(|e| Error::Incompatible {
-                message: format!("the {} does not have the language expert's layout: {e}", describe(role, m)),
+            let l = self.layout.def.resolve(m.tensors().keys().map(|s| s.as_str())).map_err(|e| Error::Incompatible {
+                message: format!("the {} does not have the language expert's layout: {e}", describe(role, *m)),
             })?;
-            counts.push((describe(role, m), l.n_layers));
+            counts.push((describe(role, *m), l.n_layers));
         }
         if counts.iter().any(|(_, n)| *n != self.layout.n_layers) {
             let list: Vec<String> = counts.iter().map(|(d, n)| format!("{n} in the {d}")).collect();
@@ -126,12 +127,12 @@ impl Session {
 
     /// Every tensor of the expert exists in S with the same shape and dtype; every measured tensor
     /// exists in B too; the expert has the same number of layers.
-    fn check_expert(&self, m: &Model) -> Result<()> {
+    fn check_expert(&self, m: &Expert) -> Result<()> {
         self.layer_mismatch(&[("language expert", m)])?;
-        let own = self.layout.def.resolve(m.tensors.keys().map(|s| s.as_str()))?;
+        let own = self.layout.def.resolve(m.tensors().keys().map(|s| s.as_str()))?;
         own.check_assigned()?;
         measured_are_floats(m, &own)?;
-        for name in m.tensors.keys() {
+        for name in m.tensors().keys() {
             let place = own.place(name);
             if place != self.layout.place(name) {
                 return Err(Error::Incompatible {
@@ -147,8 +148,8 @@ impl Session {
             }
         }
         // The measured tensors are the same in B, S and M (else the units would be measured differently).
-        for (role, other) in [("base model", &self.base), ("safety expert", &self.safety)] {
-            if let Ok(l) = self.layout.def.resolve(other.tensors.keys().map(|s| s.as_str())) {
+        for (role, other) in [("base model", &self.base as &dyn TensorSet), ("safety expert", &self.safety)] {
+            if let Ok(l) = self.layout.def.resolve(other.tensors().keys().map(|s| s.as_str())) {
                 if let Some(name) = l.targets().into_iter().find(|n| m.tensor(n).is_none()) {
                     return Err(Error::Incompatible {
                         message: format!("measured tensor '{name}' is in the {} but missing from the {}", describe(role, other), describe("language expert", m)),
@@ -172,7 +173,7 @@ impl Session {
             return Ok(());
         }
         let m = &self.experts[expert];
-        for (name, t) in &m.tensors {
+        for (name, t) in m.tensors() {
             let Some(s) = self.safety.tensor(name) else { continue };
             if self.layout.place(name) == Place::Vocab && s.shape != t.shape {
                 return Err(Error::Incompatible {
@@ -192,19 +193,19 @@ impl Session {
 
     /// Widest element size in bytes among the inputs and the output dtype (sizes the buffers).
     pub(crate) fn widest(&self, options: &MergeOptions) -> usize {
-        let inputs = self.experts[0].tensors.values().map(|t| t.dtype.size()).max().unwrap_or(2);
+        let inputs = self.experts[0].tensors().values().map(|t| t.dtype.size()).max().unwrap_or(2);
         inputs.max(options.out_dtype.map(Dtype::size).unwrap_or(0))
     }
 }
 
 /// Every measured tensor of `m` is a float tensor (a mask or an integer buffer cannot be measured).
-pub fn measured_are_floats(m: &Model, layout: &Layout) -> Result<()> {
+pub fn measured_are_floats(m: &dyn TensorSet, layout: &Layout) -> Result<()> {
     for name in layout.targets() {
         if let Some(t) = m.tensor(name).filter(|t| !t.dtype.is_float()) {
             return Err(Error::Layout {
                 message: format!(
                     "measured tensor '{name}' of {} is {}; only float tensors (BF16, F16, F32, F64) can be measured",
-                    m.path.display(),
+                    m.path().display(),
                     t.dtype
                 ),
             });

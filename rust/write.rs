@@ -1,6 +1,11 @@
 //! The write stage: every output tensor is a byte copy of one source, a dtype conversion of one
 //! source, or a blend α·S + (1−α)·M, computed chunk by chunk and written straight to its final offset.
-//! [`Session::write`] runs it for one language expert of an opened [`Session`].
+//! [`Session::write`] runs it for one language expert of an opened [`Session`]. A tensor a LoRA
+//! adapter updates is B + ΔW, computed in float64 (ΔW a chunk of rows at a time) and rounded once.
+
+/// Buffers per worker when a source is a LoRA adapter: the three of the plain write pass (two
+/// sources, one output) and two float64 value arrays.
+pub const BUFFERS_LORA: usize = 5;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -11,8 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::analyze::plan::{Decision, Plan};
 use crate::budget::{run_pool, Budget, BufferPool};
-use crate::dtype::{cast, decode_f32, decode_f64, encode_f32, encode_f64, Dtype, BATCH};
+use crate::dtype::{cast, cast_mut, decode_f32, decode_f64, encode_f32, encode_f64, AlignedBuf, Dtype, BATCH};
 use crate::error::{Error, Result};
+use crate::expert::{Expert, Term};
 use crate::io::writer::OutputTensor;
 use crate::io::{Model, OutputWriter, ShardMap};
 use crate::layout::Place;
@@ -53,7 +59,7 @@ impl Session {
                 "the plan is for a {}-layer '{}' model but {} is a {}-layer '{}' model",
                 plan.n_layers,
                 plan.layout,
-                host.path.display(),
+                host.path().display(),
                 self.layout.n_layers,
                 self.layout.def.name
             )));
@@ -61,7 +67,7 @@ impl Session {
         self.check_vocab(expert, options)?;
         let started = Instant::now();
         let specs: Vec<(String, Dtype, Vec<u64>)> = host
-            .tensors
+            .tensors()
             .iter()
             // Non-float tensors (masks, position ids) keep their type: only floats are converted.
             .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
@@ -80,18 +86,28 @@ impl Session {
                 } else {
                     plan.decision_at(place)
                 };
-                Job { out, decision, alpha, check_finite: !measured && !options.allow_non_finite }
+                Job { out, decision, alpha, check_finite: !measured && !options.allow_non_finite, refuse_overflow: !options.allow_non_finite }
             })
             .collect();
-        let budget = Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?;
+        // A tensor made from LoRA factors is computed in float64 in two more chunk-sized buffers.
+        let lora = self.safety.adapter().is_some() || host.adapter().is_some();
+        if lora && options.numerics == Numerics::Official {
+            return Err(Error::argument("numerics 'official' takes full models only; LoRA adapter experts need numerics 'exact'"));
+        }
+        let budget = if lora {
+            Budget::plan(options.max_memory, options.threads, BUFFERS_LORA, 8)?
+        } else {
+            Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?
+        };
         let writer = OutputWriter::create(out_dir, &shards)?;
         progress.start(Phase::Write, shards.total_data_bytes());
         run_pool(budget.workers, || {
             let pool = BufferPool::new(&budget);
-            write(&jobs, &self.safety, host, options.numerics, &writer, budget.chunk_elems, &pool, progress)
+            write(&jobs, &self.base, &self.safety, host, options.numerics, &writer, budget.chunk_elems, &pool, progress)
         })??;
         // Data read from a file that changed meanwhile may mix old and new bytes: refuse to finish.
-        for m in [&self.base, &self.safety, host] {
+        self.base.check_unchanged()?;
+        for m in [&self.safety, host] {
             m.check_unchanged()?;
         }
         progress.start(Phase::Sync, 0);
@@ -101,7 +117,7 @@ impl Session {
             tensors: shards.tensors.len(),
             bytes_written: shards.total_data_bytes(),
             seconds: started.elapsed().as_secs_f64(),
-            expert_only: host.tensors.keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
+            expert_only: host.tensors().keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
         })
     }
 }
@@ -119,14 +135,18 @@ pub struct Job<'a> {
     /// does not read (embeddings, norms, lm_head), unless the user allowed non-finite values: the
     /// data is in cache here anyway, so the check costs next to nothing.
     pub check_finite: bool,
+    /// Refuse a converted or blended value that comes out ±Inf from finite inputs (a narrowing
+    /// `out_dtype` overflowing), unless the user allowed non-finite values.
+    pub refuse_overflow: bool,
 }
 
 /// Writes `jobs` on the current rayon pool.
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     jobs: &[Job<'_>],
-    safety: &Model,
-    expert: &Model,
+    base: &Model,
+    safety_src: &Expert,
+    expert_src: &Expert,
     numerics: Numerics,
     writer: &OutputWriter,
     chunk_elems: usize,
@@ -140,13 +160,39 @@ pub fn write(
         let job = &jobs[c.tensor];
         let out = job.out;
         let mut bufs = pool.take();
-        let [a, b, o] = &mut bufs[..3] else { unreachable!("write pass needs three buffers") };
         let out_bytes = c.len * out.dtype.size();
         let dst = out.offset + c.start * out.dtype.size() as u64;
+        // Full models (and tensors an adapter leaves alone or saved whole) are bytes; a tensor an
+        // adapter updates is B + ΔW, computed in float64 and rounded once.
+        let terms = match job.decision {
+            Decision::Safety => [Some(safety_src.term(&out.name, base)), None],
+            Decision::Expert => [None, Some(expert_src.term(&out.name, base))],
+            Decision::Blend => [Some(safety_src.term(&out.name, base)), Some(expert_src.term(&out.name, base))],
+        };
+        let plain = match terms {
+            [Some(Term::Bytes(s, ts)), Some(Term::Bytes(m, tm))] => Some((s, m, ts.dtype == tm.dtype)),
+            [Some(Term::Bytes(s, _)), None] => Some((s, s, true)),
+            [None, Some(Term::Bytes(m, _))] => Some((m, m, true)),
+            _ => None,
+        };
+        let (safety, expert) = match plain {
+            Some((s, m, true)) => (s, m),
+            _ => {
+                let read = write_f64(job, terms, c.start, c.len, &mut bufs, writer, dst)?;
+                progress.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+                progress.advance(out_bytes as u64);
+                return Ok(());
+            }
+        };
+        let [a, b, o] = &mut bufs[..3] else { unreachable!("write pass needs three buffers") };
         let read = match job.decision {
             Decision::Safety | Decision::Expert => {
                 let src = if job.decision == Decision::Safety { safety } else { expert };
-                let t = src.tensor(&out.name).expect("checked by caller");
+                // The term's tensor, not a lookup by name: an adapter saves tensors under PEFT's names.
+                let t = match terms {
+                    [Some(Term::Bytes(_, t)), None] | [None, Some(Term::Bytes(_, t))] => t,
+                    _ => unreachable!("a copy has one byte source"),
+                };
                 let verbatim = t.dtype == out.dtype && (numerics == Numerics::Exact || t.dtype == Dtype::BF16 || !t.dtype.is_float());
                 if verbatim && !job.check_finite {
                     // A byte copy nobody needs to look at: in the kernel, without passing through us.
@@ -164,13 +210,15 @@ pub fn write(
                     writer.write_at(out.shard, dst, bytes)?;
                 } else {
                     convert(t.dtype, bytes, out.dtype, o.bytes_mut(out_bytes), numerics);
+                    if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && all_finite(t.dtype, bytes) {
+                        return Err(overflow(&src.shard_of(t).path, &out.name, t.dtype, out.dtype));
+                    }
                     writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
                 }
                 bytes.len()
             }
             Decision::Blend => {
-                let ts = safety.tensor(&out.name).expect("checked by caller");
-                let tm = expert.tensor(&out.name).expect("checked by caller");
+                let [Some(Term::Bytes(_, ts)), Some(Term::Bytes(_, tm))] = terms else { unreachable!("a plain blend has two byte sources") };
                 let s = read_elems(safety, ts, c.start, c.len, a)?;
                 let m = read_elems(expert, tm, c.start, c.len, b)?;
                 if job.check_finite {
@@ -181,6 +229,9 @@ pub fn write(
                     }
                 }
                 blend(ts.dtype, s, m, out.dtype, o.bytes_mut(out_bytes), job.alpha, numerics);
+                if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && all_finite(ts.dtype, s) && all_finite(tm.dtype, m) {
+                    return Err(overflow(&expert.shard_of(tm).path, &out.name, ts.dtype, out.dtype));
+                }
                 writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
                 s.len() + m.len()
             }
@@ -189,6 +240,82 @@ pub fn write(
         progress.advance(out_bytes as u64);
         Ok(())
     })
+}
+
+/// Writes one chunk of a tensor with a LoRA source, or whose two sources differ in dtype: every term
+/// as float64 values, blended in float64 if there are two (α·S + (1−α)·M), rounded once to the
+/// output dtype. Returns the bytes read.
+fn write_f64(job: &Job<'_>, terms: [Option<Term<'_>>; 2], start: u64, len: usize, bufs: &mut [AlignedBuf], writer: &OutputWriter, dst: u64) -> Result<usize> {
+    let out = job.out;
+    let [raw, o, vs, vm, ..] = bufs else { unreachable!("{BUFFERS_LORA} buffers with LoRA sources") };
+    let mut read = 0;
+    let mut source = (std::path::PathBuf::new(), out.dtype);
+    let mut values = |term: Term<'_>, v: &mut AlignedBuf| -> Result<()> {
+        let v = cast_mut::<f64>(v.bytes_mut(len * 8));
+        let (path, name) = match term {
+            Term::Bytes(model, t) => {
+                let bytes = read_elems(model, t, start, len, raw)?;
+                decode_all_f64(t.dtype, bytes, v);
+                read += bytes.len();
+                source = (model.shard_of(t).path.clone(), t.dtype);
+                (model.shard_of(t).path.clone(), out.name.clone())
+            }
+            Term::Delta { adapter, module, base, tensor } => {
+                adapter.delta_into(module, start, v)?;
+                let bytes = read_elems(base, tensor, start, len, raw)?;
+                let size = tensor.dtype.size();
+                let mut b = [0f64; BATCH];
+                for (lo, vv) in (0..len).step_by(BATCH).zip(v.chunks_mut(BATCH)) {
+                    let b = &mut b[..vv.len()];
+                    decode_f64(tensor.dtype, &bytes[lo * size..(lo + vv.len()) * size], b);
+                    vv.iter_mut().zip(b.iter()).for_each(|(d, b)| *d += *b);
+                }
+                read += bytes.len();
+                source = (adapter.file.path.clone(), tensor.dtype);
+                (adapter.file.path.clone(), module.a.clone())
+            }
+        };
+        if job.check_finite && !v.iter().fold(true, |acc, x| acc & x.is_finite()) {
+            return Err(Error::NonFinite { path, tensor: name });
+        }
+        Ok(())
+    };
+    match terms {
+        [Some(t), None] | [None, Some(t)] => values(t, vs)?,
+        [Some(s), Some(m)] => {
+            values(s, vs)?;
+            values(m, vm)?;
+            let (ws, wm) = (job.alpha, 1.0 - job.alpha);
+            let vm = cast::<f64>(vm.bytes(len * 8));
+            cast_mut::<f64>(vs.bytes_mut(len * 8)).iter_mut().zip(vm).for_each(|(a, b)| *a = ws * *a + wm * *b);
+        }
+        [None, None] => unreachable!("every output tensor has a source"),
+    }
+    let out_bytes = len * out.dtype.size();
+    let v = cast::<f64>(vs.bytes(len * 8));
+    encode_f64(v, out.dtype, o.bytes_mut(out_bytes));
+    if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && v.iter().all(|x| x.is_finite()) {
+        return Err(overflow(&source.0, &out.name, source.1, out.dtype));
+    }
+    writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
+    Ok(read)
+}
+
+/// Decodes any number of raw elements to f64 (exact), [`BATCH`] at a time.
+fn decode_all_f64(dtype: Dtype, src: &[u8], dst: &mut [f64]) {
+    let size = dtype.size();
+    for (lo, d) in (0..dst.len()).step_by(BATCH).zip(dst.chunks_mut(BATCH)) {
+        decode_f64(dtype, &src[lo * size..(lo + d.len()) * size], d);
+    }
+}
+
+/// The error for finite values that became ±Inf in a narrower output dtype.
+fn overflow(path: &std::path::Path, tensor: &str, from: Dtype, to: Dtype) -> Error {
+    Error::argument(format!(
+        "{}: tensor '{tensor}': {from} values overflow to Inf in the output dtype {to}; choose a wider --out-dtype \
+         (--allow-non-finite, or allow_non_finite=True in Python, writes them anyway)",
+        path.display()
+    ))
 }
 
 /// True when no element of `bytes` is NaN or ±Inf (exponent bits all ones). Branch-free so that it

@@ -68,7 +68,11 @@ def case_paths(case: dict[str, Any]) -> dict[str, Path]:
     return {**GOOD, case["role"]: HOSTILE / case["path"]}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+REFUSED = [c for c in CASES if c["exit"] == 2]
+ACCEPTED = [c for c in CASES if c["exit"] == 0]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c["name"] for c in REFUSED])
 def test_hostile_corpus_case(case: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, stdout, err = run_cli(merge_args(case_paths(case), out, *case["args"]))
@@ -77,7 +81,24 @@ def test_hostile_corpus_case(case: dict[str, Any], tmp_path: Path) -> None:
     assert_refused(code, stdout, err, case["expect"] + named, out)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["name"].startswith(("header_", "index_"))], ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", ACCEPTED, ids=[c["name"] for c in ACCEPTED])
+def test_hostile_corpus_accepted_case(case: dict[str, Any], tmp_path: Path) -> None:
+    """Inputs that merge, but only as what they are: the output has exactly the good expert's tensors
+    (nothing from files beside the model), and the summary names what was left out."""
+    from models import read_model
+
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(merge_args(case_paths(case), out, *case["args"])[:-1] + list(case["args"]))
+    assert code == 0, err
+    merged = {n for f in out.glob("*.safetensors") for n in read_model(f)}
+    assert merged == set(read_model(GOOD["expert"])), sorted(merged ^ set(read_model(GOOD["expert"])))
+    notes = [line for line in stdout.splitlines() if line.startswith("note: ")]
+    assert notes and all(f in " ".join(notes) for f in case["expect"]), stdout
+    report = json.loads((out / "layerswap_report.json").read_text())
+    assert all(f in " ".join(report["notes"]) for f in case["expect"]), report["notes"]
+
+
+@pytest.mark.parametrize("case", [c for c in REFUSED if c["name"].startswith(("header_", "index_"))], ids=lambda c: c["name"])
 def test_hostile_corpus_inspect(case: dict[str, Any]) -> None:
     """The same files through `inspect` (which only opens the model) and the Python API."""
     with pytest.raises(LayerswapError) as info:
@@ -290,6 +311,7 @@ def test_failed_forced_merge_keeps_the_existing_output(name: str, tmp_path: Path
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"previous result")
+    (out / "layerswap_report.json").write_text("{}")  # an output of this tool: --force may replace it
     before = tree_digest(out)
     case = next(c for c in CASES if c["name"] == name)
     code, stdout, err = run_cli(merge_args(case_paths(case), out, "--force", *case["args"]))
@@ -347,3 +369,219 @@ def test_huge_side_and_index_files_are_refused_without_reading_them(tmp_path: Pa
         out = tmp_path / name / "out"
         code, stdout, err = run_cli(merge_args({**GOOD, "expert": expert}, out))
         assert_refused(code, stdout, err, [name, "limit"], out)
+
+
+
+# --- side files ------------------------------------------------------------------------------------------
+
+
+def _expert_copy(tmp_path: Path) -> Path:
+    expert = tmp_path / "expert"
+    shutil.copytree(GOOD["expert"], expert)
+    return expert
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json", "chat_template.jinja", "preprocessor_config.json"])
+@pytest.mark.parametrize("kind", ["fifo", "device", "dangling", "folder"])
+def test_a_side_file_that_is_not_a_regular_file_is_exit_2(tmp_path: Path, name: str, kind: str) -> None:
+    """Never silently left out, never opened (a FIFO would block): refused before any work, naming it."""
+    import os
+
+    expert = _expert_copy(tmp_path)
+    target = expert / name
+    if target.exists():
+        target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "device":
+        target.symlink_to("/dev/null")
+    elif kind == "dangling":
+        target.symlink_to(expert / "gone.json")
+    else:
+        target.mkdir()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "layerswap_fast", *merge_args({**GOOD, "expert": expert}, out)],
+                          capture_output=True, text=True, timeout=60)
+    what = {"fifo": "a FIFO", "device": "a character device", "dangling": "a dangling symbolic link", "folder": "a folder"}[kind]
+    assert_refused(proc.returncode, proc.stdout, proc.stderr, [str(target), what], out)
+
+
+def test_a_bad_side_file_fails_its_expert_in_a_bulk_run(tmp_path: Path) -> None:
+    import os
+
+    from layerswap_fast import bulk
+
+    expert = _expert_copy(tmp_path)
+    (expert / "tokenizer_config.json").unlink()
+    os.mkfifo(expert / "tokenizer_config.json")
+    summary = bulk.bulk_merge(GOOD["base"], GOOD["safety"], [bulk.ExpertSpec("bad", expert), bulk.ExpertSpec("good", GOOD["expert"])],
+                              tmp_path / "out")
+    assert summary["experts"]["bad"]["status"] == "failed" and "a FIFO" in summary["experts"]["bad"]["error"]
+    assert summary["experts"]["good"]["status"] == "ok" and not (tmp_path / "out" / "bad").exists()
+
+
+def test_every_side_file_a_hugging_face_folder_needs_is_copied(tmp_path: Path) -> None:
+    """Config, generation config, every tokenizer file, chat templates, processor configs and the
+    Python files auto_map names (in config.json and tokenizer_config.json), byte for byte."""
+    expert = _expert_copy(tmp_path)
+    cfg = json.loads((expert / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM",
+                       "AutoModel": "other-org/repo--modeling_y.YModel"}
+    (expert / "config.json").write_text(json.dumps(cfg))
+    tok = json.loads((expert / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
+    (expert / "tokenizer_config.json").write_text(json.dumps(tok))
+    extra = {"special_tokens_map.json": "{}", "added_tokens.json": "{}", "tokenizer.model": "spm", "vocab.json": "{}", "merges.txt": "#v\n",
+             "chat_template.jinja": "{{ messages }}", "chat_template.json": '{"chat_template": "x"}',
+             "preprocessor_config.json": '{"image_size": 336}', "processor_config.json": '{"patch_size": 14}',
+             "configuration_x.py": "class XConfig: pass\n", "modeling_x.py": "class XForCausalLM: pass\n",
+             "tokenization_x.py": "class XTokenizer: pass\n", "notes.md": "not a side file\n", "modeling_unnamed.py": "x = 1\n"}
+    for name, text in extra.items():
+        (expert / name).write_text(text)
+    out = tmp_path / "out"
+    lsf.merge(GOOD["base"], GOOD["safety"], expert, out)
+    want = {p.name for p in expert.iterdir()} - {"model.safetensors", "notes.md", "modeling_unnamed.py"}
+    got = {p.name for p in out.iterdir()} - {"model.safetensors", "layerswap_report.json"}
+    assert got == want, (sorted(got ^ want))
+    for name in want:
+        assert (out / name).read_bytes() == (expert / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("out_dtype, name", [("f32", "float32"), ("f16", "float16"), ("bf16", "bfloat16")])
+def test_config_states_the_output_dtype(tmp_path: Path, out_dtype: str, name: str) -> None:
+    expert = _expert_copy(tmp_path)
+    cfg = json.loads((expert / "config.json").read_text())
+    cfg.update(torch_dtype="bfloat16", dtype="bfloat16", text_config={"torch_dtype": "bfloat16", "hidden_size": 8})
+    (expert / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    lsf.merge(GOOD["base"], GOOD["safety"], expert, out, out_dtype=out_dtype)
+    got = json.loads((out / "config.json").read_text())
+    assert (got["torch_dtype"], got["dtype"], got["text_config"]["torch_dtype"]) == (name, name, name)
+    assert {k: v for k, v in got.items() if k not in ("torch_dtype", "dtype", "text_config")} == \
+        {k: v for k, v in cfg.items() if k not in ("torch_dtype", "dtype", "text_config")}
+    from models import read_model
+
+    assert {d for d, _, _ in read_model(out / "model.safetensors").values()} == {out_dtype.upper()}
+
+
+def test_single_file_expert_says_what_is_missing_and_config_from_supplies_it(tmp_path: Path) -> None:
+    out = tmp_path / "bare"
+    paths = {**GOOD, "expert": GOOD["expert"] / "model.safetensors"}
+    code, stdout, err = run_cli(merge_args(paths, out)[:-1])
+    assert code == 0, err
+    assert "note:" in stdout and "no config.json and no tokenizer files" in stdout and "--config-from" in stdout, stdout
+    assert sorted(p.name for p in out.iterdir()) == ["layerswap_report.json", "model.safetensors"]
+    out2 = tmp_path / "with-config"
+    code, stdout, err = run_cli(merge_args(paths, out2, "--config-from", str(GOOD["expert"])))
+    assert code == 0, err
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out2 / name).read_bytes() == (GOOD["expert"] / name).read_bytes(), name
+    assert json.loads((out2 / "layerswap_report.json").read_text())["inputs"]["config_from"] == str(GOOD["expert"])
+
+
+# --- numbers the tool must never invent --------------------------------------------------------------------
+
+
+def test_allow_non_finite_lets_an_overflow_through(tmp_path: Path) -> None:
+    from models import read_model
+
+    case = next(c for c in CASES if c["name"] == "overflow_to_f16")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(merge_args(case_paths(case), out, "--allow-non-finite", *case["args"]))
+    assert code == 0, err
+    dtype, shape, raw = read_model(out / "model.safetensors")["model.norm.weight"]
+    values = np.frombuffer(raw, "<f2")
+    assert dtype == "F16" and np.isinf(values[1]) and np.isfinite(np.delete(values, 1)).all()
+
+
+def test_widening_and_in_range_narrowing_are_not_refused(tmp_path: Path) -> None:
+    for out_dtype in ("f32", "f16"):
+        lsf.merge(GOOD["base"], GOOD["safety"], GOOD["expert"], tmp_path / out_dtype, out_dtype=out_dtype)
+
+
+# --- Python API: wrong types name the parameter ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, error, fragment",
+    [
+        (dict(tau=True), lsf.InvalidOptionError, "tau"),
+        (dict(alpha="0.5"), lsf.InvalidOptionError, "alpha"),
+        (dict(threads=True), lsf.InvalidOptionError, "threads"),
+        (dict(threads=2.5), lsf.InvalidOptionError, "threads"),
+        (dict(max_memory=True), lsf.InvalidOptionError, "size"),
+        (dict(shard_size=[1]), lsf.InvalidOptionError, "size"),
+        (dict(allow_non_finite="no"), lsf.InvalidOptionError, "allow_non_finite"),
+        (dict(granularity=["layer"]), lsf.InvalidOptionError, "granularity"),
+        (dict(out_dtype=16), lsf.InvalidOptionError, "out_dtype"),
+        (dict(force="no"), TypeError, "force"),
+        (dict(force=1), TypeError, "force"),
+        (dict(progress="bar"), TypeError, "progress"),
+        (dict(options={"tau": 0.1}), TypeError, "options"),
+        (dict(layout=3), TypeError, "layout"),
+        (dict(config_from=b"folder"), TypeError, "config_from"),
+        (dict(out=None), TypeError, "out"),
+        (dict(expert=None), TypeError, "expert"),
+        (dict(base=42), TypeError, "base"),
+        (dict(safety=""), TypeError, "safety"),
+        (dict(taus=0.1), TypeError, "taus"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else None,
+)
+def test_wrong_argument_types_name_the_parameter(tmp_path: Path, change: dict[str, Any], error: type, fragment: str) -> None:
+    """A wrong type is never taken as something else (True as 1, "no" as true, None as the path
+    "None"): TypeError or InvalidOptionError naming the parameter, and nothing is written."""
+    args = {"base": GOOD["base"], "safety": GOOD["safety"], "expert": GOOD["expert"], "out": tmp_path / "out", **change}
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "layerswap_report.json").write_text("{}")
+    if "force" in change:
+        args["out"] = existing
+    with pytest.raises(error, match=fragment):
+        lsf.merge(**args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and not Path("None").exists()
+    assert sorted(p.name for p in existing.iterdir()) == ["layerswap_report.json"]
+    if not {"out", "force", "config_from"} & set(change):
+        with pytest.raises(error, match=fragment):
+            lsf.analyze(**{k: v for k, v in args.items() if k != "out"})
+
+
+def test_wrong_types_in_bulk_and_verify_name_the_parameter(tmp_path: Path) -> None:
+    from layerswap_fast import bulk
+
+    with pytest.raises(TypeError, match="path of expert 'ko'"):
+        bulk.ExpertSpec("ko", None)  # type: ignore[arg-type]
+    with pytest.raises(lsf.InvalidOptionError, match="options must be MergeOptions"):
+        bulk.ExpertSpec("ko", GOOD["expert"], {"tau": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="experts must be a list"):
+        bulk.bulk_merge(GOOD["base"], GOOD["safety"], "ko", tmp_path / "o")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="force"):
+        bulk.bulk_merge(GOOD["base"], GOOD["safety"], [bulk.ExpertSpec("ko", GOOD["expert"])], tmp_path / "o", force="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model"):
+        lsf.inspect(None)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- TOML layouts without tomllib (Python 3.10) ------------------------------------------------------------
+
+
+def test_toml_layouts_work_without_tomllib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reader of a TOML layout falls back to tomli, as on Python 3.10."""
+    tomli = pytest.importorskip("tomli")
+    from layerswap_fast import reference
+
+    layout = tmp_path / "layout.toml"
+    llama = _llama_layout()
+    layout.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in llama.items()) + "\n")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails, as on 3.10
+    with pytest.raises(ImportError):
+        import tomllib  # noqa: F401
+    assert tomli.loads(layout.read_text())["layer"] == llama["layer"]
+    info = lsf.inspect(GOOD["expert"], layout=layout)
+    assert info["n_layers"] == 2
+    assert reference.Patterns.from_layout(layout).layer == llama["layer"]
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'base = "{GOOD["base"]}"\nsafety = "{GOOD["safety"]}"\n[experts.ko]\npath = "{GOOD["expert"]}"\n')
+    from layerswap_fast import bulk
+
+    assert bulk.load_bulk_file(plan).experts[0].name == "ko"

@@ -89,19 +89,43 @@ def test_family_inspect_and_merge_match_numpy(fam: Family, family_trio, tmp_path
     assert {"safety", "expert"} <= decisions, "the planted structure should give both decisions"
 
 
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
+def test_reference_family_table_places_every_tensor(fam: Family):
+    """The reference's own family table (written from the modeling code, not from the engine's
+    layout files) puts every tensor of every family where the family's builder says it belongs."""
+    from layerswap_fast import reference
+
+    patterns = reference.family_patterns(fam.layout)
+    for name, _, tag in fam.specs():
+        p = patterns.place(name)
+        got = ("vocab",) if p.layer is None and p.vocab else ("outside",) if p.layer is None else \
+            ("norm", p.layer) if p.part == "norm" else (p.part, p.layer, p.target)
+        assert got == tag, (name, got, tag)
+
+
 @pytest.mark.parametrize("fam", [BY_ID[i] for i in ("gemma3-vl", "qwen2-moe", "falcon-40b", "xlm-roberta", "gpt2-bare")], ids=lambda f: f.id)
 @pytest.mark.parametrize("granularity", ["layer", "module"])
-def test_family_decisions_match_torch_reference(fam: Family, granularity: str, family_trio):
-    """The torch reference reads the same layout definition as data, and implements it by itself."""
+def test_family_decisions_match_torch_reference(fam: Family, granularity: str, family_trio, tmp_path, monkeypatch):
+    """The torch reference finds the units with its own family table, never the engine's layout
+    files: verify passes with the engine's built-in layouts made unreadable to it."""
     reference = pytest.importorskip("layerswap_fast.reference")
     pytest.importorskip("torch")
     paths = family_trio(fam)
-    layout_file = LAYOUTS / f"{fam.layout}.json"
-    ref = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], granularity=granularity, layout=layout_file)
+    ref = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], granularity=granularity,
+                                 layout=reference.family_patterns(fam.layout))
     plan = lsf.analyze(paths["base"], paths["safety"], paths["expert"], granularity=granularity)
     assert [(u.layer, u.part, u.decision) for u in plan.units] == [(u.layer, u.part, u.decision) for u in ref.units]
     for a, b in zip(plan.units, ref.units):
         assert a.d == pytest.approx(b.d, rel=1e-6, abs=1e-12)
+    out = tmp_path / "out"
+    lsf.merge(paths["base"], paths["safety"], paths["expert"], out, granularity=granularity)
+
+    def no_engine_layouts(*args: Any) -> Any:
+        raise AssertionError("verify read the engine's layout files")
+
+    monkeypatch.setattr(lsf._core, "builtin_layouts", no_engine_layouts)
+    result = lsf.verify(out, paths["base"], paths["safety"], paths["expert"], granularity=granularity)
+    assert result.ok, result.summary()
 
 
 def test_inspect_cli_prints_units_outside_and_unassigned(family_trio):

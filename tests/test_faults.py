@@ -183,7 +183,8 @@ def stop_in(proc: subprocess.Popen, out: Path, phase: str, timeout: float = 30.0
 
 
 @pytest.mark.parametrize("phase", ["analyze", "write"])
-@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"),
+                                              (signal.SIGHUP, 129, "terminated by SIGHUP")], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_mid_merge(big: dict[str, Path], tmp_path: Path, phase: str, sig: int, status: int, word: str) -> None:
     out = tmp_path / "merged"
     proc = start_merge(big, out)

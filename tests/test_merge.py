@@ -126,8 +126,10 @@ def test_official_numerics_takes_tokenizer_from_base(trio, tmp_path):
 
 
 def test_existing_output_refused_then_forced(trio, tmp_path):
+    """A previous output (it has layerswap_report.json) is replaced whole with force, never without."""
     out = tmp_path / "merged"
     out.mkdir()
+    (out / "layerswap_report.json").write_text("{}")
     (out / "keep").write_text("x")
     with pytest.raises(lsf.OutputExistsError, match="already exists"):
         lsf.merge(trio["base"], trio["safety"], trio["expert"], out)

@@ -4,7 +4,7 @@ generated cases, in both granularities and both numerics.
 What must hold, per METHOD.md and the contract of each numerics mode:
 - decisions identical, always;
 - ``exact``: the report's scores, p and d equal the reference's up to float64 summation order; whole
-  copies byte-identical; blends within 1 ulp (the engine and torch both round float32 once, so in
+  copies byte-identical; blends byte-identical too (the engine and torch both round float32 once, so in
   practice they are identical);
 - ``official`` on bf16 checkpoints: every norm, score, p, d and every output byte equal to what the
   authors' torch code computes, bit for bit.
@@ -146,8 +146,7 @@ def test_engine_matches_reference(case: dict) -> None:
         if opts["numerics"] == "official":
             assert_bit_exact(result, report, plan)
         else:
-            # verify allows 1 ulp on blends; the engine and torch both round float32 (float64 for F64)
-            # once, so today every byte is identical, and a drift from that should be seen.
+            # The engine and torch both round float32 (float64 for F64) once: every byte is identical.
             assert all(t.status == "identical" for t in result.tensors), [t for t in result.tensors if t.status != "identical"]
 
 

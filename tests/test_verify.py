@@ -102,12 +102,16 @@ def test_one_element_off_in_a_blended_tensor_is_named(merged, tmp_path):
     out = copy_out(merged, tmp_path)
     name = next(t.name for t in run_verify(merged, out).tensors if t.source == "blend")
     bump(out, name, ulps=1)
+    # One flipped low bit is a failure by default: exact numerics reproduce every byte...
     one = run_verify(merged, out)
-    # 1 ulp is within the documented tolerance of a blend...
-    assert one.ok and next(t for t in one.tensors if t.name == name).status == "within-1-ulp"
+    assert not one.ok and [t.name for t in one.tensors if not t.ok] == [name]
+    assert next(t for t in one.tensors if t.name == name).status == "ulp" and "every byte" in one.summary()
+    # ... a tolerance is opt-in (for outputs of other tools) ...
+    tolerant = run_verify(merged, out, max_ulp=1)
+    assert tolerant.ok and next(t for t in tolerant.tensors if t.name == name).status == "within-tolerance"
     bump(out, name, ulps=1)
-    # ... 2 ulps is not.
-    two = run_verify(merged, out)
+    # ... and bounded.
+    two = run_verify(merged, out, max_ulp=1)
     assert not two.ok and [t.name for t in two.tensors if not t.ok] == [name]
     assert next(t for t in two.tensors if t.name == name).max_ulp == 2
 

@@ -6,6 +6,7 @@ byte of tensor data is read, reduced, blended and written by the Rust engine in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -15,35 +16,56 @@ from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core
 from layerswap_fast._core import Plan, Session, WriteSummary
-from layerswap_fast.folder import REPORT_FILE, architecture, check_output, copy_side_files, read_toml, staged_output
-from layerswap_fast.options import MergeOptions
+from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
+                                   staged_output)
+from layerswap_fast.errors import InvalidModelError, InvalidOptionError
+from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
 
 PathLike = Union[str, os.PathLike]
 #: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
 ProgressCallback = Callable[[str, int, int], None]
 
 
+_path, _flag, _callback = path_arg, flag_arg, callback_arg
+
+
 def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOptions:
+    """The options of a call: ``options`` with keyword overrides. Unknown keywords are a TypeError
+    naming them (as for any function), wrong values an InvalidOptionError naming the field."""
+    options_arg(options)
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(MergeOptions)})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} (MergeOptions fields and the documented parameters only)")
     if options is None:
         return MergeOptions(**kwargs)
     return options.replace(**kwargs) if kwargs else options
 
 
 def read_layout(layout: Optional[PathLike]) -> Optional[dict[str, Any]]:
-    """A custom layout definition file: JSON, or TOML (``.toml``)."""
+    """A custom layout definition file as the engine reads it: JSON, or TOML (``.toml``)."""
     if layout is None:
         return None
-    p = Path(layout)
+    p = path_arg(layout, "layout")
     if p.suffix.lower() == ".toml":
-        return read_toml(p)
+        tomllib = toml()
+        try:
+            return tomllib.loads(p.read_text())  # type: ignore[no-any-return]
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
     try:
         data = json.loads(p.read_text())
     except ValueError as e:
-        # The engine names what is wrong with a definition; text that is not JSON at all is ours to name.
-        from layerswap_fast.errors import InvalidModelError
-
         raise InvalidModelError(f"{p}: invalid layout definition: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidModelError(f"{p}: invalid layout definition: a JSON object is expected")
     return data
+
+
+def open_session(base: Path, safety: Path, experts: list[Path], layout: Optional[PathLike], lenient: bool = False) -> Session:
+    """Opens B, S and the experts once (the first expert's config.json, or the base's for a LoRA
+    expert, names the architecture)."""
+    return Session(base, safety, experts, architecture=architecture(model_of(experts[0], base)), layout=read_layout(layout), lenient=lenient)
 
 
 def peak_rss_bytes() -> int:
@@ -56,7 +78,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
 
     Args:
         model: a Hugging Face folder or a ``.safetensors`` file.
-        layout: a custom layout definition file (JSON or TOML), overriding detection.
+        layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
         ``{"layout", "description", "n_layers", "data_bytes", "shards", "tensors": [...]}``; each tensor
@@ -64,7 +86,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = Path(model)
+    p = path_arg(model, "model")
     return _core.inspect(p, architecture(p), read_layout(layout))
 
 
@@ -79,7 +101,7 @@ def analyze(
     **kwargs: Any,
 ) -> Plan:
     """Computes the plan: per unit, the scores of the safety and language experts, p_S, p_M, d and the
-    decision (METHOD.md §2–§4). Reads the models once, writes nothing.
+    decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
@@ -95,13 +117,9 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
-    session = open_session(base, safety, [expert], layout)
-    return session.analyze(opts, progress=progress)[0]
-
-
-def open_session(base: PathLike, safety: PathLike, experts: list[PathLike], layout: Optional[PathLike], lenient: bool = False) -> Session:
-    """Opens B, S and the experts once (the first expert's config.json names the architecture)."""
-    return Session(base, safety, experts, architecture=architecture(Path(experts[0])), layout=read_layout(layout), lenient=lenient)
+    base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
+    callback_arg(progress, "progress")
+    return open_session(base, safety, [expert], layout).analyze(opts, progress=progress)[0]
 
 
 def merge(
@@ -114,6 +132,8 @@ def merge(
     layout: Optional[PathLike] = None,
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
+    config_from: Optional[PathLike] = None,
+    emit: str = "model",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Merges the safety expert into the language expert and writes a Hugging Face folder at ``out``.
@@ -127,7 +147,13 @@ def merge(
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` if it is empty or an earlier output of this tool (it holds
+            ``layerswap_report.json`` or ``layerswap_bulk.json``); anything else is refused untouched.
+        config_from: a model folder whose config, processor and tokenizer files go to the output
+            instead of the language expert's (for a language expert given as a bare ``.safetensors``).
+        emit: ``"model"`` (default) writes a full model. ``"adapter"`` (both experts PEFT LoRA
+            adapters) writes the merge as an exact PEFT adapter for ``base`` instead:
+            ``adapter_model.safetensors`` and ``adapter_config.json`` (and the tokenizer).
 
     Returns:
         The report (also written to ``out/layerswap_report.json``).
@@ -137,29 +163,70 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    base_p, safety_p, expert_p, out_p = Path(base), Path(safety), Path(expert), Path(out)
-    check_output(out_p, [base_p, safety_p, expert_p], force)
+    base_p, safety_p, expert_p, out_p = (_path(base, "base"), _path(safety, "safety"), _path(expert, "expert"), _path(out, "out"))
+    layout_p = _path(layout, "layout", optional=True)
+    config_p = _path(config_from, "config_from", optional=True)
+    _flag(force, "force")
+    _callback(progress, "progress")
+    if emit not in ("model", "adapter"):
+        raise InvalidOptionError(f"emit must be 'model' or 'adapter', got {emit!r}")
+    check_output(out_p, [base_p, safety_p, expert_p, layout_p, config_p], force)
+    # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
+    plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
-    session = open_session(base_p, safety_p, [expert_p], layout)
+    session = open_session(base_p, safety_p, [expert_p], layout_p)
+    if emit == "adapter":
+        session.check_adapters(0)  # before the analyze pass, not after it
     with staged_output(out_p, force) as stage:
         plan = session.analyze(opts, progress=progress, for_write=True)[0]
-        write = session.write(0, plan, stage, progress=progress)
-        report = finish_output(stage, plan, write, session.bytes_read, opts, (base_p, safety_p, expert_p), started)
+        if emit == "adapter":
+            write: Union[WriteSummary, dict[str, Any]] = session.emit_adapter(0, plan, stage, progress=progress)
+        else:
+            write = session.write(0, plan, stage, progress=progress)
+        sources = session.sources
+        report = finish_output(stage, plan, write, session.bytes_read, opts, (base_p, safety_p, expert_p), started,
+                               config_from=config_p, sources={"safety": sources["safety"], "expert": sources["experts"][0]})
     return report
 
 
-def finish_output(stage: Path, plan: Plan, write: WriteSummary, bytes_read: int, opts: MergeOptions,
-                  inputs: tuple[Path, Path, Path], started: float) -> dict[str, Any]:
-    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``) and the report to
-    a staged output whose shards the engine has written. Returns the report."""
+def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Path:
     base_p, safety_p, expert_p = inputs
-    tok_source = {"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from]
-    side_files = copy_side_files(stage, expert_p, tok_source)
+    # A LoRA adapter's tokenizer is its own if it saved one, else the base model's.
+    return tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
+
+
+def finish_output(stage: Path, plan: Plan, write: Union[WriteSummary, dict[str, Any]], bytes_read: int, opts: MergeOptions,
+                  inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
+                  sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
+    ``config_from``) and the report to a staged output whose shards the engine has written. Returns
+    the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
+    adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
+    base_p, safety_p, expert_p = inputs
+    if isinstance(write, WriteSummary):
+        write = {"files": write.files, "tensors": write.tensors, "bytes_written": write.bytes_written, "expert_only": write.expert_only}
+    side = plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, inputs), config_from)
+    adapter_out = "modules" in write
+    if adapter_out:
+        side.copies = [(src, name) for src, name in side.copies if name in TOKENIZER_FILES]
+    side_files = copy_side_files(stage, side, opts.effective_out_dtype)
+    if adapter_out:
+        side_files.append(write_adapter_config(stage, write, base_p, safety_p, expert_p))
+    notes = list(side.notes)
+    for role, p in (("base", base_p), ("safety", safety_p), ("expert", expert_p)):
+        ignored = [] if is_adapter(p) else ignored_model_files(p)
+        if ignored:
+            notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
+                         "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
     report = {
         "tool": "layerswap-fast",
         "version": _core.__version__,
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
-        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p)},
+        "inputs": {"base": str(base_p), "safety": str(safety_p), "expert": str(expert_p),
+                   **({"config_from": str(config_from)} if config_from is not None else {})},
+        # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
+        **({"sources": sources} if sources else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,
@@ -169,16 +236,19 @@ def finish_output(stage: Path, plan: Plan, write: WriteSummary, bytes_read: int,
         "counts": plan.counts(),
         "units": [u.to_dict() for u in plan.units],
         "output": {
-            "files": sorted(Path(f).name for f in write.files) + sorted(side_files),
-            "tensors": write.tensors,
-            "bytes_written": write.bytes_written,
+            "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
+            "tensors": write["tensors"],
+            "bytes_written": write["bytes_written"],
+            **({"kind": "adapter", "modules": write["modules"], "modules_to_save": write["modules_to_save"]} if adapter_out
+               else {"kind": "model"}),
         },
         "bytes_read": bytes_read,
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
+        "notes": notes,
         "warnings": [
             f"tensor '{name}' is only in the language expert (not in the safety expert): copied from the language expert"
-            for name in write.expert_only
+            for name in write.get("expert_only", [])
         ],
     }
     (stage / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

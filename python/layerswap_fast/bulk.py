@@ -14,6 +14,7 @@ sees at the same paths.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -24,13 +25,19 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core
 from layerswap_fast._core import Plan, Session, TensorStats
-from layerswap_fast.api import ProgressCallback, finish_output, open_session, read_layout
-from layerswap_fast.errors import InvalidOptionError, LayerswapError
-from layerswap_fast.folder import check_output, commit_stage, discard_stage, new_stage, read_toml
-from layerswap_fast.options import MergeOptions
+from layerswap_fast.api import ProgressCallback, _tokenizer_source, finish_output, open_session, read_layout
+from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
+from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
+                                   discard_stage, new_stage, plan_side_files, replace_refusal)
+from layerswap_fast.lora import model_of
+from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
 
-MANIFEST = "layerswap_bulk.json"
+MANIFEST = BULK_MANIFEST
 SUMMARY = "layerswap_bulk_summary.json"
+#: Files this tool writes (or may write) in OUT beside the experts' folders: no expert may be named
+#: like one of them, nor like anything starting with "layerswap" (compared without case, as on
+#: case-insensitive filesystems). Writers of new OUT files add their names here.
+OWN_FILES = [MANIFEST, SUMMARY, "index.html", "report.html", "README.md"]
 EXECUTORS = ("local", "ray")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -45,8 +52,14 @@ class ExpertSpec:
     options: MergeOptions = field(default_factory=MergeOptions)
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidOptionError(f"expert name {self.name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+        reserved = {n.lower() for n in OWN_FILES}
+        if self.name.lower() in reserved or self.name.lower().startswith("layerswap"):
+            raise InvalidOptionError(f"expert name {self.name!r} is the name of a file layerswap-fast writes in the output folder; choose another")
+        object.__setattr__(self, "path", path_arg(self.path, f"path of expert {self.name!r}"))
+        if not isinstance(self.options, MergeOptions):
+            raise InvalidOptionError(f"expert {self.name!r}: options must be MergeOptions, not {type(self.options).__name__}")
 
 
 @dataclass(frozen=True)
@@ -76,14 +89,19 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         path = "expert-sw/"
     """
     p = Path(path)
+    text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml  # type: ignore[import-untyped]
         except ImportError:
             raise InvalidOptionError(f"{p}: YAML bulk files need PyYAML (pip install pyyaml); TOML needs nothing") from None
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     else:
-        data = read_toml(p)
+        tomllib = toml()
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidOptionError(f"{p}: not valid TOML ({e})") from None
     if not isinstance(data, dict):
         raise InvalidOptionError(f"{p}: expected a table with base, safety and experts")
     for key in ("base", "safety", "experts"):
@@ -141,37 +159,47 @@ def _read_manifest(out: Path) -> dict[str, Any]:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
 
 
-def _write_stage(session: Session, shared: tuple[Path, Path], index: int, spec: ExpertSpec, target: Path, plan: Plan, sync: bool,
+#: One expert's write: its index in the session, its spec, its plan, and the engine's word on B's and
+#: its sources (full model or LoRA) for its report.
+Job = tuple[int, "ExpertSpec", Plan, dict[str, Any]]
+
+
+def _write_stage(session: Session, shared: tuple[Path, Path], job: Job, target: Path, sync: bool,
                  progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
     beside ``target``; returns the stage and the report. On any error the stage is removed."""
+    index, spec, plan, sources = job
     started = time.perf_counter()
     stage = new_stage(target)
     try:
         write = session.write(index, plan, stage, sync=sync, progress=progress)
-        report = finish_output(stage, plan, write, 0, spec.options, (*shared, spec.path), started)
+        report = finish_output(stage, plan, write, 0, spec.options, (*shared, spec.path), started, sources=sources)
         return stage, report
     except BaseException:
         discard_stage(stage)
         raise
 
 
-def _write_one(base: Path, safety: Path, spec: ExpertSpec, out: Path, plan: Plan, layout: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """One Ray task: opens its own session (the task runs on another node, which cannot share this
-    process's open files), then the expert's write pass, checksums, sync and rename into place."""
-    from layerswap_fast.folder import architecture
-
-    session = Session(base, safety, [spec.path], architecture=architecture(spec.path), layout=layout)
-    stage, report = _write_stage(session, (base, safety), 0, spec, out, plan, True, None)
+def _write_one(base: Path, safety: Path, job: Job, out: Path, layout: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """One Ray task: opens its own session (the task may run on another node, which cannot share
+    this process's open files), then the expert's write pass, checksums, sync and rename into place."""
+    _, spec, plan, sources = job
+    session = Session(base, safety, [spec.path], architecture=architecture(model_of(spec.path, base)), layout=layout)
+    stage, report = _write_stage(session, (base, safety), (0, spec, plan, sources), out, True, None)
     return _publish(stage, out, report)
 
 
@@ -210,17 +238,76 @@ def bulk_merge(
         The summary (also written to ``out/layerswap_bulk_summary.json``): per expert status, decisions,
         time, and the cross-language table of decisions per unit.
     """
-    if executor not in EXECUTORS:
+    if not isinstance(executor, str) or executor not in EXECUTORS:
         raise InvalidOptionError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if isinstance(experts, (str, bytes, os.PathLike)) or not isinstance(experts, Iterable):
+        raise TypeError(f"experts must be a list of ExpertSpec, not {type(experts).__name__} {experts!r}")
     specs = list(experts)
     if not specs:
         raise InvalidOptionError("no language experts given")
+    for e in specs:
+        if not isinstance(e, ExpertSpec):
+            raise InvalidOptionError(f"experts must be ExpertSpec values, not {type(e).__name__}")
     names = [e.name for e in specs]
-    if len(set(names)) != len(names):
-        raise InvalidOptionError(f"expert names must be unique; got {names}")
-    base_p, safety_p, out_p = Path(base), Path(safety), Path(out)
-    check_output(out_p, [base_p, safety_p, *(e.path for e in specs)], force=True)
-    out_p.mkdir(parents=True, exist_ok=True)
+    if len({n.lower() for n in names}) != len(names):
+        raise InvalidOptionError(f"expert names must be unique (without regard to case); got {names}")
+    base_p, safety_p, out_p = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(out, "out")
+    flag_arg(force, "force")
+    callback_arg(progress, "progress")
+    callback_arg(on_expert, "on_expert")
+    inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
+              path_arg(saved_stats, "saved_stats", optional=True)]
+    check_bulk_out(out_p, inputs)
+    created = not out_p.exists()
+    published: list[str] = []
+    try:
+        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published)
+    except KeyboardInterrupt as interrupted:
+        # Say truthfully what exists now: the outputs published (and recorded in the manifest)
+        # before the interruption; whatever was being written is gone.
+        interrupted.written = (  # type: ignore[attr-defined]
+            f"published before the interruption: {', '.join(str(out_p / n) for n in published)} (recorded in {out_p / MANIFEST}); "
+            f"not written: {', '.join(n for n in names if n not in published) or 'none'}"
+            if published else "no expert's output was written"
+        )
+        _remove_if_unused(out_p, created, published)
+        raise
+    except BaseException:
+        _remove_if_unused(out_p, created, published)
+        raise
+    if not published:
+        _remove_if_unused(out_p, created, published)
+    return summary
+
+
+def check_bulk_out(out: Path, inputs: list[Optional[Path]]) -> None:
+    """OUT of a bulk run must not overlap any input, and must be new, empty, or an earlier bulk
+    output (it holds layerswap_bulk.json): a bulk run adds folders and files there."""
+    check_not_input(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputExistsError(f"{out}: exists and is not a folder")
+        names = {p.name for p in out.iterdir()}
+        if names and not names & {MANIFEST, SUMMARY}:
+            hint = " (it is a single merge's output; give a new OUT)" if set(OUTPUT_MARKERS) & names else ""
+            raise OutputExistsError(f"{out}: is not empty and not an output of a bulk run (no {MANIFEST}){hint}; nothing in it was touched")
+
+
+def _remove_if_unused(out: Path, created: bool, published: list[str]) -> None:
+    """A run that created OUT and published nothing leaves no OUT (only its own files are removed)."""
+    if not created or published or not out.is_dir():
+        return
+    for name in (SUMMARY, MANIFEST):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
+    with contextlib.suppress(OSError):
+        out.rmdir()
+
+
+def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path, layout: Optional[PathLike], executor: str,
+              force: bool, saved_stats: Optional[PathLike], progress: Optional[ProgressCallback],
+              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str]) -> dict[str, Any]:
+    names = [e.name for e in specs]
     manifest = _read_manifest(out_p)
     layout_def = read_layout(layout)
     entries: dict[str, dict[str, Any]] = {}
@@ -232,29 +319,43 @@ def bulk_merge(
             entries[e.name] = {**old, "status": "skipped", "note": "finished earlier; output verified against the manifest"}
             _notify(on_expert, e.name, entries[e.name])
             continue
+        refusal = replace_refusal(target) if target.exists() or target.is_symlink() else None
         if target.exists() and not force and not (old and old.get("status") == "ok"):
-            entries[e.name] = {"status": "failed", "error": f"{target}: exists and is not a finished output of this run (use --force to replace it)",
-                               "kind": "OutputExistsError"}
+            refusal = "exists and is not a finished output of this run (use --force to replace it)"
+        if refusal:
+            entries[e.name] = {"status": "failed", "error": f"{target}: {refusal}", "kind": "OutputExistsError"}
             _notify(on_expert, e.name, entries[e.name])
             continue
+        try:  # a side file that is a FIFO or a dangling link fails this expert now, not after its merge
+            plan_side_files(model_of(e.path, base_p), _tokenizer_source(e.options, (base_p, safety_p, e.path)))
+        except LayerswapError as err:
+            entries[e.name] = _failure(err)
+            _notify(on_expert, e.name, entries[e.name])
+            continue
+        clear_stale(target)
         todo.append(e)
     stats_seconds = 0.0
     if todo:
         t0 = time.perf_counter()
         saved = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
-        # One opening of B, S and every expert, shared by the analysis and every write of this process.
+        # One opening of B, S and every expert, shared by the analysis and every write of this process:
+        # an expert that changes after the analysis is refused by its write, never merged stale.
         session = open_session(base_p, safety_p, [e.path for e in todo], layout, lenient=True)
         for i, err in session.failures:
             entries[todo[i].name] = _failure(err)
             _notify(on_expert, todo[i].name, entries[todo[i].name])
         plans = session.analyze([todo[i].options for i in session.opened], saved=saved, progress=progress)
         stats_seconds = time.perf_counter() - t0
-        jobs = [(i, todo[i], plan) for i, plan in zip(session.opened, plans)]
+        sources = session.sources
+        # The engine's word on each expert (full or LoRA) rides with its plan into its report.
+        jobs: list[Job] = [(i, todo[i], plan, {"safety": sources["safety"], "expert": info})
+                           for i, plan, info in zip(session.opened, plans, sources["experts"])]
 
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
                 entries[e.name] = outcome
             else:
+                published.append(e.name)
                 r = outcome["report"]
                 entries[e.name] = {"status": "ok", "options": e.options.to_dict(), "files": outcome["files"], "counts": r["counts"],
                                    "seconds": r["seconds"], "units": r["units"], "expert": str(e.path)}
@@ -267,7 +368,8 @@ def bulk_merge(
         else:
             _run_local(session, jobs, (base_p, safety_p), out_p, progress, record)
     summary = _summary(entries, names, stats_seconds)
-    _write_json_atomic(out_p / SUMMARY, summary)
+    if out_p.exists():
+        _write_json_atomic(out_p / SUMMARY, summary)
     return summary
 
 
@@ -302,18 +404,19 @@ def _publish(stage: Path, target: Path, report: dict[str, Any]) -> dict[str, Any
         raise
 
 
-def _run_local(session: Session, jobs: list[tuple[int, ExpertSpec, Plan]], shared: tuple[Path, Path], out: Path,
-               progress: Optional[ProgressCallback], record: Callable[[ExpertSpec, dict[str, Any]], None]) -> None:
+def _run_local(session: Session, jobs: list[Job], shared: tuple[Path, Path], out: Path, progress: Optional[ProgressCallback],
+               record: Callable[[ExpertSpec, dict[str, Any]], None]) -> None:
     """Write passes one after another on the run's session; each expert's disk sync, checksums and
     rename run in a background thread while the next expert is being written, so the disk and the
     cores work at once."""
     pending: Optional[tuple[ExpertSpec, concurrent.futures.Future[dict[str, Any]]]] = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as committer:
         try:
-            for index, e, plan in jobs:
+            for job in jobs:
+                e = job[1]
                 target = out / e.name
                 try:
-                    stage, report = _write_stage(session, shared, index, e, target, plan, False, progress)
+                    stage, report = _write_stage(session, shared, job, target, False, progress)
                 except (LayerswapError, OSError) as err:
                     record(e, _failure(err))
                     continue
@@ -328,7 +431,7 @@ def _run_local(session: Session, jobs: list[tuple[int, ExpertSpec, Plan]], share
                 record(pending[0], pending[1].result())
 
 
-def _run_ray(jobs: list[tuple[int, ExpertSpec, Plan]], base: Path, safety: Path, out: Path, layout: Optional[dict[str, Any]],
+def _run_ray(jobs: list[Job], base: Path, safety: Path, out: Path, layout: Optional[dict[str, Any]],
              record: Callable[[ExpertSpec, dict[str, Any]], None]) -> None:
     """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
     try:
@@ -338,7 +441,7 @@ def _run_ray(jobs: list[tuple[int, ExpertSpec, Plan]], base: Path, safety: Path,
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(_write_one)
-    pending = {task.remote(base, safety, e, out / e.name, plan, layout): e for _, e, plan in jobs}
+    pending = {task.remote(base, safety, job, out / job[1].name, layout): job[1] for job in jobs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
@@ -367,8 +470,27 @@ def _summary(entries: dict[str, dict[str, Any]], names: list[str], stats_seconds
 # --- saved statistics ---------------------------------------------------------------------------
 
 
-def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike) -> None:
-    """Saves the base and safety-expert statistics of an analysis, for reuse by later bulk runs."""
+def check_stats_path(path: PathLike, inputs: Iterable[Optional[PathLike]]) -> None:
+    """Refuses a ``--save-stats`` path that overlaps an input, or that holds something other than a
+    statistics file (which would be overwritten). Called before any work."""
+    p = Path(path)
+    check_not_input(p, [Path(i) if i is not None else None for i in inputs], "--save-stats file")
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        raise OutputExistsError(f"{p}: --save-stats file exists and is not a regular file; refusing to replace it")
+    if p.exists() and p.stat().st_size > 0:
+        with open(p, "rb") as f:
+            head = f.read(64)
+        if not head.startswith(b'{\n  "layerswap_stats"'):
+            raise OutputExistsError(f"{p}: exists and is not a statistics file of layerswap-fast; refusing to overwrite it")
+
+
+def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike, expert: Optional[PathLike] = None) -> None:
+    """Saves the base and safety-expert statistics of an analysis, for reuse by later bulk runs.
+
+    Raises:
+        OutputExistsError: ``path`` overlaps an input or holds something else than a statistics file.
+    """
+    check_stats_path(path, [base, safety, expert])
     data = {
         "layerswap_stats": 1,
         "version": _core.__version__,
@@ -392,7 +514,8 @@ def load_saved_stats(path: PathLike, numerics: str) -> list[TensorStats]:
     if data.get("numerics") != numerics:
         raise InvalidOptionError(f"{p}: statistics were computed with {data.get('numerics')} numerics, this run uses {numerics}")
     try:
-        return [TensorStats.from_dict({"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0], "expert_ss": 0.0})
+        return [TensorStats.from_dict({"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0],
+                                       "expert_ss": 0.0})
                 for t in data["tensors"]]
     except (KeyError, IndexError, TypeError) as e:
         raise InvalidOptionError(f"{p}: not a valid statistics file ({e!r})") from None

@@ -1,8 +1,8 @@
 """The ``layerswap-fast`` command line.
 
 Exit status: 0 success; 2 bad input or options (one line on stderr naming the file and tensor);
-1 other failures such as a full disk; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). A failed or
-interrupted merge leaves no output folder behind.
+1 other failures such as a full disk; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 129 hung up
+(SIGHUP). A failed or interrupted merge leaves no output folder and no staging folder behind.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,9 +19,10 @@ import click
 
 from layerswap_fast import api, bulk
 from layerswap_fast.errors import LayerswapError, OutputExistsError
+from layerswap_fast.folder import LeftoverWarning, check_not_input
 from layerswap_fast.options import from_cli, method_options, output_options, resource_options
 from layerswap_fast.progress import ProgressBar
-from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary, report_table
+from layerswap_fast.report import bulk_table, decision_table, fmt_bytes, merge_summary, plural, report_table
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -30,11 +32,31 @@ _USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADi
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that the engine is cancelled and the staging folder removed."""
+    """SIGTERM or SIGHUP, turned into an exception so that the engine is cancelled and the staging
+    folder removed (only SIGKILL can leave one behind)."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+#: Signals that would otherwise end the process without cleanup: the terminal closing, kill's default.
+_CAUGHT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    click.echo(f"layerswap-fast: warning: {' '.join(str(message).split())}", err=True)
+
+
+def _interrupted(e: KeyboardInterrupt, verb: str) -> str:
+    """What an interrupted run wrote, truthfully (a bulk run names the outputs it published)."""
+    written = getattr(e, "written", None)
+    return f"layerswap-fast: {verb}; {written or 'nothing was written'}"
 
 
 def _errors(f: Callable) -> Callable:
@@ -42,18 +64,23 @@ def _errors(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        previous = signal.getsignal(signal.SIGTERM)
-        try:
-            signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            previous = None
+        previous = {}
+        for sig in _CAUGHT_SIGNALS:
+            try:
+                previous[sig] = signal.signal(sig, _on_signal)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        warnings.simplefilter("always", LeftoverWarning)  # the user must see these, once each
+        warnings.showwarning = _show_warning
         try:
             return f(*args, **kwargs)
-        except _Terminated:
-            click.echo("layerswap-fast: terminated; nothing was written", err=True)
-            sys.exit(143)
-        except KeyboardInterrupt:
-            click.echo("layerswap-fast: interrupted; nothing was written", err=True)
+        except _Terminated as e:
+            click.echo(_interrupted(e, "terminated" if e.signum == signal.SIGTERM else f"terminated by {signal.Signals(e.signum).name}"), err=True)
+            sys.exit(128 + e.signum)
+        except KeyboardInterrupt as e:
+            click.echo(_interrupted(e, "interrupted"), err=True)
             sys.exit(130)
         except (LayerswapError, *_USER_OS_ERRORS) as e:
             click.echo(f"layerswap-fast: error: {_one_line(e)}", err=True)
@@ -69,8 +96,9 @@ def _errors(f: Callable) -> Callable:
             click.echo(f"layerswap-fast: {_one_line(e)}", err=True)
             sys.exit(EXIT_FAILURE)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            caught.__exit__(None, None, None)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     return wrapper
 
@@ -104,7 +132,7 @@ def _models(multiple: bool = False) -> Callable[[Callable], Callable]:
             kind = str if (multiple and name == "expert") else click.Path(path_type=Path)
             f = click.option(*flags, name, required=not multiple, multiple=multiple and name == "expert", type=kind, help=help_)(f)
         f = click.option("--layout", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                         help="Custom layout definition (JSON) for models no built-in layout recognises.")(f)
+                         help="Custom layout definition (JSON or TOML) for models no built-in layout recognises.")(f)
         return f
 
     return decorator
@@ -159,6 +187,8 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
     decision, exactly as thresholded.
     """
     options = from_cli(params)
+    if save_stats is not None:
+        bulk.check_stats_path(save_stats, [base, safety, expert, layout])
     if compare_numerics:
         _compare_numerics(base, safety, expert, layout, options, as_json)
         return
@@ -168,7 +198,7 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
     finally:
         bar.close()
     if save_stats is not None:
-        bulk.save_stats(save_stats, plan, base, safety)
+        bulk.save_stats(save_stats, plan, base, safety, expert)
     click.echo(json.dumps(plan.to_dict(), indent=2) if as_json else decision_table(plan))
 
 
@@ -182,14 +212,20 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
               help="Where the per-expert write passes run: here, or on Ray (cluster from RAY_ADDRESS; shared filesystem).")
 @click.option("--stats", "saved_stats", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Reuse base and safety statistics saved by analyze --save-stats (the safety expert is then not re-read).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete); in bulk runs, redo finished experts.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder that is empty or an earlier output of this tool (only once the new one is complete); "
+                                            "anything else is refused untouched. In bulk runs, redo finished experts.")
+@click.option("--config-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Model folder whose config, processor and tokenizer files go to the output (for a language expert given as a bare .safetensors file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--emit", type=click.Choice(("model", "adapter")), default="model", show_default=True,
+              help="What to write: a full model, or (both experts PEFT LoRA adapters) the merge as an exact PEFT adapter for the base.")
 @method_options
 @resource_options
 @output_options
 @_errors
 def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...], layout: Optional[Path], out: Optional[Path],
-          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, quiet: bool, **params: Any) -> None:
+          plan_file: Optional[Path], executor: str, saved_stats: Optional[Path], force: bool, config_from: Optional[Path], quiet: bool, emit: str,
+          **params: Any) -> None:
     """Merge the safety expert into the language expert(s) and write Hugging Face folders.
 
     The output holds merged safetensors shards (and their index), the language expert's config, the
@@ -211,12 +247,15 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
             raise click.UsageError("give -o/--out")
         bar = ProgressBar(enabled=False if quiet else None)
         try:
-            report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar)
+            report = api.merge(base, safety, experts[0][1], out, options=options, layout=layout, force=force, progress=bar,
+                               config_from=config_from, emit=emit)
         finally:
             bar.close()
         if not quiet:
             click.echo(merge_summary(report, str(out)))
         return
+    if emit != "model":
+        raise click.UsageError("--emit adapter writes one adapter: give one -m/--expert without a name (bulk runs write full models)")
     if plan_file is not None:
         plan = bulk.load_bulk_file(plan_file, options)
         base, safety = base or plan.base, safety or plan.safety
@@ -226,6 +265,9 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
         specs = [bulk.ExpertSpec(n, p, options) for n, p in experts]
     if out is None:
         raise click.UsageError("give -o/--out (or 'out' in the --plan file)")
+    if config_from is not None:
+        raise click.UsageError("--config-from applies to a merge of one expert (without --plan, NAME=PATH or --stats)")
+    check_not_input(out, [plan_file])
     bar = ProgressBar(enabled=False if quiet else None)
 
     def said(name: str, entry: dict[str, Any]) -> None:
@@ -283,7 +325,7 @@ def _layout_summary(model: str, info: dict[str, Any], show_all: bool = False) ->
 
     lines = [
         f"{model}: layout {info['layout']}: {info['description']}",
-        f"{n} layers, {len(info['tensors'])} tensors, {fmt_bytes(info['data_bytes'])} in {info['shards']} shard(s)",
+        f"{plural(n, 'layer')}, {plural(len(info['tensors']), 'tensor')}, {fmt_bytes(info['data_bytes'])} in {plural(info['shards'], 'shard')}",
         f"units: {n} in layer granularity, {2 * n} in module granularity (attention and MLP of each layer)",
         f"  {'per layer':<22} {'tensors':>8} {'measured':>9}",
     ]
@@ -318,19 +360,23 @@ def _compare_numerics(base: Path, safety: Path, expert: Path, layout: Optional[P
 @method_options
 @output_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
+@click.option("--max-ulp", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Accept computed values up to N units in the last place off (for outputs of other tools); 0 requires every byte.")
 @_errors
-def verify(out: Path, base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, **params: Any) -> None:
+def verify(out: Path, base: Path, safety: Path, expert: Path, layout: Optional[Path], as_json: bool, max_ulp: int, **params: Any) -> None:
     """Recompute a merge with the torch reference and check OUT against it (needs torch).
 
     Pass the same method options as to merge. Checks that every unit's decision matches, that every
-    tensor is present with the right dtype and shape, that tensors copied whole are byte-identical
-    to their source and blended ones within 1 unit in the last place, and that the folder (index,
-    shard headers, side files) is complete. Prints a table and every mismatch; exits 1 on any.
+    tensor is present with the right dtype and shape, that every byte equals the reference's (exact
+    and official numerics are reproducible bit for bit; --max-ulp N allows a tolerance), and that the
+    folder (index, shard headers, side files, the dtype config.json states) is complete. The
+    reference finds each family's units in its own table, not in the engine's layout files. Prints a
+    table and every mismatch; exits 1 on any.
     """
     from layerswap_fast.verify import verify as run_verify
 
     try:
-        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout)
+        result = run_verify(out, base, safety, expert, options=from_cli(params), layout=layout, max_ulp=max_ulp)
     except ImportError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
@@ -364,4 +410,4 @@ def demo(outdir: Path, layers: int, granularity: str, force: bool) -> None:
     paths = synth.make_trio(outdir, cfg, shard_bytes={"base": None, "safety": 200_000, "expert": 300_000})
     report = api.merge(paths["base"], paths["safety"], paths["expert"], outdir / "merged", granularity=granularity, force=True)
     click.echo(report_table(report))
-    click.echo(merge_summary(report, str(outdir / "merged")))
+    click.echo(merge_summary(report, str(outdir / "merged"), units=False))

@@ -8,6 +8,7 @@ phrased in terms of the option they typed.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -33,8 +34,12 @@ def parse_size(value: int | str) -> int:
     Raises:
         InvalidOptionError: the text is not a size.
     """
-    if isinstance(value, int):
-        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
+        raise InvalidOptionError(f"a size must be a number of bytes or a text like '1GiB', not {type(value).__name__} {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
     m = _SIZE.match(str(value))
     if not m:
         raise InvalidOptionError(f"'{value}' is not a size (examples: 512MiB, 1GiB, 5GB, 1073741824)")
@@ -47,7 +52,7 @@ def parse_size(value: int | str) -> int:
 
 @dataclass(frozen=True)
 class MergeOptions:
-    """Everything that shapes a merge. See ``../shared/METHOD.md`` for the method options.
+    """Everything that shapes a merge. The method options are described in the README, "How it works".
 
     Attributes:
         granularity: ``layer`` (one unit per decoder layer) or ``module`` (attention and MLP separately).
@@ -56,7 +61,7 @@ class MergeOptions:
         numerics: ``exact`` (float64 statistics, float32 blends rounded once) or ``official`` (the
             authors' bf16 arithmetic, bit for bit).
         outside: what embeddings, final norm and lm_head are made of: blend, expert or safety.
-        norms: module granularity: what a layer's own norms are made of (METHOD.md: expert).
+        norms: module granularity: what a layer's own norms are made of (the method, §5: expert).
         vocab_from: the vocabulary tensors (token embeddings, lm_head): ``outside`` treats them like the
             other outside tensors, and then the safety and language experts must have the same vocabulary
             shapes (a clear error otherwise); ``expert`` always takes them from the language expert, for
@@ -87,8 +92,20 @@ class MergeOptions:
     def __post_init__(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise InvalidOptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+        # Types first: True is an int to Python, and "no" is a true value; neither is a number or a flag here.
+        for name in ("tau", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidOptionError(f"{name} must be a number, not {type(value).__name__} {value!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral)):
+            raise InvalidOptionError(f"threads must be a whole number or None, not {type(self.threads).__name__} {self.threads!r}")
+        if not isinstance(self.allow_non_finite, bool):
+            raise InvalidOptionError(f"allow_non_finite must be True or False, not {type(self.allow_non_finite).__name__} {self.allow_non_finite!r}")
+        if self.out_dtype is not None and not isinstance(self.out_dtype, str):
+            raise InvalidOptionError(f"out_dtype must be one of {', '.join(DTYPES)} or None; got {self.out_dtype!r}")
 
         choice("granularity", GRANULARITIES)
         choice("numerics", NUMERICS)
@@ -105,8 +122,6 @@ class MergeOptions:
                     f"vocab_from='expert' takes the language expert's embeddings, so its tokenizer must go with them; "
                     f"got tokenizer_from={self.tokenizer_from!r}"
                 )
-        if not isinstance(self.allow_non_finite, bool):
-            raise InvalidOptionError(f"allow_non_finite must be True or False; got {self.allow_non_finite!r}")
         if not isinstance(self.tau, (int, float)) or not (self.tau >= 0) or self.tau == float("inf"):
             raise InvalidOptionError(f"tau must be a finite number >= 0; got {self.tau!r}")
         if not isinstance(self.alpha, (int, float)) or not (0.0 <= self.alpha <= 1.0):
@@ -117,7 +132,9 @@ class MergeOptions:
                 raise InvalidOptionError(f"{name} must be positive; got {getattr(self, name)}")
             if getattr(self, name) >= 2**64:
                 raise InvalidOptionError(f"{name} must be below 16 EiB; got {getattr(self, name)}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None:
+            object.__setattr__(self, "threads", int(self.threads))
+        if self.threads is not None and self.threads < 1:
             raise InvalidOptionError(f"threads must be at least 1; got {self.threads!r}")
         if self.threads is not None and self.threads > MAX_THREADS:
             raise InvalidOptionError(f"threads must be at most {MAX_THREADS}; got {self.threads}")
@@ -203,3 +220,53 @@ _FIELDS = {field for group in (_METHOD_OPTIONS, _RESOURCE_OPTIONS, _OUTPUT_OPTIO
 def from_cli(params: dict[str, Any]) -> MergeOptions:
     """Builds MergeOptions from the parameters Click collected (unknown keys are ignored)."""
     return MergeOptions(**{k: v for k, v in params.items() if k in _FIELDS and v is not None})
+
+
+# --- public parameters other than options -----------------------------------------------------------
+
+
+def path_arg(value: Any, name: str, optional: bool = False) -> Any:
+    """A path parameter of the public API as a Path (None only when ``optional``).
+
+    Raises:
+        TypeError: naming the parameter, for None (unless optional), numbers, booleans, bytes...
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+        text = os.fspath(value)
+        if isinstance(text, str) and text:
+            from pathlib import Path
+
+            return Path(text)
+        raise TypeError(f"{name} must be a non-empty path; got {value!r}")
+    raise TypeError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__} {value!r}")
+
+
+def flag_arg(value: Any, name: str) -> bool:
+    """A boolean parameter (``force=``): only True or False, so that ``force="no"`` is not true."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__} {value!r}")
+    return value
+
+
+def callback_arg(value: Any, name: str) -> Any:
+    """A callback parameter (``progress=``): callable or None."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, not {type(value).__name__} {value!r}")
+    return value
+
+
+def options_arg(value: Any) -> None:
+    if value is not None and not isinstance(value, MergeOptions):
+        raise TypeError(f"options must be a MergeOptions or None, not {type(value).__name__} {value!r}")
+
+
+def toml() -> Any:
+    """The TOML parser: ``tomllib`` (Python 3.11+) or ``tomli`` (3.10, a dependency there). Every
+    reader of TOML (layouts, plan files, the reference) gets it here."""
+    try:
+        import tomllib
+    except ImportError:
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib

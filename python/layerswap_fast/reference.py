@@ -1,7 +1,7 @@
-"""A plain torch implementation of ``METHOD.md``, written to check the engine, not to be fast.
+"""A plain torch implementation of the method (README, "How it works", §1–§6), written to check the engine, not to be fast.
 
 It is a second, independent implementation: it never imports ``layerswap_fast._core`` and shares no
-code with the engine. It finds units from tensor names with its own patterns (Llama naming, METHOD.md
+code with the engine. It finds units from tensor names with its own patterns (Llama naming, the method
 §1), loads every tensor whole with safetensors' torch API, and writes the formulas out again (§2–§5).
 
 Two numerics, as in the engine:
@@ -30,10 +30,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 PathLike = Union[str, Path]
+#: A layout for the reference: None (Llama naming), a layout file or dict, or a family's :class:`Patterns`.
+LayoutArg = Union[None, PathLike, dict[str, Any], "Patterns"]
 
 INSTALL_HINT = "pip install 'layerswap-fast[check]'"
 
-#: METHOD.md §1 for Llama naming: a decoder layer's tensors, and the measured ones inside it.
+#: the method §1 for Llama naming: a decoder layer's tensors, and the measured ones inside it.
 LAYER_PATTERN = r"^model\.layers\.(\d+)\."
 ATTENTION_PATTERN = r"^self_attn\."
 MLP_PATTERN = r"^mlp\."
@@ -41,9 +43,9 @@ TARGET_PATTERN = r"^(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|b
 #: Tensors outside the layers with a vocabulary axis (for ``vocab_from="expert"``).
 VOCAB_PATTERN = r"^(model\.embed_tokens|lm_head)\.weight$"
 
-#: Below this base norm the relative change is not divided (METHOD.md §2).
+#: Below this base norm the relative change is not divided (the method §2).
 BASE_NORM_EPS = 1e-8
-#: Added to the sum of scores before normalising (METHOD.md §4).
+#: Added to the sum of scores before normalising (the method §4).
 SUM_EPS = 1e-8
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -64,8 +66,10 @@ def _torch() -> Any:
 
 
 def shard_files(model: PathLike) -> list[Path]:
-    """The safetensors files of a model: a single file, a folder's ``model.safetensors``, or the
-    shards its index names (each once, in name order)."""
+    """The safetensors files of a model: a single file, a folder's ``model.safetensors``, the shards
+    its index names (each once, in name order), or without either the files named like Hugging Face
+    shards (other ``.safetensors`` files in the folder, an adapter or a consolidated file, are not the
+    model)."""
     p = Path(model)
     if p.is_file():
         return [p]
@@ -75,7 +79,11 @@ def shard_files(model: PathLike) -> list[Path]:
         return [p / f for f in sorted(set(weight_map.values()))]
     if (p / SINGLE_FILE).is_file():
         return [p / SINGLE_FILE]
-    raise FileNotFoundError(f"{p}: no {SINGLE_FILE} or {INDEX_FILE} here")
+    # Without an index: the Hugging Face shard names only (model-00001-of-00003.safetensors).
+    shards = sorted(f for f in p.glob("model-*-of-*.safetensors") if re.fullmatch(r"model-\d+-of-\d+\.safetensors", f.name))
+    if shards:
+        return shards
+    raise FileNotFoundError(f"{p}: no {SINGLE_FILE}, {INDEX_FILE} or model-NNNNN-of-NNNNN.safetensors here")
 
 
 class Checkpoint:
@@ -107,7 +115,7 @@ class Checkpoint:
         return self._where[name].get_tensor(name)
 
 
-# --- units (METHOD.md §1, §3, §5) -------------------------------------------------------------------
+# --- units (the method §1, §3, §5) -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,7 @@ class Place:
 
 @dataclass(frozen=True)
 class Patterns:
-    """Name patterns that say where tensors belong. The defaults are METHOD.md's Llama naming, written
+    """Name patterns that say where tensors belong. The defaults are the method's Llama naming, written
     here independently of the engine; another family's patterns can be given as data, in the engine's
     layout format (``layer``, ``attention``, ``mlp``, ``targets``, optional ``norms``, ``exclude``,
     ``vocab``). ``layer`` is matched at the start of the name; the others are searched, the way the
@@ -139,18 +147,20 @@ class Patterns:
     vocab: Optional[str] = VOCAB_PATTERN
 
     @classmethod
-    def from_layout(cls, layout: Union[None, PathLike, dict[str, Any]]) -> "Patterns":
+    def from_layout(cls, layout: LayoutArg) -> "Patterns":
         """Patterns from a layout definition: a dict, a JSON or TOML file, or None for the defaults."""
         if layout is None:
             return cls()
+        if isinstance(layout, Patterns):
+            return layout
         if isinstance(layout, dict):
             d = layout
         else:
             p = Path(layout)
             if p.suffix.lower() == ".toml":
-                import tomllib
+                from layerswap_fast.options import toml  # pure Python, no engine
 
-                d = tomllib.loads(p.read_text())
+                d = toml().loads(p.read_text())
             else:
                 d = json.loads(p.read_text())
         return cls(d["layer"], d["attention"], d["mlp"], d["targets"], d.get("norms"), d.get("exclude"), d.get("vocab"))
@@ -173,6 +183,109 @@ class Patterns:
         return Place(int(m.group(1)), part, target)
 
 
+# --- families, written from the Hugging Face modeling code (never from the engine's layout files) ------------
+#
+# Each family is described the way its modeling code builds a decoder (or encoder) layer: where the
+# layers live, the name of the attention and MLP submodules, the linear layers inside them (the measured
+# tensors, weight and bias), the layer's own norms, and the vocabulary tensors outside the layers.
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family as its modeling code names things."""
+
+    layer_prefixes: tuple[str, ...]  # e.g. "model.layers." (the layer index follows, then ".")
+    attention: tuple[str, ...]  # attention submodule paths inside a layer
+    attention_linears: tuple[str, ...]  # measured linears, relative to the layer
+    mlp: tuple[str, ...]
+    mlp_linears: tuple[str, ...]  # may use "{e}" for an expert index
+    norms: tuple[str, ...]  # the layer's own norm modules
+    vocab: tuple[str, ...]  # full tensor names (may use "{p}" for an optional prefix) with a vocabulary axis
+
+    def patterns(self) -> "Patterns":
+        esc = lambda xs: "|".join(re.escape(x).replace(r"\{e\}", r"\d+") for x in xs)  # noqa: E731
+        layer = "^(?:" + esc(self.layer_prefixes) + r")(\d+)\."
+        targets = r"^(?:" + esc(self.attention_linears + self.mlp_linears) + r")\.(?:weight|bias)$"
+        vocab = "^(?:" + esc(self.vocab) + ")$"
+        return Patterns(layer, f"^(?:{esc(self.attention)})\\.", f"^(?:{esc(self.mlp)})\\.", targets,
+                        f"^(?:{esc(self.norms)})\\.", None, vocab)
+
+
+def _prefixed(names: tuple[str, ...], prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p + n for p in prefixes for n in names)
+
+
+_QKVO = tuple(f"self_attn.{x}_proj" for x in "qkvo")
+_GATE_UP_DOWN = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+_MM = ("model.", "language_model.model.", "model.language_model.", "model.text_model.")
+_GEMMA = ("model.", "language_model.model.", "model.language_model.")
+
+#: modeling_llama / mistral / qwen2 / qwen3 / cohere / granite: LlamaDecoderLayer and its relatives.
+FAMILIES: dict[str, Family] = {
+    "llama": Family(("model.layers.",), ("self_attn",), _QKVO, ("mlp",), _GATE_UP_DOWN, _LLAMA_NORMS,
+                    ("model.embed_tokens.weight", "lm_head.weight")),
+    # modeling_gemma / gemma2 / gemma3: sandwich norms around the MLP; Gemma 3 nests the text model.
+    "gemma": Family(tuple(p + "layers." for p in _GEMMA), ("self_attn",), _QKVO, ("mlp",), _GATE_UP_DOWN,
+                    _LLAMA_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                    _prefixed(("embed_tokens.weight",), _GEMMA) + ("lm_head.weight", "language_model.lm_head.weight")),
+    # modeling_mixtral / phimoe: MixtralSparseMoeBlock with its router "gate" and experts.N.w1/w2/w3.
+    "mixtral": Family(("model.layers.",), ("self_attn",), _QKVO, ("block_sparse_moe",),
+                      ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w2",
+                       "block_sparse_moe.experts.{e}.w3"), _LLAMA_NORMS, ("model.embed_tokens.weight", "lm_head.weight")),
+    # modeling_qwen2_moe / qwen3_moe / olmoe: router mlp.gate, experts.N.*, shared expert and its gate.
+    "qwen_moe": Family(("model.layers.",), ("self_attn",), _QKVO, ("mlp",),
+                       _GATE_UP_DOWN + ("mlp.gate", "mlp.shared_expert_gate")
+                       + tuple(f"mlp.experts.{{e}}.{x}_proj" for x in ("gate", "up", "down"))
+                       + tuple(f"mlp.shared_expert.{x}_proj" for x in ("gate", "up", "down")),
+                       _LLAMA_NORMS, ("model.embed_tokens.weight", "lm_head.weight")),
+    # modeling_phi: PhiDecoderLayer, parallel attention/MLP under one input_layernorm; lm_head has a bias.
+    "phi": Family(("model.layers.",), ("self_attn",), ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
+                  ("mlp",), ("mlp.fc1", "mlp.fc2"), ("input_layernorm",), ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias")),
+    # modeling_phi3: fused qkv_proj and gate_up_proj.
+    "phi3": Family(("model.layers.",), ("self_attn",), ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp",),
+                   ("mlp.gate_up_proj", "mlp.down_proj"), _LLAMA_NORMS, ("model.embed_tokens.weight", "lm_head.weight")),
+    # modeling_gpt2: GPT2Block with Conv1D c_attn/c_proj and c_fc/c_proj, ln_1/ln_2.
+    "gpt2": Family(("transformer.h.", "h."), ("attn",), ("attn.c_attn", "attn.c_proj"), ("mlp",), ("mlp.c_fc", "mlp.c_proj"),
+                   ("ln_1", "ln_2"), ("transformer.wte.weight", "wte.weight", "lm_head.weight")),
+    # modeling_gpt_neox: GPTNeoXLayer.
+    "gpt_neox": Family(("gpt_neox.layers.",), ("attention",), ("attention.query_key_value", "attention.dense"), ("mlp",),
+                       ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), _LLAMA_NORMS, ("gpt_neox.embed_in.weight", "embed_out.weight")),
+    # modeling_falcon / bloom: self_attention.query_key_value|dense, mlp.dense_h_to_4h|dense_4h_to_h.
+    "falcon": Family(("transformer.h.", "h."), ("self_attention",), ("self_attention.query_key_value", "self_attention.dense"),
+                     ("mlp",), ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), _LLAMA_NORMS + ("ln_attn", "ln_mlp"),
+                     ("transformer.word_embeddings.weight", "word_embeddings.weight", "lm_head.weight")),
+    # modeling_bert / roberta / xlm_roberta: BertLayer = attention (self + output.dense), intermediate, output.
+    "bert": Family(("encoder.layer.", "bert.encoder.layer.", "roberta.encoder.layer."), ("attention.self", "attention.output.dense"),
+                   ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+                   ("intermediate.dense", "output.dense"), ("intermediate.dense", "output.dense"),
+                   ("attention.output.LayerNorm", "output.LayerNorm"),
+                   ("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight", "roberta.embeddings.word_embeddings.weight",
+                    "cls.predictions.bias", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
+                    "lm_head.bias", "lm_head.decoder.weight", "lm_head.decoder.bias")),
+    # modeling_distilbert: TransformerBlock with attention.{q,k,v,out}_lin and ffn.lin1/lin2.
+    "distilbert": Family(("transformer.layer.", "distilbert.transformer.layer."), ("attention",),
+                         tuple(f"attention.{x}_lin" for x in ("q", "k", "v", "out")), ("ffn",), ("ffn.lin1", "ffn.lin2"),
+                         ("sa_layer_norm", "output_layer_norm"),
+                         ("embeddings.word_embeddings.weight", "distilbert.embeddings.word_embeddings.weight", "vocab_projector.weight",
+                          "vocab_projector.bias")),
+    # modeling_llava / llava_next / mistral3 / qwen2_vl / idefics3: a Llama-like text decoder inside.
+    "multimodal": Family(tuple(p + "layers." for p in _MM), ("self_attn",), _QKVO, ("mlp",), _GATE_UP_DOWN, _LLAMA_NORMS,
+                         _prefixed(("embed_tokens.weight",), _MM) + ("lm_head.weight", "language_model.lm_head.weight")),
+}
+
+
+def family_patterns(name: str) -> "Patterns":
+    """The patterns of a family of :data:`FAMILIES` (the layout name a merge report states).
+
+    Raises:
+        KeyError: the reference has no table for this family.
+    """
+    if name not in FAMILIES:
+        raise KeyError(f"the reference knows no family {name!r} (it knows {', '.join(sorted(FAMILIES))}); pass the layout file")
+    return FAMILIES[name].patterns()
+
+
 def unit_keys(n_layers: int, granularity: str) -> list[tuple[int, Optional[str]]]:
     """Units in report order: ``(layer, None)`` per layer, or ``(layer, "attention")`` then
     ``(layer, "mlp")`` per layer."""
@@ -181,7 +294,7 @@ def unit_keys(n_layers: int, granularity: str) -> list[tuple[int, Optional[str]]
     return [(i, part) for i in range(n_layers) for part in ("attention", "mlp")]
 
 
-# --- the plan (METHOD.md §2–§4) -----------------------------------------------------------------------
+# --- the plan (the method §2–§4) -----------------------------------------------------------------------
 
 
 @dataclass
@@ -246,7 +359,7 @@ def _as_numerics(t: "torch.Tensor", numerics: str) -> "torch.Tensor":
 
 
 def decide(a_s: list[float], a_m: list[float], tau: float) -> list[tuple[float, float, float, str]]:
-    """METHOD.md §4: p_X = A_X / (Σ A_X + 1e-8), d = p_S − p_M, thresholded at ±τ (|d| ≤ τ blends)."""
+    """the method §4: p_X = A_X / (Σ A_X + 1e-8), d = p_S − p_M, thresholded at ±τ (|d| ≤ τ blends)."""
     sum_s = sum(a_s) + SUM_EPS
     sum_m = sum(a_m) + SUM_EPS
     out = []
@@ -266,9 +379,9 @@ def compute_plan(
     tau: float = 0.001,
     alpha: float = 0.5,
     numerics: str = "exact",
-    layout: Union[None, PathLike, dict[str, Any]] = None,
+    layout: LayoutArg = None,
 ) -> RefPlan:
-    """Scores and decisions of every unit (METHOD.md §1–§4), tensor by tensor.
+    """Scores and decisions of every unit (the method §1–§4), tensor by tensor.
 
     Args:
         base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
@@ -322,11 +435,11 @@ def compute_plan(
     return RefPlan(granularity, numerics, float(tau), float(alpha), n_layers, units, norms)
 
 
-# --- the merged tensors (METHOD.md §5, §6) ---------------------------------------------------------------
+# --- the merged tensors (the method §5, §6) ---------------------------------------------------------------
 
 
 def source_of(place: Place, plan: RefPlan, outside: str = "blend", norms: str = "expert", vocab_from: str = "outside") -> str:
-    """Where an output tensor comes from: ``safety``, ``expert`` or ``blend`` (METHOD.md §5).
+    """Where an output tensor comes from: ``safety``, ``expert`` or ``blend`` (the method §5).
     ``vocab_from="expert"`` keeps the language expert's embeddings and lm_head; a layer tensor no
     pattern claims (``unassigned``) stays the language expert's."""
     if place.layer is None:
@@ -396,7 +509,7 @@ def merged_tensors(
     norms: str = "expert",
     vocab_from: str = "outside",
     out_dtype: Optional[str] = None,
-    layout: Union[None, PathLike, dict[str, Any]] = None,
+    layout: LayoutArg = None,
 ) -> Iterator[tuple[str, str, "torch.Tensor"]]:
     """Yields ``(name, source, tensor)`` for every tensor of the language expert, one at a time.
 
@@ -439,7 +552,7 @@ def merge(
     norms: str = "expert",
     vocab_from: str = "outside",
     out_dtype: Optional[str] = None,
-    layout: Union[None, PathLike, dict[str, Any]] = None,
+    layout: LayoutArg = None,
 ) -> RefPlan:
     """The whole method in torch: plan, then every merged tensor saved to one ``.safetensors`` file
     (``safetensors.torch.save_file``; holds the output in memory, meant for small models)."""

@@ -15,6 +15,11 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def plural(n: int, word: str) -> str:
+    """``1 layer``, ``2 layers``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def decision_table(plan: Plan) -> str:
     """The per-unit table: scores, p_S, p_M, d and decision, exactly as thresholded."""
     return _table(plan.layout, plan.n_layers, plan.options, [u.to_dict() for u in plan.units], plan.counts())
@@ -27,7 +32,7 @@ def report_table(report: dict[str, Any]) -> str:
 
 def _table(layout: str, n_layers: int, o: dict[str, Any], units: list[dict[str, Any]], c: dict[str, int]) -> str:
     lines = [
-        f"layout {layout}, {n_layers} layers, granularity {o['granularity']}, "
+        f"layout {layout}, {plural(n_layers, 'layer')}, granularity {o['granularity']}, "
         f"tau {o['tau']:g}, alpha {o['alpha']:g}, numerics {o['numerics']}",
         f"{'unit':<22} {'A_safety':>10} {'A_expert':>10} {'p_safety':>9} {'p_expert':>9} {'d':>10}  decision",
     ]
@@ -41,18 +46,25 @@ def _table(layout: str, n_layers: int, o: dict[str, Any], units: list[dict[str, 
     return "\n".join(lines)
 
 
-def merge_summary(report: dict[str, Any], out: str) -> str:
-    """The lines printed after a merge."""
+def merge_summary(report: dict[str, Any], out: str, units: bool = True) -> str:
+    """The lines printed after a merge (``units=False`` leaves out the decision counts, for callers
+    that have just printed the decision table, which ends with them)."""
     c = report["counts"]
     secs = report["seconds"]
     rate = report["bytes_read"] / secs if secs > 0 else 0.0
     return "\n".join(
         [
-            f"wrote {out}: {report['output']['tensors']} tensors in {len([f for f in report['output']['files'] if f.endswith('.safetensors')])} shard(s)",
-            f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend ({report['granularity']} granularity, {report['numerics']} numerics)",
+            f"wrote {out}: {plural(report['output']['tensors'], 'tensor')} in "
+            f"{plural(len([f for f in report['output']['files'] if f.endswith('.safetensors')]), 'shard')}"
+            + (f" (a PEFT adapter of {plural(len(report['output']['modules']), 'LoRA module')})" if report["output"].get("kind") == "adapter" else ""),
+        ]
+        + ([f"units: {c['safety']} safety, {c['expert']} expert, {c['blend']} blend ({report['granularity']} granularity, {report['numerics']} numerics)"]
+           if units else [])
+        + [
             f"read {fmt_bytes(report['bytes_read'])}, wrote {fmt_bytes(report['output']['bytes_written'])} "
             f"in {secs:.2f} s ({fmt_bytes(rate)}/s read); peak memory {fmt_bytes(report['peak_rss_bytes'])}",
         ]
+        + [f"note: {n}" for n in report.get("notes", [])]
         + [f"warning: {w}" for w in report.get("warnings", [])]
     )
 

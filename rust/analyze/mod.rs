@@ -10,9 +10,10 @@ use std::collections::HashMap;
 
 use crate::budget::{run_pool, Budget, BufferPool};
 use crate::error::{Error, Result};
+use crate::expert::Expert;
 use crate::io::Model;
 use crate::open::Session;
-use crate::options::MergeOptions;
+use crate::options::{MergeOptions, Numerics};
 use crate::progress::{Phase, Progress};
 
 pub use plan::{Decision, Plan, TensorStats, UnitDecision};
@@ -44,18 +45,47 @@ impl Session {
             }
         }
         let pass = &options[0];
-        let mut models: Vec<&Model> = vec![];
+        // Rows of sums, in order: S (unless saved), then every expert. Full models are read element
+        // by element in one fused pass; LoRA adapters are measured from their factors.
+        let mut sources: Vec<&Expert> = vec![];
         if saved.is_none() {
-            models.push(&self.safety);
+            sources.push(&self.safety);
         }
-        models.extend(self.experts.iter());
+        sources.extend(self.experts.iter());
+        let lora = sources.iter().any(|e| e.adapter().is_some());
+        if lora && pass.numerics == Numerics::Official {
+            return Err(Error::argument(
+                "numerics 'official' reproduces the authors' scripts, which take full models only; LoRA adapter experts need numerics 'exact'",
+            ));
+        }
+        let models: Vec<&Model> = sources.iter().filter_map(|e| if let Expert::Full(m) = e { Some(m) } else { None }).collect();
         let budget = Budget::plan(pass.max_memory, pass.threads, models.len() + 1, self.widest(pass))?;
         let targets = self.layout.targets();
         let total: u64 = targets.iter().map(|n| self.base.tensor(n).unwrap().nbytes).sum::<u64>() * (models.len() as u64 + 1);
         progress.start(Phase::Analyze, total);
-        let sums = run_pool(budget.workers, || {
+        let sums = run_pool(budget.workers, || -> Result<Vec<sums::Sums>> {
             let pool = BufferPool::new(&budget);
-            sums::compute_allowing(&targets, &self.base, &models, pass.numerics, pass.allow_non_finite, budget.chunk_elems, &pool, progress)
+            let full = sums::compute_allowing(&targets, &self.base, &models, pass.numerics, pass.allow_non_finite, budget.chunk_elems, &pool, progress)?;
+            if !lora {
+                return Ok(full);
+            }
+            let mut from_factors = vec![];
+            for e in &sources {
+                if let Some(a) = e.adapter() {
+                    progress.check()?;
+                    from_factors.push(a.diff_sum_sq(&targets, &self.base, budget.chunk_elems)?);
+                }
+            }
+            // Each source takes its next column from its own kind.
+            Ok(full
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut s)| {
+                    let (mut f, mut l) = (s.diff_ss.iter(), from_factors.iter());
+                    s.diff_ss = sources.iter().map(|e| if e.adapter().is_some() { l.next().unwrap()[i] } else { *f.next().unwrap() }).collect();
+                    s
+                })
+                .collect())
         })??;
         let safety_ss: Vec<f64> = match saved {
             Some(saved) => saved_safety_sums(&sums, saved, &self.base)?,

@@ -56,27 +56,46 @@ impl Model {
             return Self::from_files(path, vec![path.to_path_buf()], None);
         }
         let index = path.join(INDEX_FILE);
+        let single = path.join(SINGLE_FILE);
         if index.is_file() {
             let (files, map) = read_index(&index)?;
+            // A model.safetensors beside an index naming other shards: two models in one folder.
+            if single.exists() && !files.iter().any(|f| f.file_name() == single.file_name()) {
+                return Err(Error::invalid(
+                    path,
+                    format!("{SINGLE_FILE} and {INDEX_FILE} disagree: the index names other shards; which one is the model? Remove one of them"),
+                ));
+            }
             return Self::from_files(path, files, Some((index, map)));
         }
-        let single = path.join(SINGLE_FILE);
         if single.is_file() {
             return Self::from_files(path, vec![single], None);
         }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        // Without an index, only Hugging Face shard names are the model: other .safetensors files
+        // beside them (consolidated.safetensors, adapter_model.safetensors) are someone else's.
+        let mut files: Vec<(u32, u32, PathBuf)> = std::fs::read_dir(path)
             .map_err(|e| Error::io(path, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .filter_map(|p| shard_number(&p).map(|(i, n)| (i, n, p)))
             .collect();
         files.sort();
         if files.is_empty() {
             return Err(Error::invalid(
                 path,
-                format!("no {SINGLE_FILE}, no {INDEX_FILE} and no .safetensors file in this folder"),
+                format!("no {SINGLE_FILE}, no {INDEX_FILE} and no shard named like model-00001-of-00002.safetensors in this folder"),
             ));
         }
-        Self::from_files(path, files, None)
+        let total = files[0].1;
+        for (k, (i, n, p)) in files.iter().enumerate() {
+            if *n != total || *i as usize != k + 1 || *i > total {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                return Err(Error::invalid(path, format!("shards without an index do not form one set of {total}: {name} is out of place or one before it is missing")));
+            }
+        }
+        if files.len() != total as usize {
+            return Err(Error::invalid(path, format!("only {} of the {total} shards model-*-of-{total:05}.safetensors are here, and there is no index", files.len())));
+        }
+        Self::from_files(path, files.into_iter().map(|(_, _, p)| p).collect(), None)
     }
 
     fn from_files(path: &Path, files: Vec<PathBuf>, index: Option<(PathBuf, HashMap<String, String>)>) -> Result<Model> {
@@ -146,6 +165,18 @@ impl Model {
     pub fn check_unchanged(&self) -> Result<()> {
         self.shards.iter().try_for_each(Shard::check_unchanged)
     }
+}
+
+/// `(i, n)` for a Hugging Face shard name `model-0000i-of-0000n.safetensors` (digits of any width).
+pub fn shard_number(path: &Path) -> Option<(u32, u32)> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.strip_prefix("model-")?.strip_suffix(".safetensors")?;
+    let (i, n) = rest.split_once("-of-")?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(i) || !digits(n) {
+        return None;
+    }
+    Some((i.parse().ok()?, n.parse().ok()?))
 }
 
 /// Reads an index file: the distinct shard files in first-seen order and the name -> file map.

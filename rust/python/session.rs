@@ -12,7 +12,7 @@ use crate::analyze::TensorStats;
 use crate::layout::LayoutDef;
 use crate::open;
 use crate::options::MergeOptions;
-use crate::python::convert::from_data;
+use crate::python::convert::{from_data, to_data};
 use crate::python::errors::{invalid_option, to_exception};
 use crate::python::progress::run;
 use crate::python::types::{PyPlan, PyTensorStats, PyWriteSummary};
@@ -111,6 +111,14 @@ impl PySession {
         self.inner.layout.n_layers
     }
 
+    /// Whether each expert is a full model or a LoRA adapter (rank, where its sums come from):
+    /// ``{"safety": info, "experts": [info per opened expert]}``.
+    #[getter]
+    fn sources<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let experts: Vec<_> = self.inner.experts.iter().map(crate::expert::Expert::info).collect();
+        to_data(py, &serde_json::json!({"safety": self.inner.safety.info(), "experts": experts}))
+    }
+
     /// Bytes read from the inputs by every call so far.
     #[getter]
     fn bytes_read(&self) -> u64 {
@@ -187,5 +195,48 @@ impl PySession {
             summary
         })?;
         Ok(summary.into())
+    }
+
+    /// Writes expert ``expert``'s merge, as ``plan`` decides it, as a PEFT adapter file
+    /// (``adapter_model.safetensors``) into ``out``; both experts must be LoRA adapters.
+    ///
+    /// Returns:
+    ///     ``{"files", "tensors", "bytes_written", "seconds", "modules", "modules_to_save",
+    ///     "fan_in_fan_out"}``: what the adapter's configuration must hold.
+    ///
+    /// Raises:
+    ///     InvalidOptionError (a full-model expert, or a blend an adapter cannot hold), OSError.
+    #[pyo3(signature = (expert, plan, out, *, progress=None))]
+    fn emit_adapter<'py>(
+        &self,
+        py: Python<'py>,
+        expert: usize,
+        plan: PyRef<'_, PyPlan>,
+        out: PathBuf,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let slot = self.slot(expert)?;
+        let plan = plan.0.clone();
+        let summary = run(py, progress, |p| {
+            let summary = self.inner.emit_adapter(slot, &plan, &out, p);
+            self.bytes_read.fetch_add(p.bytes_read.load(Ordering::Relaxed), Ordering::Relaxed);
+            summary
+        })?;
+        to_data(py, &summary)
+    }
+
+    /// Refuses, before any work, an adapter output for expert ``expert`` unless S and it are both
+    /// LoRA adapters.
+    fn check_adapters(&self, expert: usize) -> PyResult<()> {
+        let slot = self.slot(expert)?;
+        for e in [&self.inner.safety, &self.inner.experts[slot]] {
+            if e.adapter().is_none() {
+                return Err(invalid_option(format!(
+                    "--emit adapter needs two LoRA adapter experts, but {} is a full model; write a full model instead",
+                    e.path().display()
+                )));
+            }
+        }
+        Ok(())
     }
 }

@@ -412,3 +412,39 @@ fn a_huge_index_file_is_refused_without_reading_it() {
     let err = Model::open(dir.path()).unwrap_err().to_string();
     assert!(err.contains("model.safetensors.index.json") && err.contains("limit"), "{err}");
 }
+
+/// Which files of a folder are the model: without an index, Hugging Face shard names only; other
+/// .safetensors files beside them (Mistral's consolidated file, a PEFT adapter) are never read.
+#[test]
+fn only_hugging_face_shard_names_are_the_model_without_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_file(&d.join("model-00001-of-00002.safetensors"), &[("a".into(), vec![1], vec![1.0])], Dtype::F32);
+    write_file(&d.join("model-00002-of-00002.safetensors"), &[("b".into(), vec![1], vec![2.0])], Dtype::F32);
+    write_file(&d.join("consolidated.safetensors"), &[("c".into(), vec![1], vec![3.0])], Dtype::F32);
+    write_file(&d.join("adapter_model.safetensors"), &[("base_model.lora_A".into(), vec![1], vec![4.0])], Dtype::F32);
+    let model = Model::open(d).unwrap();
+    assert_eq!(model.tensors.keys().map(|s| s.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    // One shard of the set missing: an error naming the set, not a model with half its tensors.
+    std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = Model::open(d).unwrap_err().to_string();
+    assert!(err.contains("1 of the 2 shards"), "{err}");
+    // Nothing but foreign files: an error (their tensors are never taken).
+    std::fs::remove_file(d.join("model-00001-of-00002.safetensors")).unwrap();
+    let err = Model::open(d).unwrap_err().to_string();
+    assert!(err.contains("no shard named like"), "{err}");
+}
+
+#[test]
+fn a_model_safetensors_and_an_index_naming_other_shards_disagree() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_file(&d.join("model.safetensors"), &[("old".into(), vec![1], vec![1.0])], Dtype::F32);
+    write_file(&d.join("model-00001-of-00001.safetensors"), &[("a".into(), vec![1], vec![1.0])], Dtype::F32);
+    std::fs::write(d.join("model.safetensors.index.json"), r#"{"weight_map": {"a": "model-00001-of-00001.safetensors"}}"#).unwrap();
+    let err = Model::open(d).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors and model.safetensors.index.json disagree"), "{err}");
+    // An index that names model.safetensors itself agrees with it.
+    std::fs::write(d.join("model.safetensors.index.json"), r#"{"weight_map": {"old": "model.safetensors"}}"#).unwrap();
+    assert_eq!(Model::open(d).unwrap().tensors.len(), 1);
+}

@@ -6,6 +6,7 @@ mod budget;
 mod checksum;
 mod header;
 mod hostile;
+mod lora;
 mod session;
 mod plan;
 mod sums;

@@ -214,6 +214,13 @@ def index_cases(root: Path, good: Path) -> dict[str, list[str]]:
     write_index(d, {**wm, first: "../expert/model.safetensors"})
     d, wm = case("index_value_not_string", [first, "is not a string"])
     write_index(d, {**wm, first: 1})
+    # Which files are the model: a model.safetensors beside an index naming other shards...
+    d, wm = case("single_and_index_disagree", ["model.safetensors and model.safetensors.index.json disagree"])
+    write_index(d, wm)
+    (d / "model.safetensors").write_bytes(pack(items))
+    # ... and, without an index, a set of shards with one missing.
+    d, wm = case("shards_without_index_incomplete", ["only 1 of the 2 shards"])
+    (d / s2).unlink()
     return expect
 
 
@@ -257,6 +264,37 @@ def model_cases(root: Path, good: dict[str, Path]) -> list[dict[str, Any]]:
     (root / "config_not_object" / "config.json").write_text("[1, 2]\n")
     cases.append({"name": "config_not_object", "path": "models/config_not_object", "role": "expert", "args": [], "exit": 2,
                   "expect": ["config.json", "must be a JSON object"]})
+    # Side files that exist but are not readable regular files (git keeps links and folders; a FIFO
+    # or a device cannot be committed, tests/test_bad_input.py makes those on the fly).
+    shutil.copytree(good["expert"], root / "config_dangling_link")
+    (root / "config_dangling_link" / "config.json").unlink()
+    (root / "config_dangling_link" / "config.json").symlink_to("config-that-was-deleted.json")
+    cases.append({"name": "config_dangling_link", "path": "models/config_dangling_link", "role": "expert", "args": [], "exit": 2,
+                  "expect": ["config.json", "dangling symbolic link"]})
+    shutil.copytree(good["expert"], root / "tokenizer_is_a_folder")
+    (root / "tokenizer_is_a_folder" / "tokenizer_config.json").unlink()
+    (root / "tokenizer_is_a_folder" / "tokenizer_config.json").mkdir()
+    (root / "tokenizer_is_a_folder" / "tokenizer_config.json" / ".keep").write_bytes(b"")
+    cases.append({"name": "tokenizer_is_a_folder", "path": "models/tokenizer_is_a_folder", "role": "expert", "args": [], "exit": 2,
+                  "expect": ["tokenizer_config.json", "is a folder"]})
+    # Narrowing that overflows: finite bf16 values of 1e6 have no float16 (largest 65504).
+    case("overflow_to_f16", "expert", pack(poke(items["expert"], "model.norm.weight", 1e6)),
+         ["model.norm.weight", "overflow to Inf", "F16"], ("--out-dtype", "f16"))
+    case("overflow_measured_to_f16", "expert", pack(poke(items["expert"], UP, -1e6)), [UP, "overflow to Inf", "F16"],
+         ("--out-dtype", "f16"))
+    # Inputs that merge (exit 0) but must not be taken for more than they are: shards without an
+    # index beside other .safetensors files (Mistral's consolidated file, a PEFT adapter).
+    d = root / "stray_safetensors"
+    d.mkdir()
+    split = len(items["expert"]) // 2
+    for fname, part in (("model-00001-of-00002.safetensors", items["expert"][:split]), ("model-00002-of-00002.safetensors", items["expert"][split:])):
+        (d / fname).write_bytes(pack(part))
+    (d / "consolidated.safetensors").write_bytes(pack([("output.weight", "BF16", [2], bf16(np.array([1.0, 2.0])))]))
+    (d / "adapter_model.safetensors").write_bytes(pack([("base_model.model.lora_A.weight", "BF16", [2], bf16(np.array([3.0, 4.0])))]))
+    for side in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(good["expert"] / side, d / side)
+    cases.append({"name": "stray_safetensors", "path": "models/stray_safetensors", "role": "expert", "args": [], "exit": 0,
+                  "expect": ["consolidated.safetensors", "adapter_model.safetensors", "ignored"]})
     return cases
 
 
