@@ -168,7 +168,7 @@ impl Session {
 
     /// A vocabulary tensor whose shape differs between the safety and language experts is an error
     /// unless `options.vocab_from` takes it from the language expert.
-    pub(crate) fn check_vocab(&self, expert: usize, options: &MergeOptions) -> Result<()> {
+    pub fn check_vocab(&self, expert: usize, options: &MergeOptions) -> Result<()> {
         if options.vocab_from == VocabSource::Expert {
             return Ok(());
         }

@@ -21,7 +21,7 @@ from layerswap_fast.errors import (
     OutputExistsError,
 )
 from layerswap_fast.options import MergeOptions
-from layerswap_fast.plan import Plan, TensorStats, UnitDecision
+from layerswap_fast._core import Plan, TensorStats, UnitDecision
 from layerswap_fast.verify import VerifyResult, verify
 
 __all__ = [

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core
+from layerswap_fast._core import Plan, Session, WriteSummary
 from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
-from layerswap_fast.errors import InvalidOptionError
+from layerswap_fast.errors import InvalidModelError, InvalidOptionError
 from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
-from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
 #: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
@@ -39,18 +39,30 @@ def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOp
     return options.replace(**kwargs) if kwargs else options
 
 
-def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
-    """A custom layout file as the engine reads it: JSON as is; TOML (``.toml``) converted to JSON."""
+def read_layout(layout: Optional[PathLike]) -> Optional[dict[str, Any]]:
+    """A custom layout definition file as the engine reads it: JSON, or TOML (``.toml``)."""
     if layout is None:
         return None
     p = path_arg(layout, "layout")
-    if p.suffix.lower() != ".toml":
-        return p.read_text()
-    tomllib = toml()
+    if p.suffix.lower() == ".toml":
+        tomllib = toml()
+        try:
+            return tomllib.loads(p.read_text())  # type: ignore[no-any-return]
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
     try:
-        return json.dumps(tomllib.loads(p.read_text()))
-    except tomllib.TOMLDecodeError as e:
-        raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise InvalidModelError(f"{p}: invalid layout definition: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidModelError(f"{p}: invalid layout definition: a JSON object is expected")
+    return data
+
+
+def open_session(base: Path, safety: Path, experts: list[Path], layout: Optional[PathLike], lenient: bool = False) -> Session:
+    """Opens B, S and the experts once (the first expert's config.json, or the base's for a LoRA
+    expert, names the architecture)."""
+    return Session(base, safety, experts, architecture=architecture(model_of(experts[0], base)), layout=read_layout(layout), lenient=lenient)
 
 
 def peak_rss_bytes() -> int:
@@ -72,7 +84,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         layer but in no unit of the layout: a merge refuses those).
     """
     p = path_arg(model, "model")
-    return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
+    return _core.inspect(p, architecture(p), read_layout(layout))
 
 
 def analyze(
@@ -104,11 +116,7 @@ def analyze(
     opts = _options(options, kwargs)
     base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
     callback_arg(progress, "progress")
-    out = json.loads(
-        _core.analyze(str(base), str(safety), [str(expert)], [opts.to_engine_json()], architecture(model_of(Path(expert), Path(base))), _layout_json(layout),
-                      progress=progress)
-    )
-    return Plan.from_engine(out["plans"][0])
+    return open_session(base, safety, [expert], layout).analyze(opts, progress=progress)[0]
 
 
 def merge(
@@ -163,16 +171,18 @@ def merge(
     # Side files are checked before any work: a FIFO or dangling link fails now, not after the merge.
     plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, (base_p, safety_p, expert_p)), config_p)
     started = time.perf_counter()
+    session = open_session(base_p, safety_p, [expert_p], layout_p)
+    if emit == "adapter":
+        session.check_adapters(0)  # before the analyze pass, not after it
     with staged_output(out_p, force) as stage:
-        result = json.loads(
-            _core.merge(
-                str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(),
-                architecture(model_of(expert_p, base_p)), _layout_json(layout), progress, emit,
-            )
-        )
-        plan = Plan.from_engine(result["plan"])
-        report = finish_output(stage, plan, result["write"], result["bytes_read"], opts, (base_p, safety_p, expert_p), started,
-                               config_from=config_p, sources=result.get("sources"))
+        plan = session.analyze(opts, progress=progress, for_write=True)[0]
+        if emit == "adapter":
+            write: Union[WriteSummary, dict[str, Any]] = session.emit_adapter(0, plan, stage, progress=progress)
+        else:
+            write = session.write(0, plan, stage, progress=progress)
+        sources = session.sources
+        report = finish_output(stage, plan, write, session.bytes_read, opts, (base_p, safety_p, expert_p), started,
+                               config_from=config_p, sources={"safety": sources["safety"], "expert": sources["experts"][0]})
     return report
 
 
@@ -182,7 +192,7 @@ def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Pa
     return tokenizer_of({"expert": expert_p, "base": base_p, "safety": safety_p}[opts.effective_tokenizer_from], base_p)
 
 
-def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
+def finish_output(stage: Path, plan: Plan, write: Union[WriteSummary, dict[str, Any]], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
                   sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
@@ -191,6 +201,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
     adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
     ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
     base_p, safety_p, expert_p = inputs
+    if isinstance(write, WriteSummary):
+        write = {"files": write.files, "tensors": write.tensors, "bytes_written": write.bytes_written, "expert_only": write.expert_only}
     side = plan_side_files(model_of(expert_p, base_p), _tokenizer_source(opts, inputs), config_from)
     adapter_out = "modules" in write
     if adapter_out:
@@ -219,7 +231,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         "granularity": plan.granularity,
         "numerics": opts.numerics,
         "counts": plan.counts(),
-        "units": plan.to_dict()["units"],
+        "units": [u.to_dict() for u in plan.units],
         "output": {
             "files": sorted(Path(f).name for f in write["files"]) + sorted(side_files),
             "tensors": write["tensors"],

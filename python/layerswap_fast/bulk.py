@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core
-from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, finish_output
+from layerswap_fast._core import Plan, Session, TensorStats
+from layerswap_fast.api import ProgressCallback, _tokenizer_source, finish_output, open_session, read_layout
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast.folder import (BULK_MANIFEST, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
                                    discard_stage, new_stage, plan_side_files, replace_refusal)
 from layerswap_fast.lora import model_of
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
-from layerswap_fast.plan import Plan
 
 MANIFEST = BULK_MANIFEST
 SUMMARY = "layerswap_bulk_summary.json"
@@ -173,28 +173,34 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 # --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
 
 
-def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: dict[str, Any], opts: MergeOptions,
-                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
+#: One expert's write: its index in the session, its spec, its plan, and the engine's word on B's and
+#: its sources (full model or LoRA) for its report.
+Job = tuple[int, "ExpertSpec", Plan, dict[str, Any]]
+
+
+def _write_stage(session: Session, shared: tuple[Path, Path], job: Job, target: Path, sync: bool,
+                 progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
     beside ``target``; returns the stage and the report. On any error the stage is removed."""
+    index, spec, plan, sources = job
     started = time.perf_counter()
     stage = new_stage(target)
     try:
-        write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
-                                            architecture(model_of(expert, Path(base))), layout_json, sync, progress))
-        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
-                               sources=plan_dict.get("sources"))
+        write = session.write(index, plan, stage, sync=sync, progress=progress)
+        report = finish_output(stage, plan, write, 0, spec.options, (*shared, spec.path), started, sources=sources)
         return stage, report
     except BaseException:
         discard_stage(stage)
         raise
 
 
-def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-               layout_json: Optional[str]) -> dict[str, Any]:
-    """One Ray task: an expert's write pass, then its checksums, sync and rename into place."""
-    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None)
-    return _publish(stage, Path(out), report)
+def _write_one(base: Path, safety: Path, job: Job, out: Path, layout: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """One Ray task: opens its own session (the task may run on another node, which cannot share
+    this process's open files), then the expert's write pass, checksums, sync and rename into place."""
+    _, spec, plan, sources = job
+    session = Session(base, safety, [spec.path], architecture=architecture(model_of(spec.path, base)), layout=layout)
+    stage, report = _write_stage(session, (base, safety), (0, spec, plan, sources), out, True, None)
+    return _publish(stage, out, report)
 
 
 # --- the bulk run ----------------------------------------------------------------------------------
@@ -303,7 +309,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
               on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str]) -> dict[str, Any]:
     names = [e.name for e in specs]
     manifest = _read_manifest(out_p)
-    layout_json = _layout_json(layout)
+    layout_def = read_layout(layout)
     entries: dict[str, dict[str, Any]] = {}
     todo: list[ExpertSpec] = []
     for e in specs:
@@ -331,22 +337,19 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
     stats_seconds = 0.0
     if todo:
         t0 = time.perf_counter()
-        saved_json = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
-        result = json.loads(
-            _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
-                          architecture(model_of(todo[0].path, base_p)), layout_json, saved_json, True, progress)
-        )
+        saved = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
+        # One opening of B, S and every expert, shared by the analysis and every write of this process:
+        # an expert that changes after the analysis is refused by its write, never merged stale.
+        session = open_session(base_p, safety_p, [e.path for e in todo], layout, lenient=True)
+        for i, err in session.failures:
+            entries[todo[i].name] = _failure(err)
+            _notify(on_expert, todo[i].name, entries[todo[i].name])
+        plans = session.analyze([todo[i].options for i in session.opened], saved=saved, progress=progress)
         stats_seconds = time.perf_counter() - t0
-        failed = {f["index"]: f for f in result["failures"]}
-        jobs = []
-        for i, e in enumerate(todo):
-            if i in failed:
-                entries[e.name] = {"status": "failed", "error": failed[i]["message"], "kind": failed[i]["kind"]}
-                _notify(on_expert, e.name, entries[e.name])
-                continue
-            # The engine's word on each expert (full or LoRA) rides with its plan into its report.
-            src = {"safety": result["sources"]["safety"], "expert": result["sources"]["experts"][i]}
-            jobs.append((e, {**result["plans"][i], "sources": src}))
+        sources = session.sources
+        # The engine's word on each expert (full or LoRA) rides with its plan into its report.
+        jobs: list[Job] = [(i, todo[i], plan, {"safety": sources["safety"], "expert": info})
+                           for i, plan, info in zip(session.opened, plans, sources["experts"])]
 
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
@@ -360,8 +363,10 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])
 
-        run = _run_ray if executor == "ray" else _run_local
-        run(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record)
+        if executor == "ray":
+            _run_ray(jobs, base_p, safety_p, out_p, layout_def, record)
+        else:
+            _run_local(session, jobs, (base_p, safety_p), out_p, progress, record)
     summary = _summary(entries, names, stats_seconds)
     if out_p.exists():
         _write_json_atomic(out_p / SUMMARY, summary)
@@ -399,16 +404,19 @@ def _publish(stage: Path, target: Path, report: dict[str, Any]) -> dict[str, Any
         raise
 
 
-def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
-    """Write passes one after another; each expert's disk sync, checksums and rename run in a
-    background thread while the next expert is being written, so the disk and the cores work at once."""
-    pending: Optional[tuple[ExpertSpec, concurrent.futures.Future]] = None
+def _run_local(session: Session, jobs: list[Job], shared: tuple[Path, Path], out: Path, progress: Optional[ProgressCallback],
+               record: Callable[[ExpertSpec, dict[str, Any]], None]) -> None:
+    """Write passes one after another on the run's session; each expert's disk sync, checksums and
+    rename run in a background thread while the next expert is being written, so the disk and the
+    cores work at once."""
+    pending: Optional[tuple[ExpertSpec, concurrent.futures.Future[dict[str, Any]]]] = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as committer:
         try:
-            for e, plan in jobs:
+            for job in jobs:
+                e = job[1]
                 target = out / e.name
                 try:
-                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress)
+                    stage, report = _write_stage(session, shared, job, target, False, progress)
                 except (LayerswapError, OSError) as err:
                     record(e, _failure(err))
                     continue
@@ -423,16 +431,17 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record) -> 
                 record(pending[0], pending[1].result())
 
 
-def _run_ray(jobs, base, safety, out: Path, layout_json, progress, record) -> None:
+def _run_ray(jobs: list[Job], base: Path, safety: Path, out: Path, layout: Optional[dict[str, Any]],
+             record: Callable[[ExpertSpec, dict[str, Any]], None]) -> None:
     """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
     try:
-        import ray  # type: ignore[import-not-found]
+        import ray
     except ImportError:
         raise InvalidOptionError("--executor ray needs Ray: pip install 'layerswap-fast[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(_write_one)
-    pending = {task.remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json): e for e, plan in jobs}
+    pending = {task.remote(base, safety, job, out / job[1].name, layout): job[1] for job in jobs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
@@ -493,8 +502,8 @@ def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike, exp
     _write_json_atomic(Path(path), data)
 
 
-def load_saved_stats(path: PathLike, numerics: str) -> str:
-    """The saved statistics as the engine reads them; checks the file's kind and numerics."""
+def load_saved_stats(path: PathLike, numerics: str) -> list[TensorStats]:
+    """The saved statistics (B's and S's sums) as the engine reads them; checks the file's kind and numerics."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -505,7 +514,8 @@ def load_saved_stats(path: PathLike, numerics: str) -> str:
     if data.get("numerics") != numerics:
         raise InvalidOptionError(f"{p}: statistics were computed with {data.get('numerics')} numerics, this run uses {numerics}")
     try:
-        return json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0], "expert_ss": 0.0}
-                           for t in data["tensors"]])
+        return [TensorStats.from_dict({"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0],
+                                       "expert_ss": 0.0})
+                for t in data["tensors"]]
     except (KeyError, IndexError, TypeError) as e:
         raise InvalidOptionError(f"{p}: not a valid statistics file ({e!r})") from None

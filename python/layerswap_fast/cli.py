@@ -199,7 +199,7 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
         bar.close()
     if save_stats is not None:
         bulk.save_stats(save_stats, plan, base, safety, expert)
-    click.echo(plan.to_json() if as_json else decision_table(plan))
+    click.echo(json.dumps(plan.to_dict(), indent=2) if as_json else decision_table(plan))
 
 
 @main.command()

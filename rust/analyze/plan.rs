@@ -38,8 +38,17 @@ pub enum Decision {
     Blend,
 }
 
-/// One unit's scores and decision, exactly as thresholded.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Where a unit's decision comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Thresholded from the measured scores (METHOD.md §4).
+    Measured,
+}
+
+/// One unit's scores and decision. Each unit carries its own decision and, for a blend, its own
+/// weight, so that a decision made elsewhere than the threshold can be written as it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnitDecision {
     /// The unit.
     #[serde(flatten)]
@@ -56,10 +65,14 @@ pub struct UnitDecision {
     pub d: f64,
     /// The decision.
     pub decision: Decision,
+    /// Weight of the safety expert when the decision is [`Decision::Blend`]; None otherwise.
+    pub alpha: Option<f64>,
+    /// Where the decision comes from.
+    pub source: Source,
 }
 
 /// The complete plan for one language expert.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Options the plan was made with.
     pub options: MergeOptions,
@@ -112,23 +125,27 @@ impl Plan {
                 p_expert,
                 d,
                 decision,
+                alpha: (decision == Decision::Blend).then_some(options.alpha),
+                source: Source::Measured,
             })
             .collect();
         Plan { options: options.clone(), layout: layout.def.name.clone(), n_layers: layout.n_layers, units, stats }
     }
 
-    /// What the output tensor at `place` is made of, and the safety expert's weight if it is a blend.
+    /// What the output tensor at `place` is made of, and the safety expert's weight if it is a blend
+    /// (the unit's own weight for a tensor of a unit, `options.alpha` for the others).
     pub fn decision_at(&self, place: Place) -> (Decision, f64) {
-        let decision = match (place, self.options.granularity) {
-            (Place::Vocab, _) if self.options.vocab_from == VocabSource::Expert => Decision::Expert,
-            (Place::Outside | Place::Vocab, _) => self.options.outside,
+        let unit = |u: &UnitDecision| (u.decision, u.alpha.unwrap_or(self.options.alpha));
+        let policy = |d: Decision| (d, self.options.alpha);
+        match (place, self.options.granularity) {
+            (Place::Vocab, _) if self.options.vocab_from == VocabSource::Expert => policy(Decision::Expert),
+            (Place::Outside | Place::Vocab, _) => policy(self.options.outside),
             // A merge refuses unassigned tensors before it gets here (Layout::check_assigned); should one
             // slip through, it stays the host's rather than follow a decision it was not measured for.
-            (Place::Unassigned { .. }, _) => Decision::Expert,
-            (Place::Layer { layer, .. }, Granularity::Layer) => self.units[layer].decision,
-            (Place::Layer { part: Part::Norm, .. }, Granularity::Module) => self.options.norms,
-            (Place::Layer { layer, part, .. }, Granularity::Module) => self.units[Unit::index(layer, part, Granularity::Module)].decision,
-        };
-        (decision, self.options.alpha)
+            (Place::Unassigned { .. }, _) => policy(Decision::Expert),
+            (Place::Layer { layer, .. }, Granularity::Layer) => unit(&self.units[layer]),
+            (Place::Layer { part: Part::Norm, .. }, Granularity::Module) => policy(self.options.norms),
+            (Place::Layer { layer, part, .. }, Granularity::Module) => unit(&self.units[Unit::index(layer, part, Granularity::Module)]),
+        }
     }
 }

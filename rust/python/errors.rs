@@ -1,16 +1,30 @@
 //! Python exception classes (one base, `LayerswapError`), registered under the `layerswap_fast`
-//! namespace so that `pickle` finds them there, and the single table that maps engine errors
-//! and OS error kinds to them.
+//! namespace so that `pickle` finds them there, and the single table that maps engine errors to them.
+//!
+//! OS errors become `OSError(errno, message, path)`, which Python itself turns into the subclass the
+//! errno names (`FileNotFoundError`, `PermissionError`, `IsADirectoryError`...). The name of an error
+//! reported as data (one failed expert of a bulk run) is the name of the exception [`to_py`] makes, so
+//! a raised error and a reported one can never disagree.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyFileNotFoundError, PyIsADirectoryError, PyKeyboardInterrupt, PyOSError, PyPermissionError};
+use pyo3::exceptions::{PyException, PyKeyboardInterrupt, PyOSError};
 use pyo3::prelude::*;
 
 use crate::error::Error;
 
 create_exception!(layerswap_fast, LayerswapError, PyException, "Base class of every error layerswap-fast raises on purpose.");
-create_exception!(layerswap_fast, InvalidModelError, LayerswapError, "A file or folder is not a valid model: bad header, truncated data, broken index, unknown layout.");
-create_exception!(layerswap_fast, IncompatibleModelsError, LayerswapError, "The models disagree: a tensor missing, or of another shape, dtype or layer count.");
+create_exception!(
+    layerswap_fast,
+    InvalidModelError,
+    LayerswapError,
+    "A file or folder is not a valid model: bad header, truncated data, broken index, unknown layout."
+);
+create_exception!(
+    layerswap_fast,
+    IncompatibleModelsError,
+    LayerswapError,
+    "The models disagree: a tensor missing, or of another shape, dtype or layer count."
+);
 create_exception!(layerswap_fast, NonFiniteTensorError, InvalidModelError, "A tensor holds NaN or Inf.");
 create_exception!(layerswap_fast, MemoryBudgetError, LayerswapError, "The memory budget is too small for the work.");
 create_exception!(layerswap_fast, InvalidOptionError, LayerswapError, "An option is outside its allowed range.");
@@ -31,13 +45,8 @@ pub(crate) fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
         Error::Io { path, source } => {
-            let args = (source.raw_os_error().unwrap_or(0), format!("{}: {}", path.display(), source), path.display().to_string());
-            match source.kind() {
-                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(args),
-                std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(args),
-                std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(args),
-                _ => PyOSError::new_err(args),
-            }
+            let errno = source.raw_os_error().unwrap_or(0);
+            PyOSError::new_err((errno, format!("{}: {}", path.display(), source), path.display().to_string()))
         }
         Error::InvalidModel { .. } | Error::Layout { .. } => InvalidModelError::new_err(msg),
         Error::NonFinite { .. } => NonFiniteTensorError::new_err(msg),
@@ -48,20 +57,12 @@ pub(crate) fn to_py(err: Error) -> PyErr {
     }
 }
 
-/// The Python exception class name an engine error maps to (for errors reported as data, e.g. one
-/// failed expert of a bulk run).
-pub(crate) fn kind_name(err: &Error) -> &'static str {
-    match err {
-        Error::Io { source, .. } => match source.kind() {
-            std::io::ErrorKind::NotFound => "FileNotFoundError",
-            std::io::ErrorKind::PermissionDenied => "PermissionError",
-            _ => "OSError",
-        },
-        Error::InvalidModel { .. } | Error::Layout { .. } => "InvalidModelError",
-        Error::NonFinite { .. } => "NonFiniteTensorError",
-        Error::Incompatible { .. } => "IncompatibleModelsError",
-        Error::Budget { .. } => "MemoryBudgetError",
-        Error::InvalidArgument { .. } => "InvalidOptionError",
-        Error::Cancelled => "KeyboardInterrupt",
-    }
+/// An engine error as an exception object (for errors reported as data rather than raised).
+pub(crate) fn to_exception(py: Python<'_>, err: Error) -> Py<PyAny> {
+    to_py(err).into_value(py).into_any()
+}
+
+/// An invalid-option error with `message`.
+pub(crate) fn invalid_option(message: impl Into<String>) -> PyErr {
+    to_py(Error::argument(message.into()))
 }
