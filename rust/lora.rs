@@ -298,6 +298,9 @@ impl Adapter {
                     if name.contains(".lora_") {
                         return Err(Error::invalid(wpath, format!("tensor '{saved}' is a LoRA tensor of a kind this tool does not know")));
                     }
+                    // A layer PEFT wrapped keeps its own weights under `base_layer`.
+                    let name = name.replace(".base_layer.", ".");
+                    let name = name.as_str();
                     match base.tensor(name) {
                         Some(bt) if bt.shape != t.shape => {
                             return Err(Error::Incompatible {
@@ -354,7 +357,15 @@ impl Adapter {
                 });
             }
             if let Some(other) = full.get(&target) {
-                return Err(Error::invalid(wpath, format!("tensor '{other}' replaces '{target}' whole, but the adapter also has LoRA factors for it")));
+                // PEFT saves a targeted embedding layer whole too (save_embedding_layers): harmless
+                // when it is the base's own tensor, which loading the adapter puts back unchanged.
+                if !same_values(&file, file.tensor(other).unwrap(), base, bt)? {
+                    return Err(Error::invalid(
+                        wpath,
+                        format!("tensor '{other}' replaces '{target}' whole with values other than the base model's, and the adapter also has LoRA factors for it; this combination is not supported"),
+                    ));
+                }
+                full.remove(&target);
             }
             modules.insert(target.clone(), LoraModule { target, module, a, b, rank, alpha, scale, transposed, rows, cols });
         }
@@ -506,6 +517,24 @@ impl Adapter {
             read_f64(&self.file, t, row0 * r as u64, n * r)
         }
     }
+}
+
+/// True when two tensors of the same shape hold the same values (compared as f64, in chunks).
+fn same_values(a: &Model, ta: &TensorRef, b: &Model, tb: &TensorRef) -> Result<bool> {
+    const CHUNK: u64 = 1 << 20;
+    let n = ta.numel();
+    if tb.numel() != n {
+        return Ok(false);
+    }
+    let mut start = 0;
+    while start < n {
+        let len = (n - start).min(CHUNK) as usize;
+        if read_f64(a, ta, start, len)? != read_f64(b, tb, start, len)? {
+            return Ok(false);
+        }
+        start += len as u64;
+    }
+    Ok(true)
 }
 
 /// Reads elements `[start, start + len)` of tensor `t` of `model` as f64 (exact for every float type).

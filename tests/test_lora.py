@@ -23,7 +23,9 @@ import layerswap_fast as lsf  # noqa: E402
 from layerswap_fast.cli import main  # noqa: E402
 
 # transformers and PEFT deprecations are theirs to fix, not failures of this package.
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
+                                        # PEFT saves a targeted embedding whole as well; the engine checks it is B's.
+                                        "ignore:Setting `save_embedding_layers`:UserWarning")
 
 LAYERS = 4
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,6 +53,10 @@ def make_adapter(base: Path, folder: Path, config: Any, seed: int, layer_scale: 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in pm.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_embedding_A:
+                a, b = module.lora_embedding_A["default"], module.lora_embedding_B["default"]
+                a.copy_(torch.randn(a.shape, generator=g))
+                b.copy_(torch.randn(b.shape, generator=g) * 0.004)
             if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_A:
                 layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
                 a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
@@ -69,7 +75,7 @@ def make_adapter(base: Path, folder: Path, config: Any, seed: int, layer_scale: 
 def lora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """bf16 and f32 bases; a safety adapter (rsLoRA, rank_pattern, every projection, stronger in the
     first layers) and a language adapter (alpha_pattern, no o_proj, gate_proj only in it; stronger in
-    the last layers, lm_head saved whole, its own tokenizer)."""
+    the last layers, an embedding LoRA, lm_head saved whole, its own tokenizer)."""
     root = tmp_path_factory.mktemp("lora")
     out: dict[str, Path] = {}
     for tag, dtype in (("bf16", torch.bfloat16), ("f32", torch.float32)):
@@ -77,7 +83,8 @@ def lora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[f"base-{tag}"] = base
         s_cfg = peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"down_proj": 4},
                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
-        m_cfg = peft.LoraConfig(r=4, lora_alpha=8, alpha_pattern={"v_proj": 2}, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        m_cfg = peft.LoraConfig(r=4, lora_alpha=8, alpha_pattern={"v_proj": 2},
+                                target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
                                 modules_to_save=["lm_head"])
         out[f"s-{tag}"] = make_adapter(base, root / f"safety-{tag}", s_cfg, 1, [3.0, 3.0, 0.3, 0.3])
         out[f"m-{tag}"] = make_adapter(base, root / f"expert-{tag}", m_cfg, 2, [0.3, 0.3, 3.0, 3.0], tokenizer=True)
@@ -95,6 +102,11 @@ def peft_deltas(base: Path, adapter: Path) -> tuple[dict[str, np.ndarray], dict[
             a = module.lora_A["default"].weight.detach().double().numpy()
             b = module.lora_B["default"].weight.detach().double().numpy()
             deltas[f"{name}.weight"] = module.scaling["default"] * (b @ a)
+        if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_embedding_A:
+            # PEFT's embedding update is (B @ A) transposed.
+            a = module.lora_embedding_A["default"].detach().double().numpy()
+            b = module.lora_embedding_B["default"].detach().double().numpy()
+            deltas[f"{name}.weight"] = module.scaling["default"] * (b @ a).T
     for name, p in pm.base_model.model.named_parameters():
         if ".modules_to_save.default." in name:
             full[name.replace(".modules_to_save.default.", ".")] = p.detach().double().numpy()
@@ -175,6 +187,7 @@ def test_full_output_is_base_plus_delta_rounded_once(lora: dict[str, Path], tmp_
     src = report["sources"]
     assert src["safety"]["kind"] == "lora" and src["safety"]["rank"] == 8 and src["safety"]["stats_source"] == "factors"
     assert src["expert"]["kind"] == "lora" and src["expert"]["rank"] == 4 and src["expert"]["saved_tensors"] == ["lm_head.weight"]
+    assert "model.embed_tokens.weight" in dm[0]  # the embedding LoRA took part (outside: blended with B)
 
 
 def test_full_safety_expert_with_lora_language_expert(lora: dict[str, Path], tmp_path: Path) -> None:

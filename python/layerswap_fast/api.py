@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from layerswap_fast import _core
+from layerswap_fast import _core, hub
 from layerswap_fast._core import Plan, Session, WriteSummary
 from layerswap_fast.folder import (REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
@@ -74,7 +74,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
     """Opens one model and describes it: detected layout, layers, and where every tensor belongs.
 
     Args:
-        model: a Hugging Face folder or a ``.safetensors`` file.
+        model: a Hugging Face folder, a ``.safetensors`` file or a hub id ``org/name[@REVISION]``.
         layout: a custom layout definition file (JSON, or TOML with a ``.toml`` name), overriding detection.
 
     Returns:
@@ -83,7 +83,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         vocabulary axis), ``{"Layer": {"layer", "part", "target"}}`` or ``{"Unassigned": {"layer"}}`` (in a
         layer but in no unit of the layout: a merge refuses those).
     """
-    p = path_arg(model, "model")
+    p = hub.resolve(path_arg(model, "model")).path
     return _core.inspect(p, architecture(p), read_layout(layout))
 
 
@@ -101,7 +101,8 @@ def analyze(
     decision (the method, §2–§4, in the README's "How it works"). Reads the models once, writes nothing.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        base, safety, expert: model folders, ``.safetensors`` files or hub ids (``org/name[@REVISION]``,
+            looked up in the hub cache; an existing local path wins) of B, S and M.
         options: a :class:`MergeOptions`; keyword arguments (``granularity=``, ``tau=``, ``alpha=``,
             ``numerics=``, ``max_memory=``, ``threads=``...) override its fields.
         layout: a custom layout definition file.
@@ -114,9 +115,9 @@ def analyze(
         InvalidModelError, IncompatibleModelsError, MemoryBudgetError, InvalidOptionError, OSError.
     """
     opts = _options(options, kwargs)
-    base, safety, expert = path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert")
+    base_p, safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((base, "base"), (safety, "safety"), (expert, "expert")))
     callback_arg(progress, "progress")
-    return open_session(base, safety, [expert], layout).analyze(opts, progress=progress)[0]
+    return open_session(base_p, safety_p, [expert_p], layout).analyze(opts, progress=progress)[0]
 
 
 def merge(
@@ -141,7 +142,8 @@ def merge(
     failure or Ctrl-C there is no ``out`` and no leftover. Inputs are only ever read.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        base, safety, expert: model folders, ``.safetensors`` files or hub ids of B, S and M (as for
+            :func:`analyze`); the report records each hub id with the commit it resolved to.
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields.
         force: replace an existing ``out`` if it is empty or an earlier output of this tool (it holds
@@ -160,7 +162,8 @@ def merge(
         InvalidOptionError, OSError (e.g. disk full), KeyboardInterrupt.
     """
     opts = _options(options, kwargs)
-    base_p, safety_p, expert_p, out_p = (path_arg(base, "base"), path_arg(safety, "safety"), path_arg(expert, "expert"), path_arg(out, "out"))
+    sources = {role: hub.resolve(path_arg(m, role)) for role, m in (("base", base), ("safety", safety), ("expert", expert))}
+    base_p, safety_p, expert_p, out_p = sources["base"].path, sources["safety"].path, sources["expert"].path, path_arg(out, "out")
     layout_p = path_arg(layout, "layout", optional=True)
     config_p = path_arg(config_from, "config_from", optional=True)
     flag_arg(force, "force")
@@ -180,9 +183,10 @@ def merge(
             write: Union[WriteSummary, dict[str, Any]] = session.emit_adapter(0, plan, stage, progress=progress)
         else:
             write = session.write(0, plan, stage, progress=progress)
-        sources = session.sources
+        kinds = session.sources
         report = finish_output(stage, plan, write, session.bytes_read, opts, (base_p, safety_p, expert_p), started,
-                               config_from=config_p, sources={"safety": sources["safety"], "expert": sources["experts"][0]})
+                               config_from=config_p, sources={"safety": kinds["safety"], "expert": kinds["experts"][0]},
+                               hub_inputs=hub.hub_report(sources))
     return report
 
 
@@ -194,12 +198,14 @@ def _tokenizer_source(opts: MergeOptions, inputs: tuple[Path, Path, Path]) -> Pa
 
 def finish_output(stage: Path, plan: Plan, write: Union[WriteSummary, dict[str, Any]], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Path, Path, Path], started: float, config_from: Optional[Path] = None,
-                  sources: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                  sources: Optional[dict[str, Any]] = None, hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
     ``config_from``) and the report to a staged output whose shards the engine has written. Returns
     the report. A LoRA language expert stands for B + ΔW: the config is the base model's. An emitted
     adapter (``write`` lists its ``modules``) gets its adapter_config.json and the tokenizer only.
-    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter."""
+    ``sources`` (from the engine) says whether each expert is a full model or a LoRA adapter.
+    ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the
+    report's ``"hub"``."""
     base_p, safety_p, expert_p = inputs
     if isinstance(write, WriteSummary):
         write = {"files": write.files, "tensors": write.tensors, "bytes_written": write.bytes_written, "expert_only": write.expert_only}
@@ -224,6 +230,8 @@ def finish_output(stage: Path, plan: Plan, write: Union[WriteSummary, dict[str, 
                    **({"config_from": str(config_from)} if config_from is not None else {})},
         # Whether each expert is a full model or a LoRA adapter (rank), and where its sums come from.
         **({"sources": sources} if sources else {}),
+        # Inputs named by hub id: id, revision and the commit they resolved to (for an exact rerun).
+        **({"hub": hub_inputs} if hub_inputs else {}),
         "parameters": {**opts.to_dict(), "out_dtype": opts.effective_out_dtype, "tokenizer_from": opts.effective_tokenizer_from,
                        "threads": opts.effective_threads},
         "layout": plan.layout,

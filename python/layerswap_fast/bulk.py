@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
-from layerswap_fast import _core
+from layerswap_fast import _core, hub
 from layerswap_fast._core import Plan, Session, TensorStats
 from layerswap_fast.api import ProgressCallback, _tokenizer_source, finish_output, open_session, read_layout
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
@@ -119,12 +120,20 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
             spec = dict(spec) if isinstance(spec, dict) else {"path": spec}
             if "path" not in spec:
                 raise InvalidOptionError(f"{p}: expert '{name}' has no path")
-            epath = root / spec.pop("path")
+            epath = _bulk_path(root, spec.pop("path"))
             experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common))
     except TypeError as e:
         raise InvalidOptionError(f"{p}: {e}") from None
     out = root / data["out"] if data.get("out") else None
-    return BulkSpec(root / data["base"], root / data["safety"], tuple(experts), out)
+    return BulkSpec(_bulk_path(root, data["base"]), _bulk_path(root, data["safety"]), tuple(experts), out)
+
+
+def _bulk_path(root: Path, value: Any) -> Path:
+    """A model named in a bulk file: a path relative to the file, or a hub id when no such path exists."""
+    local = root / str(value)
+    if not (local.exists() or local.is_symlink()) and hub.looks_like_hub_id(str(value)):
+        return Path(str(value))
+    return local
 
 
 # --- checksums and the manifest ---------------------------------------------------------------------
@@ -173,21 +182,21 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 # --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
 
 
-#: One expert's write: its index in the session, its spec, its plan, and the engine's word on B's and
-#: its sources (full model or LoRA) for its report.
-Job = tuple[int, "ExpertSpec", Plan, dict[str, Any]]
+#: One expert's write: its index in the session, its spec, its plan, the engine's word on S and it
+#: (full model or LoRA) and its hub ids (if any) for its report.
+Job = tuple[int, "ExpertSpec", Plan, dict[str, Any], Optional[dict[str, dict[str, str]]]]
 
 
 def _write_stage(session: Session, shared: tuple[Path, Path], job: Job, target: Path, sync: bool,
                  progress: Optional[ProgressCallback]) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
     beside ``target``; returns the stage and the report. On any error the stage is removed."""
-    index, spec, plan, sources = job
+    index, spec, plan, sources, hub_inputs = job
     started = time.perf_counter()
     stage = new_stage(target)
     try:
         write = session.write(index, plan, stage, sync=sync, progress=progress)
-        report = finish_output(stage, plan, write, 0, spec.options, (*shared, spec.path), started, sources=sources)
+        report = finish_output(stage, plan, write, 0, spec.options, (*shared, spec.path), started, sources=sources, hub_inputs=hub_inputs)
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -197,9 +206,9 @@ def _write_stage(session: Session, shared: tuple[Path, Path], job: Job, target: 
 def _write_one(base: Path, safety: Path, job: Job, out: Path, layout: Optional[dict[str, Any]]) -> dict[str, Any]:
     """One Ray task: opens its own session (the task may run on another node, which cannot share
     this process's open files), then the expert's write pass, checksums, sync and rename into place."""
-    _, spec, plan, sources = job
+    _, spec, plan, sources, hub_inputs = job
     session = Session(base, safety, [spec.path], architecture=architecture(model_of(spec.path, base)), layout=layout)
-    stage, report = _write_stage(session, (base, safety), (0, spec, plan, sources), out, True, None)
+    stage, report = _write_stage(session, (base, safety), (0, spec, plan, sources, hub_inputs), out, True, None)
     return _publish(stage, out, report)
 
 
@@ -222,8 +231,9 @@ def bulk_merge(
     """Merges the safety expert into every expert, writing ``out/<name>/`` for each.
 
     Args:
-        base, safety: model folders or files of B and S.
-        experts: :class:`ExpertSpec` per language expert (name, path, options).
+        base, safety: model folders or files of B and S, or hub ids (``org/name[@REVISION]``).
+        experts: :class:`ExpertSpec` per language expert (name, path or hub id, options). An expert
+            whose hub id cannot be resolved fails alone.
         out: parent folder of the outputs (created if needed); holds the manifest and summary.
         layout: custom layout definition file.
         executor: ``local`` or ``ray``.
@@ -255,13 +265,15 @@ def bulk_merge(
     flag_arg(force, "force")
     callback_arg(progress, "progress")
     callback_arg(on_expert, "on_expert")
+    hub_ids = _resolve(base_p, safety_p, specs)
+    base_p, safety_p, specs = hub_ids.base, hub_ids.safety, hub_ids.specs
     inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
               path_arg(saved_stats, "saved_stats", optional=True)]
     check_bulk_out(out_p, inputs)
     created = not out_p.exists()
     published: list[str] = []
     try:
-        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published)
+        summary = _bulk_run(base_p, safety_p, specs, out_p, layout, executor, force, saved_stats, progress, on_expert, published, hub_ids)
     except KeyboardInterrupt as interrupted:
         # Say truthfully what exists now: the outputs published (and recorded in the manifest)
         # before the interruption; whatever was being written is gone.
@@ -278,6 +290,39 @@ def bulk_merge(
     if not published:
         _remove_if_unused(out_p, created, published)
     return summary
+
+
+@dataclass(frozen=True)
+class _HubIds:
+    """A bulk run's models after hub ids were resolved (see :mod:`layerswap_fast.hub`)."""
+
+    base: Path
+    safety: Path
+    #: The experts, each with its local folder (an expert whose id did not resolve keeps its id).
+    specs: list[ExpertSpec]
+    #: Each expert's model as the user gave it (path or hub id), for the manifest.
+    given: dict[str, str]
+    #: Per expert, the report's "hub" entry (ids and commits of its inputs from the hub).
+    reports: dict[str, dict[str, dict[str, str]]]
+    #: Experts whose hub id could not be resolved: their failure entries (the others still run).
+    unresolved: dict[str, dict[str, Any]]
+
+
+def _resolve(base: Path, safety: Path, specs: list[ExpertSpec]) -> _HubIds:
+    """Resolves hub ids among the models (local paths stay as they are). B and S must resolve; an
+    expert that does not fails alone."""
+    shared = {"base": hub.resolve(base), "safety": hub.resolve(safety)}
+    resolved, reports, unresolved = [], {}, {}
+    for e in specs:
+        try:
+            src = hub.resolve(e.path)
+        except LayerswapError as err:
+            unresolved[e.name] = _failure(err)
+            resolved.append(e)
+            continue
+        reports[e.name] = hub.hub_report({**shared, "expert": src})
+        resolved.append(dataclasses.replace(e, path=src.path))
+    return _HubIds(shared["base"].path, shared["safety"].path, resolved, {e.name: str(e.path) for e in specs}, reports, unresolved)
 
 
 def check_bulk_out(out: Path, inputs: list[Optional[Path]]) -> None:
@@ -306,13 +351,17 @@ def _remove_if_unused(out: Path, created: bool, published: list[str]) -> None:
 
 def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path, layout: Optional[PathLike], executor: str,
               force: bool, saved_stats: Optional[PathLike], progress: Optional[ProgressCallback],
-              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str]) -> dict[str, Any]:
+              on_expert: Optional[Callable[[str, dict[str, Any]], None]], published: list[str], hub_ids: "_HubIds") -> dict[str, Any]:
     names = [e.name for e in specs]
+    entries: dict[str, dict[str, Any]] = dict(hub_ids.unresolved)
+    for name, entry in entries.items():
+        _notify(on_expert, name, entry)
     manifest = _read_manifest(out_p)
     layout_def = read_layout(layout)
-    entries: dict[str, dict[str, Any]] = {}
     todo: list[ExpertSpec] = []
     for e in specs:
+        if e.name in entries:  # its hub id did not resolve
+            continue
         old = manifest["experts"].get(e.name)
         target = out_p / e.name
         if not force and old and old.get("status") == "ok" and _same_output(old.get("options"), e.options) and _verified(target, old):
@@ -348,7 +397,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
         stats_seconds = time.perf_counter() - t0
         sources = session.sources
         # The engine's word on each expert (full or LoRA) rides with its plan into its report.
-        jobs: list[Job] = [(i, todo[i], plan, {"safety": sources["safety"], "expert": info})
+        jobs: list[Job] = [(i, todo[i], plan, {"safety": sources["safety"], "expert": info}, hub_ids.reports.get(todo[i].name))
                            for i, plan, info in zip(session.opened, plans, sources["experts"])]
 
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
@@ -358,7 +407,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 published.append(e.name)
                 r = outcome["report"]
                 entries[e.name] = {"status": "ok", "options": e.options.to_dict(), "files": outcome["files"], "counts": r["counts"],
-                                   "seconds": r["seconds"], "units": r["units"], "expert": str(e.path)}
+                                   "seconds": r["seconds"], "units": r["units"], "expert": hub_ids.given[e.name]}
                 manifest["experts"][e.name] = {k: entries[e.name][k] for k in ("status", "options", "files", "counts", "units", "expert")}
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])

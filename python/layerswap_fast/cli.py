@@ -124,7 +124,8 @@ def _models(multiple: bool = False) -> Callable[[Callable], Callable]:
         )
         for flags, name, help_ in reversed(
             [
-                (("-b", "--base"), "base", "Base model B: Hugging Face folder or .safetensors file."),
+                (("-b", "--base"), "base", "Base model B: Hugging Face folder, .safetensors file, or hub id org/name[@REVISION] "
+                                          "(looked up in the Hugging Face cache; any model option takes one; a local path wins)."),
                 (("-s", "--safety"), "safety", "English safety expert S (B fine-tuned on safety data)."),
                 (("-m", "--expert"), "expert", expert_help),
             ]

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from layerswap_fast import reference
+from layerswap_fast import hub, reference
 from layerswap_fast.folder import CONFIG_FILES, PROCESSOR_FILES, REPORT_FILE, TOKENIZER_FILES, auto_map_files
 from layerswap_fast.errors import InvalidOptionError
 from layerswap_fast.options import MergeOptions, options_arg, path_arg
@@ -341,7 +341,7 @@ def verify(
 
     Args:
         out: the folder ``merge`` wrote.
-        base, safety, expert: the models it was made from.
+        base, safety, expert: the models it was made from (paths or hub ids, as for ``merge``).
         options: the :class:`MergeOptions` of the merge; keyword arguments (``granularity=``,
             ``tau=``, ``alpha=``, ``numerics=``, ``outside=``, ``norms=``, ``vocab_from=``,
             ``out_dtype=``...) override its fields. Resource options are ignored.
@@ -365,8 +365,8 @@ def verify(
     reference._torch()
     _dtype_cache.clear()  # models may have been rewritten since the last call
     opts = options.replace(**kwargs) if options is not None and kwargs else options or MergeOptions(**kwargs)
-    out_p, base_p, safety_p, expert_p = (path_arg(out, "out"), path_arg(base, "base"), path_arg(safety, "safety"),
-                                         path_arg(expert, "expert"))
+    out_p = path_arg(out, "out")
+    base_p, safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((base, "base"), (safety, "safety"), (expert, "expert")))
     if not out_p.is_dir():
         raise FileNotFoundError(f"{out_p}: no such output folder")
     vocab_from = getattr(opts, "vocab_from", "outside")
