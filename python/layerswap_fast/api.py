@@ -47,7 +47,7 @@ def read_layout(layout: Optional[PathLike]) -> Optional[dict[str, Any]]:
     if p.suffix.lower() == ".toml":
         tomllib = toml()
         try:
-            return tomllib.loads(p.read_text())  # type: ignore[no-any-return]
+            return tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
     try:
@@ -59,10 +59,10 @@ def read_layout(layout: Optional[PathLike]) -> Optional[dict[str, Any]]:
     return data
 
 
-def open_session(base: Path, safety: Path, experts: list[Path], layout: Optional[PathLike], lenient: bool = False) -> Session:
+def open_session(base: PathLike, safety: PathLike, experts: list[PathLike], layout: Optional[PathLike], lenient: bool = False) -> Session:
     """Opens B, S and the experts once (the first expert's config.json, or the base's for a LoRA
     expert, names the architecture)."""
-    return Session(base, safety, experts, architecture=architecture(model_of(experts[0], base)), layout=read_layout(layout), lenient=lenient)
+    return Session(base, safety, experts, architecture=architecture(model_of(Path(experts[0]), Path(base))), layout=read_layout(layout), lenient=lenient)
 
 
 def peak_rss_bytes() -> int:

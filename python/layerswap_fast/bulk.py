@@ -92,7 +92,7 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
     text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
         try:
-            import yaml  # type: ignore[import-untyped]
+            import yaml
         except ImportError:
             raise InvalidOptionError(f"{p}: YAML bulk files need PyYAML (pip install pyyaml); TOML needs nothing") from None
         data = yaml.safe_load(text)
@@ -341,8 +341,8 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
         # One opening of B, S and every expert, shared by the analysis and every write of this process:
         # an expert that changes after the analysis is refused by its write, never merged stale.
         session = open_session(base_p, safety_p, [e.path for e in todo], layout, lenient=True)
-        for i, err in session.failures:
-            entries[todo[i].name] = _failure(err)
+        for i, failure in session.failures:
+            entries[todo[i].name] = _failure(failure)
             _notify(on_expert, todo[i].name, entries[todo[i].name])
         plans = session.analyze([todo[i].options for i in session.opened], saved=saved, progress=progress)
         stats_seconds = time.perf_counter() - t0

@@ -243,6 +243,7 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
     if plan_file is None and (base is None or safety is None or not experts):
         raise click.UsageError("give -b/--base, -s/--safety and -m/--expert, or --plan FILE")
     if plan_file is None and not named and len(experts) == 1 and executor == "local" and saved_stats is None:
+        assert base is not None and safety is not None  # checked just above
         if out is None:
             raise click.UsageError("give -o/--out")
         bar = ProgressBar(enabled=False if quiet else None)
@@ -265,6 +266,7 @@ def merge(base: Optional[Path], safety: Optional[Path], expert: tuple[str, ...],
         specs = [bulk.ExpertSpec(n, p, options) for n, p in experts]
     if out is None:
         raise click.UsageError("give -o/--out (or 'out' in the --plan file)")
+    assert base is not None and safety is not None  # given, or from the --plan file
     if config_from is not None:
         raise click.UsageError("--config-from applies to a merge of one expert (without --plan, NAME=PATH or --stats)")
     check_not_input(out, [plan_file])

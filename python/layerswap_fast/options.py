@@ -11,6 +11,7 @@ import dataclasses
 import numbers
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -28,7 +29,7 @@ DTYPES = ("bf16", "f16", "f32", "f64")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
-def parse_size(value: int | str) -> int:
+def parse_size(value: int | float | str) -> int:
     """Parses a byte size: ``1073741824``, ``512MiB``, ``1GiB``, ``5GB`` (decimal), ``2g`` (binary).
 
     Raises:
@@ -265,8 +266,8 @@ def options_arg(value: Any) -> None:
 def toml() -> Any:
     """The TOML parser: ``tomllib`` (Python 3.11+) or ``tomli`` (3.10, a dependency there). Every
     reader of TOML (layouts, plan files, the reference) gets it here."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:
-        import tomli as tomllib  # type: ignore[no-redef]
+    else:
+        import tomli as tomllib
     return tomllib

@@ -401,7 +401,7 @@ def compute_plan(
     measured = [(n, p) for n, p in measured if p.target]
     if not measured:
         raise ValueError(f"{expert}: no measured tensors (attention / MLP projections of model.layers.N)")
-    n_layers = max(p.layer for _, p in measured) + 1  # type: ignore[type-var]
+    n_layers = max(p.layer for _, p in measured if p.layer is not None) + 1
     keys = unit_keys(n_layers, granularity)
     acc: dict[tuple[int, Optional[str]], list[float]] = {k: [0.0, 0.0] for k in keys}
     norms = []
