@@ -265,3 +265,29 @@ def test_report_command_bad_paths(tmp_path):
     assert CliRunner().invoke(main, ["report", str(tmp_path / "r.json")]).exit_code == 2
     res = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "layerswap_report.json" in res.output
+
+
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_bulk_merge_prints_every_experts_strip_and_fragile_count(merges, tmp_path, granularity):
+    p = merges["paths"]
+    tau = tau_with_all_three(p, granularity)
+    args = ["merge", "-b", str(p["base"]), "-s", str(p["safety"]), "-m", f"ko={p['expert']}", "-m", f"sw={p['safety']}",
+            "-o", str(tmp_path / "bulk"), "-g", granularity, "--tau", repr(tau)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    letters = {"safety": "S", "expert": "E", "blend": "B"}
+    counts = []
+    for name in ("ko", "sw"):
+        report = json.loads((tmp_path / "bulk" / name / "layerswap_report.json").read_text())
+        for part in (["attention", "mlp"] if granularity == "module" else [None]):
+            want = "".join(letters[u["decision"]] for u in sorted(report["units"], key=lambda u: u["layer"]) if u["part"] == part)
+            label = f"{name} {part}" if part else name
+            assert re.search(rf"^  {label}\s+{want}$", res.output, re.M), res.output
+        fragile = sum(
+            independent_decision(u["d"], tau / 2) != independent_decision(u["d"], tau)
+            or independent_decision(u["d"], 2 * tau) != independent_decision(u["d"], tau)
+            for u in report["units"]
+        )
+        counts.append(f"{name} {fragile}")
+    assert f"flips if tau is halved or doubled): {', '.join(counts)}" in res.output
+    assert "\x1b[" not in res.output

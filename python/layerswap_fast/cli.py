@@ -27,7 +27,7 @@ from layerswap_fast.progress import ProgressBar
 from layerswap_fast import page
 from layerswap_fast.errors import InvalidOptionError as InvalidReportError
 from layerswap_fast.folder import BULK_PAGE_FILE, PAGE_FILE, REPORT_FILE, write_text_atomic
-from layerswap_fast.report import bulk_table, decision_strip, decision_table, fmt_bytes, merge_summary, plural, report_table, sweep_table
+from layerswap_fast.report import bulk_strips, bulk_table, decision_strip, decision_table, fmt_bytes, merge_summary, plural, report_table, sweep_table
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -345,6 +345,10 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
         bar.close()
     if not quiet:
         click.echo(bulk_table(summary))
+        reports = {name: json.loads((out / name / REPORT_FILE).read_text())
+                   for name, e in summary["experts"].items() if e["status"] == "ok" and (out / name / REPORT_FILE).is_file()}
+        if reports:
+            click.echo(bulk_strips(reports))
     if any(e["status"] == "failed" for e in summary["experts"].values()):
         sys.exit(EXIT_FAILURE)
 

@@ -162,20 +162,20 @@ def unit_rows(units: list[dict[str, Any]]) -> list[tuple[Optional[str], list[dic
     return [(p, sorted((u for u in units if u.get("part") == p), key=lambda u: u["layer"])) for p in parts]
 
 
-def decision_strip(units: list[dict[str, Any]], tau: float, colour: bool = True) -> str:
-    """Per layer, one letter per unit (S safety, E expert, B blend), one line per row of the heatmap,
-    under a ruler of layer numbers; then the count of fragile units. Coloured with ANSI codes when
-    ``colour`` (``click.echo`` removes them when the output is not a terminal)."""
+def _ruler(n: int, label: str, width: int) -> list[str]:
+    """Layer numbers over a strip: units digits, under a row of tens digits once there are more than 10."""
+    ruler = ["  " + f"{label:<{width}} " + "".join(str(i % 10) for i in range(n))]
+    if n > 10:
+        ruler.insert(0, "  " + " " * (width + 1) + "".join(str(i // 10 % 10) if i >= 10 else " " for i in range(n)))
+    return ruler
+
+
+def _strip_lines(units: list[dict[str, Any]], n: int, colour: bool, name: str, width: int) -> list[str]:
+    """One line per row of the heatmap: one letter per layer (S safety, E expert, B blend)."""
     import click
 
-    rows = unit_rows(units)
-    n = max((u["layer"] for u in units), default=-1) + 1
-    # A ruler of layer numbers: units digits, under a row of tens digits once there are more than 10.
-    ruler = ["  " + f"{'layer':<10} " + "".join(str(i % 10) for i in range(n))]
-    if n > 10:
-        ruler.insert(0, "  " + " " * 11 + "".join(str(i // 10 % 10) if i >= 10 else " " for i in range(n)))
-    lines = ["decisions per layer (S safety, E expert, B blend):", *ruler]
-    for part, us in rows:
+    lines = []
+    for part, us in unit_rows(units):
         cells = [" "] * n
         for u in us:
             letter = LETTERS.get(u["decision"], "?")
@@ -183,10 +183,35 @@ def decision_strip(units: list[dict[str, Any]], tau: float, colour: bool = True)
                 fg, bg = _TERMINAL[u["decision"]]
                 letter = click.style(letter, fg=fg, bg=bg)
             cells[u["layer"]] = letter
-        lines.append(f"  {part or 'layer':<10} {''.join(cells)}")
+        label = " ".join(x for x in (name, part or ("" if name else "layer")) if x)
+        lines.append(f"  {label:<{width}} {''.join(cells)}")
+    return lines
+
+
+def decision_strip(units: list[dict[str, Any]], tau: float, colour: bool = True) -> str:
+    """Per layer, one letter per unit (S safety, E expert, B blend), one line per row of the heatmap,
+    under a ruler of layer numbers; then the count of fragile units. Coloured with ANSI codes when
+    ``colour`` (``click.echo`` removes them when the output is not a terminal)."""
+    n = max((u["layer"] for u in units), default=-1) + 1
+    lines = ["decisions per layer (S safety, E expert, B blend):", *_ruler(n, "layer", 10), *_strip_lines(units, n, colour, "", 10)]
     fragile = fragile_units(units, tau)
     names = ", ".join(unit_label(u) for u in fragile[:8]) + (", ..." if len(fragile) > 8 else "")
     lines.append(f"fragile units (decision flips if tau is halved or doubled): {len(fragile)}" + (f" ({names})" if fragile else ""))
+    return "\n".join(lines)
+
+
+def bulk_strips(reports: dict[str, dict[str, Any]], colour: bool = True) -> str:
+    """The decision strip of every expert of a bulk run (``reports``: name -> its merge report), one
+    block of rows per expert under one ruler, then each expert's count of fragile units."""
+    if not reports:
+        return ""
+    n = max((u["layer"] for r in reports.values() for u in r["units"]), default=-1) + 1
+    width = max(len(f"{name} attention") for name in reports)
+    lines = ["decisions per layer (S safety, E expert, B blend):", *_ruler(n, "layer", width)]
+    for name, r in reports.items():
+        lines += _strip_lines(r["units"], n, colour, name, width)
+    counts = ", ".join(f"{name} {len(fragile_units(r['units'], float(r['parameters']['tau'])))}" for name, r in reports.items())
+    lines.append(f"fragile units (decision flips if tau is halved or doubled): {counts}")
     return "\n".join(lines)
 
 
