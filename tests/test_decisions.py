@@ -388,3 +388,23 @@ def test_decision_control_refuses_an_adapter_output(eight, tmp_path):
         with pytest.raises(lsf.InvalidOptionError, match="emit='adapter'"):
             lsf.merge(eight["base"], eight["safety"], eight["expert"], tmp_path / "out", emit="adapter", **controls)
     assert not (tmp_path / "out").exists()
+
+
+def test_report_draws_the_sweep_figure(make_trio: Any, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = make_trio(config=EIGHT, planting=synth.Planting(safety_layers=(3, 5, 6, 7), expert_layers=(0, 1, 2, 6), strong=0.06, weak=0.03,
+                                                          safety_attention_layers=(1, 4)))
+    r = run("analyze", "-b", paths["base"], "-s", paths["safety"], "-m", paths["expert"], "--sweep-tau", "0:0.04:21", "--json")
+    assert r.exit_code == 0, r.output
+    (tmp_path / "sweep.json").write_text(r.output)
+    r = run("report", tmp_path / "sweep.json", "-o", tmp_path / "sweep.png")
+    assert r.exit_code == 0, r.output
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(tmp_path / "sweep.png"))
+    assert img.shape[0] > 100 and img.shape[1] > 100 and float(img[..., :3].std()) > 0.05
+    (tmp_path / "bad.json").write_text(json.dumps([{"tau": 0.1, "counts": {"safety": 1}}]))
+    r = run("report", tmp_path / "bad.json", "-o", tmp_path / "bad.png")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    r = run("report", tmp_path / "sweep.json")
+    assert r.exit_code == 2 and "-o" in r.output, r.output

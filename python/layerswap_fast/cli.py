@@ -501,8 +501,9 @@ def demo(outdir: Path, layers: int, granularity: str, force: bool) -> None:
 def report(path: Path, out_file: Optional[Path]) -> None:
     """Regenerate the report page, or draw the paper's figures, from a merge's layerswap_report.json.
 
-    PATH is a merge's output folder, its layerswap_report.json, or a bulk run's output folder (whose
-    index.html is regenerated from layerswap_bulk_summary.json and each expert's report).
+    PATH is a merge's output folder, its layerswap_report.json, a bulk run's output folder (whose
+    index.html is regenerated from layerswap_bulk_summary.json and each expert's report), or the JSON
+    of 'analyze --sweep-tau A:B:N --json' (drawn as decision counts against tau; needs -o FILE).
     """
     from layerswap_fast import figures
 
@@ -519,6 +520,16 @@ def report(path: Path, out_file: Optional[Path]) -> None:
         raise click.BadParameter(f"{path}: no {REPORT_FILE} (nor {bulk.SUMMARY}) in this folder", param_hint="PATH")
     report_file = path / REPORT_FILE if path.is_dir() else path
     data = _load_json(report_file)
+    if isinstance(data, list) and data and all(isinstance(r, dict) and "tau" in r for r in data):  # analyze --sweep-tau --json
+        if out_file is None:
+            raise click.UsageError(f"{report_file} is a tau sweep: name the figure with -o FILE ({', '.join(figures.FORMATS)})")
+        check_not_input(out_file, [report_file], "figure")
+        try:
+            figures.draw_sweep(data, out_file)
+        except figures.PlotExtraMissing as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"wrote {out_file}")
+        return
     if not isinstance(data, dict) or not isinstance(data.get("units"), list):
         raise InvalidReportError(f"{report_file}: not a layerswap-fast report (no 'units')")
     target = out_file or report_file.parent / PAGE_FILE

@@ -90,7 +90,11 @@ def draw(report: dict[str, Any], path: Path, dpi: int = 150) -> Path:
     ax_d.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for ax in (ax_p, ax_d):
         ax.set_xlim(-0.6, len(units) - 0.4)
-    # Written beside the target and renamed into place: never half a file at ``path``.
+    return _save(fig, path, dpi)
+
+
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    """Written beside the target and renamed into place: never half a file at ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lower().lstrip("."))
@@ -99,3 +103,36 @@ def draw(report: dict[str, Any], path: Path, dpi: int = 150) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def is_sweep(data: Any) -> bool:
+    """Whether ``data`` is what ``analyze --sweep-tau --json`` prints."""
+    return (isinstance(data, list) and bool(data)
+            and all(isinstance(r, dict) and isinstance(r.get("tau"), (int, float)) and isinstance(r.get("counts"), dict)
+                    and all(isinstance(r["counts"].get(d), int) for d in DECISIONS) for r in data))
+
+
+def draw_sweep(sweep: list[dict[str, Any]], path: Path, dpi: int = 150) -> Path:
+    """Writes a τ sweep (``analyze --sweep-tau A:B:N --json``) as a figure: units per decision against
+    τ, one line per decision. The format is ``path``'s suffix.
+
+    Raises:
+        PlotExtraMissing: matplotlib is not installed.
+        InvalidOptionError: the suffix is not one of :data:`FORMATS`, or ``sweep`` is not a sweep.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise InvalidOptionError(f"{path}: figures are written as {', '.join(FORMATS)}; got '{path.suffix}'")
+    if not is_sweep(sweep):
+        raise InvalidOptionError('a sweep is a list of {"tau": ..., "counts": {"safety": n, "expert": n, "blend": n}}')
+    Figure = _matplotlib()
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.subplots()
+    taus = [float(r["tau"]) for r in sweep]
+    for d in DECISIONS:
+        ax.plot(taus, [r["counts"][d] for r in sweep], "o-", ms=3, lw=1.4, color=COLOURS[d], label=d)
+    ax.set_xlabel("τ (threshold on d = p_S − p_M)")
+    ax.set_ylabel("units")
+    ax.set_title("How τ moves the decisions")
+    ax.legend(fontsize=8, frameon=False)
+    return _save(fig, path, dpi)
