@@ -14,10 +14,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use layerswap_fast::write::{blend, convert};
+use layerswap_fast::analyze::sums::kernels::{block_sums, sum_sq, sum_sq_diff};
 use layerswap_fast::budget::BLOCK;
 use layerswap_fast::dtype::{f32_to_bf16, f32_to_f16, AlignedBuf, Dtype};
-use layerswap_fast::analyze::sums::kernels::{block_sums, sum_sq, sum_sq_diff};
+use layerswap_fast::write::{blend, convert};
 use layerswap_fast::Numerics;
 use rayon::prelude::*;
 
@@ -45,10 +45,22 @@ fn encode(v: &[f32], dtype: Dtype) -> AlignedBuf {
     let mut buf = AlignedBuf::new(v.len() * dtype.size());
     let bytes = buf.bytes_mut(v.len() * dtype.size());
     match dtype {
-        Dtype::BF16 => bytes.chunks_exact_mut(2).zip(v).for_each(|(d, x)| d.copy_from_slice(&f32_to_bf16(*x).to_le_bytes())),
-        Dtype::F16 => bytes.chunks_exact_mut(2).zip(v).for_each(|(d, x)| d.copy_from_slice(&f32_to_f16(*x).to_le_bytes())),
-        Dtype::F32 => bytes.chunks_exact_mut(4).zip(v).for_each(|(d, x)| d.copy_from_slice(&x.to_le_bytes())),
-        Dtype::F64 => bytes.chunks_exact_mut(8).zip(v).for_each(|(d, x)| d.copy_from_slice(&(*x as f64).to_le_bytes())),
+        Dtype::BF16 => bytes
+            .chunks_exact_mut(2)
+            .zip(v)
+            .for_each(|(d, x)| d.copy_from_slice(&f32_to_bf16(*x).to_le_bytes())),
+        Dtype::F16 => bytes
+            .chunks_exact_mut(2)
+            .zip(v)
+            .for_each(|(d, x)| d.copy_from_slice(&f32_to_f16(*x).to_le_bytes())),
+        Dtype::F32 => bytes
+            .chunks_exact_mut(4)
+            .zip(v)
+            .for_each(|(d, x)| d.copy_from_slice(&x.to_le_bytes())),
+        Dtype::F64 => bytes
+            .chunks_exact_mut(8)
+            .zip(v)
+            .for_each(|(d, x)| d.copy_from_slice(&(*x as f64).to_le_bytes())),
         other => unreachable!("the benchmarks use float dtypes, not {other}"),
     }
     buf
@@ -73,7 +85,13 @@ fn chunk_sums(dtype: Dtype, b: &[u8], xs: &[&[u8]], out: &mut Vec<f64>) {
         let hi = (lo + step).min(b.len());
         blk.clear();
         blk.extend(xs.iter().map(|x| &x[lo..hi]));
-        block_sums(dtype, Numerics::Exact, &b[lo..hi], &blk, &mut out[i * (k + 1)..(i + 1) * (k + 1)]);
+        block_sums(
+            dtype,
+            Numerics::Exact,
+            &b[lo..hi],
+            &blk,
+            &mut out[i * (k + 1)..(i + 1) * (k + 1)],
+        );
     }
 }
 
@@ -85,11 +103,17 @@ fn stats(c: &mut Criterion) {
         let (b, s, m) = (b.bytes(n), s.bytes(n), m.bytes(n));
         let mut out = Vec::new();
         g.throughput(Throughput::Bytes(3 * n as u64));
-        g.bench_function(format!("chunk_B_S_M/{dtype}"), |bch| bch.iter(|| chunk_sums(dtype, black_box(b), &[black_box(s), black_box(m)], &mut out)));
+        g.bench_function(format!("chunk_B_S_M/{dtype}"), |bch| {
+            bch.iter(|| chunk_sums(dtype, black_box(b), &[black_box(s), black_box(m)], &mut out))
+        });
         g.throughput(Throughput::Bytes(2 * n as u64));
-        g.bench_function(format!("sum_sq_diff/{dtype}"), |bch| bch.iter(|| sum_sq_diff(dtype, Numerics::Exact, black_box(b), black_box(s))));
+        g.bench_function(format!("sum_sq_diff/{dtype}"), |bch| {
+            bch.iter(|| sum_sq_diff(dtype, Numerics::Exact, black_box(b), black_box(s)))
+        });
         g.throughput(Throughput::Bytes(n as u64));
-        g.bench_function(format!("sum_sq/{dtype}"), |bch| bch.iter(|| sum_sq(dtype, Numerics::Exact, black_box(b))));
+        g.bench_function(format!("sum_sq/{dtype}"), |bch| {
+            bch.iter(|| sum_sq(dtype, Numerics::Exact, black_box(b)))
+        });
     }
     g.finish();
 }
@@ -103,7 +127,17 @@ fn blends(c: &mut Criterion) {
         let mut o = AlignedBuf::new(n);
         g.throughput(Throughput::Bytes(2 * n as u64));
         g.bench_function(format!("alpha_S_M/{dtype}"), |bch| {
-            bch.iter(|| blend(dtype, black_box(s), black_box(m), dtype, o.bytes_mut(n), 0.5, Numerics::Exact))
+            bch.iter(|| {
+                blend(
+                    dtype,
+                    black_box(s),
+                    black_box(m),
+                    dtype,
+                    o.bytes_mut(n),
+                    0.5,
+                    Numerics::Exact,
+                )
+            })
         });
     }
     let [_, s, _] = trio(CHUNK, Dtype::BF16);
@@ -111,7 +145,15 @@ fn blends(c: &mut Criterion) {
     let mut o = AlignedBuf::new(CHUNK * 4);
     g.throughput(Throughput::Bytes(CHUNK as u64 * 2));
     g.bench_function("convert/BF16_to_F32", |bch| {
-        bch.iter(|| convert(Dtype::BF16, black_box(s), Dtype::F32, o.bytes_mut(CHUNK * 4), Numerics::Exact))
+        bch.iter(|| {
+            convert(
+                Dtype::BF16,
+                black_box(s),
+                Dtype::F32,
+                o.bytes_mut(CHUNK * 4),
+                Numerics::Exact,
+            )
+        })
     });
     g.finish();
 }
@@ -125,7 +167,10 @@ fn stats_threads(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Bytes(3 * n as u64));
     for threads in [1usize, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         g.bench_function(format!("BF16/{threads}"), |bch| {
             bch.iter(|| {
                 pool.install(|| {
@@ -156,7 +201,10 @@ fn stats_threads_cached(c: &mut Criterion) {
     let mut g = c.benchmark_group("stats_threads_cached");
     g.throughput(Throughput::Bytes((3 * n * tasks) as u64));
     for threads in [1usize, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         g.bench_function(format!("BF16/{threads}"), |bch| {
             bch.iter(|| {
                 pool.install(|| {

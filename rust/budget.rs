@@ -59,7 +59,12 @@ impl Budget {
                 workers -= 1; // min_need guarantees one worker at BLOCK fits
             }
         }
-        Ok(Budget { chunk_elems: chunk, workers, buffers, buffer_bytes: chunk * elem_bytes })
+        Ok(Budget {
+            chunk_elems: chunk,
+            workers,
+            buffers,
+            buffer_bytes: chunk * elem_bytes,
+        })
     }
 
     /// Bytes the buffers take in total.
@@ -95,9 +100,16 @@ impl BufferPool {
     /// Allocates every buffer the budget allows, up front.
     pub fn new(budget: &Budget) -> BufferPool {
         let sets = (0..budget.workers)
-            .map(|_| (0..budget.buffers).map(|_| AlignedBuf::new(budget.buffer_bytes)).collect())
+            .map(|_| {
+                (0..budget.buffers)
+                    .map(|_| AlignedBuf::new(budget.buffer_bytes))
+                    .collect()
+            })
             .collect();
-        BufferPool { sets: Mutex::new(sets), ready: Condvar::new() }
+        BufferPool {
+            sets: Mutex::new(sets),
+            ready: Condvar::new(),
+        }
     }
 
     /// Borrows one worker's set of buffers until the guard drops.
@@ -105,7 +117,10 @@ impl BufferPool {
         let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(set) = sets.pop() {
-                return PoolGuard { pool: self, set: Some(set) };
+                return PoolGuard {
+                    pool: self,
+                    set: Some(set),
+                };
             }
             sets = self.ready.wait(sets).unwrap_or_else(|e| e.into_inner());
         }

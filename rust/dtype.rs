@@ -89,7 +89,10 @@ impl Dtype {
             "F32" | "FLOAT32" => Some(Dtype::F32),
             "F16" | "FLOAT16" => Some(Dtype::F16),
             "BF16" | "BFLOAT16" => Some(Dtype::BF16),
-            other => OPAQUE.iter().find(|(_, n, _)| *n == other).map(|(o, _, _)| Dtype::Opaque(*o)),
+            other => OPAQUE
+                .iter()
+                .find(|(_, n, _)| *n == other)
+                .map(|(o, _, _)| Dtype::Opaque(*o)),
         }
     }
 
@@ -160,7 +163,6 @@ pub fn f32_to_f16(x: f32) -> u16 {
     half::f16::from_f32(x).to_bits()
 }
 
-
 /// Elements decoded or encoded at a time by the kernels (on the stack; fits in L1 alongside the
 /// chunk's sources).
 pub const BATCH: usize = 2048;
@@ -174,13 +176,18 @@ pub fn round_bf16(x: f32) -> f32 {
 /// Decodes raw elements to f32 (exact for BF16/F16/F32).
 pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
     match dtype {
-        Dtype::BF16 => cast::<u16>(src).iter().zip(dst).for_each(|(s, d)| *d = bf16_to_f32(*s)),
+        Dtype::BF16 => cast::<u16>(src)
+            .iter()
+            .zip(dst)
+            .for_each(|(s, d)| *d = bf16_to_f32(*s)),
         Dtype::F16 => {
             // half's slice conversion: the same instruction (F16C) or software routine it uses per
             // element on this CPU, so the same bits, eight at a time.
             let src = cast::<u16>(src);
             let n = src.len().min(dst.len());
-            src[..n].reinterpret_cast::<half::f16>().convert_to_f32_slice(&mut dst[..n]);
+            src[..n]
+                .reinterpret_cast::<half::f16>()
+                .convert_to_f32_slice(&mut dst[..n]);
         }
         Dtype::F32 => dst.copy_from_slice(cast::<f32>(src)),
         Dtype::F64 => cast::<f64>(src).iter().zip(dst).for_each(|(s, d)| *d = *s as f32),
@@ -191,15 +198,23 @@ pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
 /// Encodes f32 values, rounding once to nearest even.
 pub fn encode_f32(src: &[f32], dtype: Dtype, dst: &mut [u8]) {
     match dtype {
-        Dtype::BF16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_bf16(*s)),
+        Dtype::BF16 => src
+            .iter()
+            .zip(cast_mut::<u16>(dst))
+            .for_each(|(s, d)| *d = f32_to_bf16(*s)),
         Dtype::F16 => {
             // As in `decode_f32`: half's slice conversion, bit for bit its per-element rounding.
             let dst = cast_mut::<u16>(dst);
             let n = src.len().min(dst.len());
-            dst[..n].reinterpret_cast_mut::<half::f16>().convert_from_f32_slice(&src[..n]);
+            dst[..n]
+                .reinterpret_cast_mut::<half::f16>()
+                .convert_from_f32_slice(&src[..n]);
         }
         Dtype::F32 => cast_mut::<f32>(dst).copy_from_slice(src),
-        Dtype::F64 => src.iter().zip(cast_mut::<f64>(dst)).for_each(|(s, d)| *d = *s as f64),
+        Dtype::F64 => src
+            .iter()
+            .zip(cast_mut::<f64>(dst))
+            .for_each(|(s, d)| *d = *s as f64),
         Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
     }
 }
@@ -221,12 +236,21 @@ pub fn decode_f64(dtype: Dtype, src: &[u8], dst: &mut [f64]) {
 pub fn encode_f64(src: &[f64], dtype: Dtype, dst: &mut [u8]) {
     match dtype {
         Dtype::F64 => cast_mut::<f64>(dst).copy_from_slice(src),
-        Dtype::F32 => src.iter().zip(cast_mut::<f32>(dst)).for_each(|(s, d)| *d = *s as f32),
+        Dtype::F32 => src
+            .iter()
+            .zip(cast_mut::<f32>(dst))
+            .for_each(|(s, d)| *d = *s as f32),
         // f64 -> f32 -> 16-bit would round twice, and half's from_f64 drops the low 32 mantissa bits
         // before deciding a tie (so it rounds some values just above a midpoint down): round to f32
         // *to odd* first, after which one rounding to nearest even gives the correctly rounded value.
-        Dtype::BF16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_bf16(f64_to_f32_odd(*s))),
-        Dtype::F16 => src.iter().zip(cast_mut::<u16>(dst)).for_each(|(s, d)| *d = f32_to_f16(f64_to_f32_odd(*s))),
+        Dtype::BF16 => src
+            .iter()
+            .zip(cast_mut::<u16>(dst))
+            .for_each(|(s, d)| *d = f32_to_bf16(f64_to_f32_odd(*s))),
+        Dtype::F16 => src
+            .iter()
+            .zip(cast_mut::<u16>(dst))
+            .for_each(|(s, d)| *d = f32_to_f16(f64_to_f32_odd(*s))),
         Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
     }
 }
@@ -242,7 +266,11 @@ fn f64_to_f32_odd(x: f64) -> f32 {
         return y;
     }
     // y is the even neighbour of x; step one ulp towards x (an overflow to inf steps back to MAX).
-    f32::from_bits(if x.abs() > (y as f64).abs() { bits + 1 } else { bits - 1 })
+    f32::from_bits(if x.abs() > (y as f64).abs() {
+        bits + 1
+    } else {
+        bits - 1
+    })
 }
 
 /// A byte buffer with 8-byte alignment, so it can be viewed as a slice of any element type.
@@ -254,7 +282,9 @@ pub struct AlignedBuf {
 impl AlignedBuf {
     /// A zeroed buffer of at least `bytes` bytes.
     pub fn new(bytes: usize) -> Self {
-        AlignedBuf { words: vec![0u64; bytes.div_ceil(8)] }
+        AlignedBuf {
+            words: vec![0u64; bytes.div_ceil(8)],
+        }
     }
 
     /// Capacity in bytes.
@@ -361,9 +391,24 @@ mod tests {
         let mut vals = vec![];
         for f in got.iter().filter(|f| f.is_finite()) {
             let b = f.to_bits();
-            vals.extend([*f, f32::from_bits(b.wrapping_add(1)), f32::from_bits(b.wrapping_sub(1)), f32::from_bits(b.wrapping_add(1 << 12))]);
+            vals.extend([
+                *f,
+                f32::from_bits(b.wrapping_add(1)),
+                f32::from_bits(b.wrapping_sub(1)),
+                f32::from_bits(b.wrapping_add(1 << 12)),
+            ]);
         }
-        vals.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 65520.0, 65519.99, 1e-8, -1e-8, f32::MAX, f32::MIN_POSITIVE]);
+        vals.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            65520.0,
+            65519.99,
+            1e-8,
+            -1e-8,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+        ]);
         vals.push(0.5);
         let mut out = vec![0u8; vals.len() * 2];
         encode_f32(&vals, Dtype::F16, &mut out);

@@ -68,9 +68,15 @@ enum Piece<'a> {
 
 fn factor_names(m: &LoraModule) -> (String, String) {
     if m.a.ends_with(".lora_embedding_A") {
-        (format!("{PEFT_PREFIX}{}.lora_embedding_A", m.module), format!("{PEFT_PREFIX}{}.lora_embedding_B", m.module))
+        (
+            format!("{PEFT_PREFIX}{}.lora_embedding_A", m.module),
+            format!("{PEFT_PREFIX}{}.lora_embedding_B", m.module),
+        )
     } else {
-        (format!("{PEFT_PREFIX}{}.lora_A.weight", m.module), format!("{PEFT_PREFIX}{}.lora_B.weight", m.module))
+        (
+            format!("{PEFT_PREFIX}{}.lora_A.weight", m.module),
+            format!("{PEFT_PREFIX}{}.lora_B.weight", m.module),
+        )
     }
 }
 
@@ -87,7 +93,12 @@ fn widest(ds: &[Dtype]) -> Dtype {
 /// The module a tensor saved whole belongs to, if the adapter lists it in `modules_to_save`.
 fn saved_module(adapter: &Adapter, tensor: &str) -> Option<String> {
     let module = tensor.rsplit_once('.').map_or(tensor, |(m, _)| m);
-    adapter.config.modules_to_save.iter().any(|k| module == k || module.ends_with(&format!(".{k}"))).then(|| module.to_string())
+    adapter
+        .config
+        .modules_to_save
+        .iter()
+        .any(|k| module == k || module.ends_with(&format!(".{k}")))
+        .then(|| module.to_string())
 }
 
 impl Session {
@@ -95,20 +106,35 @@ impl Session {
     /// (`adapter_model.safetensors`) into the existing, empty folder `out_dir`; the summary says what
     /// the adapter configuration must hold. Both experts must be LoRA adapters. A tensor the decisions
     /// make a blend of something an adapter saved whole cannot be expressed: an error naming it.
-    pub fn emit_adapter(&self, expert: usize, plan: &Plan, out_dir: &Path, progress: &Progress) -> Result<EmitSummary> {
+    pub fn emit_adapter(
+        &self,
+        expert: usize,
+        plan: &Plan,
+        out_dir: &Path,
+        progress: &Progress,
+    ) -> Result<EmitSummary> {
         plan.options.validate()?;
         let Some(host) = self.experts.get(expert) else {
-            return Err(Error::argument(format!("no language expert {expert} in a session of {}", self.experts.len())));
+            return Err(Error::argument(format!(
+                "no language expert {expert} in a session of {}",
+                self.experts.len()
+            )));
         };
         let (Some(sa), Some(ma)) = (self.safety.adapter(), host.adapter()) else {
-            let full = if self.safety.adapter().is_none() { self.safety.path() } else { host.path() };
+            let full = if self.safety.adapter().is_none() {
+                self.safety.path()
+            } else {
+                host.path()
+            };
             return Err(Error::argument(format!(
                 "--emit adapter needs two LoRA adapter experts, but {} is a full model; write a full model instead",
                 full.display()
             )));
         };
         if sa.config.fan_in_fan_out != ma.config.fan_in_fan_out {
-            return Err(Error::argument("the two adapters disagree on fan_in_fan_out; one adapter cannot hold both"));
+            return Err(Error::argument(
+                "the two adapters disagree on fan_in_fan_out; one adapter cannot hold both",
+            ));
         }
         self.check_vocab(expert, &plan.options)?;
         let started = Instant::now();
@@ -117,7 +143,11 @@ impl Session {
         let mut to_save = vec![];
         for name in host.tensors().keys() {
             let place = self.layout.place(name);
-            let (decision, alpha) = if self.safety.tensor(name).is_none() { (Decision::Expert, 0.0) } else { plan.decision_at(place) };
+            let (decision, alpha) = if self.safety.tensor(name).is_none() {
+                (Decision::Expert, 0.0)
+            } else {
+                plan.decision_at(place)
+            };
             let (ws, wm) = match decision {
                 Decision::Safety => (1.0, 0.0),
                 Decision::Expert => (0.0, 1.0),
@@ -125,8 +155,13 @@ impl Session {
             };
             let full_s = sa.full.get(name).filter(|_| ws != 0.0);
             let full_m = ma.full.get(name).filter(|_| wm != 0.0);
-            if decision == Decision::Blend && (full_s.is_some() || full_m.is_some()) && ws != 0.0 && wm != 0.0 {
-                let who = if full_s.is_some() { "safety expert's" } else { "language expert's" };
+            if decision == Decision::Blend && (full_s.is_some() || full_m.is_some()) && ws != 0.0 && wm != 0.0
+            {
+                let who = if full_s.is_some() {
+                    "safety expert's"
+                } else {
+                    "language expert's"
+                };
                 return Err(Error::argument(format!(
                     "tensor '{name}' would be a blend of a tensor the {who} adapter saved whole (modules_to_save), which an adapter \
                      cannot express; pass --outside expert or --outside safety, or write a full model (no --emit adapter)"
@@ -142,7 +177,12 @@ impl Session {
                         )));
                     };
                     let t = a.file.tensor(saved).expect("listed");
-                    pieces.push((format!("{PEFT_PREFIX}{name}"), t.dtype, t.shape.clone(), Piece::Copy(&a.file, t)));
+                    pieces.push((
+                        format!("{PEFT_PREFIX}{name}"),
+                        t.dtype,
+                        t.shape.clone(),
+                        Piece::Copy(&a.file, t),
+                    ));
                     to_save.push(module);
                 }
             }
@@ -160,26 +200,51 @@ impl Session {
             // the output keeps a shared scale when the parts have one, and folds them into B if not.
             let same_scale = parts.iter().all(|p| p.1.scale == parts[0].1.scale);
             let scale_out = if same_scale { parts[0].1.scale } else { 1.0 };
-            let alpha_out = if one && !parts[0].0.config.use_rslora { parts[0].1.alpha } else { scale_out * rank as f64 };
+            let alpha_out = if one && !parts[0].0.config.use_rslora {
+                parts[0].1.alpha
+            } else {
+                scale_out * rank as f64
+            };
             let m0 = parts[0].1;
             let (a_name, b_name) = factor_names(m0);
-            let ta: Vec<Dtype> = parts.iter().map(|(a, m, _)| a.file.tensor(&m.a).unwrap().dtype).collect();
-            let tb: Vec<Dtype> = parts.iter().map(|(a, m, _)| a.file.tensor(&m.b).unwrap().dtype).collect();
+            let ta: Vec<Dtype> = parts
+                .iter()
+                .map(|(a, m, _)| a.file.tensor(&m.a).unwrap().dtype)
+                .collect();
+            let tb: Vec<Dtype> = parts
+                .iter()
+                .map(|(a, m, _)| a.file.tensor(&m.b).unwrap().dtype)
+                .collect();
             let a_shape = a_of(parts[0].0, m0).shape.clone();
             let b_shape = a_of_b(parts[0].0, m0).shape.clone();
-            pieces.push((a_name, widest(&ta), vec![rank, a_shape[1]], Piece::StackA(parts.iter().map(|(a, m, _)| (*a, *m)).collect())));
+            pieces.push((
+                a_name,
+                widest(&ta),
+                vec![rank, a_shape[1]],
+                Piece::StackA(parts.iter().map(|(a, m, _)| (*a, *m)).collect()),
+            ));
             pieces.push((
                 b_name,
                 widest(&tb),
                 vec![b_shape[0], rank],
-                Piece::JoinB(parts.iter().map(|(a, m, w)| (*a, *m, if one { 1.0 } else { w * m.scale / scale_out })).collect()),
+                Piece::JoinB(
+                    parts
+                        .iter()
+                        .map(|(a, m, w)| (*a, *m, if one { 1.0 } else { w * m.scale / scale_out }))
+                        .collect(),
+                ),
             ));
             let source = match decision {
                 Decision::Blend => "blend",
                 Decision::Safety => "safety",
                 Decision::Expert => "expert",
             };
-            modules.push(EmittedModule { module: m0.module.clone(), source, rank, alpha: alpha_out });
+            modules.push(EmittedModule {
+                module: m0.module.clone(),
+                source,
+                rank,
+                alpha: alpha_out,
+            });
         }
         if pieces.is_empty() {
             return Err(Error::argument(
@@ -200,7 +265,11 @@ impl Session {
         metadata.insert("format".to_string(), "pt".to_string());
         let header = encode_header(&entries, &metadata);
         let path = out_dir.join(WEIGHTS_FILE);
-        let file = File::options().write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
         file.write_all_at(&header, 0).map_err(|e| Error::io(&path, e))?;
         progress.start(Phase::Write, pos);
         let base_off = header.len() as u64;
@@ -215,7 +284,8 @@ impl Session {
                         let n = (t.nbytes - done).min(COPY_BYTES as u64) as usize;
                         let mut buf = vec![0u8; n];
                         model.shard_of(t).read_at(t.offset + done, &mut buf)?;
-                        file.write_all_at(&buf, at + done).map_err(|e| Error::io(&path, e))?;
+                        file.write_all_at(&buf, at + done)
+                            .map_err(|e| Error::io(&path, e))?;
                         done += n as u64;
                     }
                 }
@@ -237,7 +307,8 @@ impl Session {
                         let v = read_f64(&a.file, t, 0, t.numel() as usize)?;
                         for i in 0..rows {
                             for k in 0..r {
-                                out[i * rank + col + k] = if *c == 1.0 { v[i * r + k] } else { c * v[i * r + k] };
+                                out[i * rank + col + k] =
+                                    if *c == 1.0 { v[i * r + k] } else { c * v[i * r + k] };
                             }
                         }
                         col += r;

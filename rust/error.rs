@@ -66,23 +66,33 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An I/O error about `path`.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
 
     /// An invalid-model error about `path`.
     pub fn invalid(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
-        Error::InvalidModel { path: path.as_ref().to_path_buf(), message: message.into() }
+        Error::InvalidModel {
+            path: path.as_ref().to_path_buf(),
+            message: message.into(),
+        }
     }
 
     /// An argument error.
     pub fn argument(message: impl Into<String>) -> Self {
-        Error::InvalidArgument { message: message.into() }
+        Error::InvalidArgument {
+            message: message.into(),
+        }
     }
 
     /// Names the model a layout error is about (layout detection sees only tensor names).
     pub fn in_model(self, model: &Path) -> Self {
         match self {
-            Error::Layout { message } => Error::Layout { message: format!("{}: {message}", model.display()) },
+            Error::Layout { message } => Error::Layout {
+                message: format!("{}: {message}", model.display()),
+            },
             other => other,
         }
     }

@@ -122,9 +122,16 @@ impl Expert {
                 if let Some(saved) = adapter.full.get(name) {
                     return Term::Bytes(&adapter.file, adapter.file.tensor(saved).expect("listed"));
                 }
-                let tensor = base.tensor(name).expect("an adapter expert has the base model's tensors");
+                let tensor = base
+                    .tensor(name)
+                    .expect("an adapter expert has the base model's tensors");
                 match adapter.modules.get(name) {
-                    Some(module) => Term::Delta { adapter, module, base, tensor },
+                    Some(module) => Term::Delta {
+                        adapter,
+                        module,
+                        base,
+                        tensor,
+                    },
                     None => Term::Bytes(base, tensor),
                 }
             }

@@ -125,20 +125,26 @@ struct Compiled {
 impl LayoutDef {
     /// Parses a JSON definition.
     pub fn from_json(text: &str) -> Result<LayoutDef> {
-        let def: LayoutDef =
-            serde_json::from_str(text).map_err(|e| Error::Layout { message: format!("invalid layout definition: {e}") })?;
+        let def: LayoutDef = serde_json::from_str(text).map_err(|e| Error::Layout {
+            message: format!("invalid layout definition: {e}"),
+        })?;
         def.compile()?;
         Ok(def)
     }
 
     /// The built-in definitions.
     pub fn builtins() -> Vec<LayoutDef> {
-        BUILTIN_LAYOUTS.iter().map(|(_, t)| LayoutDef::from_json(t).expect("built-in layout is valid")).collect()
+        BUILTIN_LAYOUTS
+            .iter()
+            .map(|(_, t)| LayoutDef::from_json(t).expect("built-in layout is valid"))
+            .collect()
     }
 
     fn compile(&self) -> Result<Compiled> {
         let re = |field: &str, s: &str| {
-            Regex::new(s).map_err(|e| Error::Layout { message: format!("layout '{}': invalid regex in '{field}': {e}", self.name) })
+            Regex::new(s).map_err(|e| Error::Layout {
+                message: format!("layout '{}': invalid regex in '{field}': {e}", self.name),
+            })
         };
         let opt = |field: &str, s: &Option<String>| s.as_deref().map(|s| re(field, s)).transpose();
         let c = Compiled {
@@ -153,13 +159,20 @@ impl LayoutDef {
             vocab: opt("vocab", &self.vocab)?,
         };
         if c.layer.captures_len() < 2 {
-            return Err(Error::Layout { message: format!("layout '{}': 'layer' regex needs a capture group for the layer index", self.name) });
+            return Err(Error::Layout {
+                message: format!(
+                    "layout '{}': 'layer' regex needs a capture group for the layer index",
+                    self.name
+                ),
+            });
         }
         Ok(c)
     }
 
     fn err(&self, message: String) -> Error {
-        Error::Layout { message: format!("layout '{}': {message}", self.name) }
+        Error::Layout {
+            message: format!("layout '{}': {message}", self.name),
+        }
     }
 
     /// Classifies every name. Fails on layer indices that are not 0..L-1, on a layer without measured
@@ -177,7 +190,10 @@ impl LayoutDef {
                 Some(cap) if !c.exclude.as_ref().is_some_and(|x| x.is_match(name)) => cap,
                 _ => {
                     let vocab = c.vocab.as_ref().is_some_and(|v| v.is_match(name));
-                    places.push((name.to_string(), if vocab { Place::Vocab } else { Place::Outside }));
+                    places.push((
+                        name.to_string(),
+                        if vocab { Place::Vocab } else { Place::Outside },
+                    ));
                     continue;
                 }
             };
@@ -185,17 +201,26 @@ impl LayoutDef {
             let Some(index) = cap.get(1) else {
                 return Err(self.err(format!("tensor '{name}' matches the layer pattern '{}' but its first group (the layer index) is empty", self.layer)));
             };
-            let layer: usize = index
-                .as_str()
-                .parse()
-                .map_err(|_| self.err(format!("tensor '{name}': layer index '{}' is not a number", index.as_str())))?;
+            let layer: usize = index.as_str().parse().map_err(|_| {
+                self.err(format!(
+                    "tensor '{name}': layer index '{}' is not a number",
+                    index.as_str()
+                ))
+            })?;
             // Every layer needs measured tensors, so a real index is below the tensor count; a hostile
             // name like `model.layers.1000000000000.x` must not size the per-layer vector below.
             if layer >= names.len() {
-                return Err(self.err(format!("tensor '{name}': layer index {layer} is impossible for a model of {} tensors", names.len())));
+                return Err(self.err(format!(
+                    "tensor '{name}': layer index {layer} is impossible for a model of {} tensors",
+                    names.len()
+                )));
             }
             let whole = cap.get(0).unwrap();
-            prefixes.insert(format!("{}{{i}}{}", &name[..index.start()], &name[index.end()..whole.end()]));
+            prefixes.insert(format!(
+                "{}{{i}}{}",
+                &name[..index.start()],
+                &name[index.end()..whole.end()]
+            ));
             let rest = &name[whole.end()..];
             let claims = [
                 (Part::Attention, c.attention.is_match(rest)),
@@ -204,7 +229,9 @@ impl LayoutDef {
             ];
             let claimed: Vec<Part> = claims.iter().filter(|(_, m)| *m).map(|(p, _)| *p).collect();
             if claimed.len() > 1 {
-                return Err(self.err(format!("tensor '{name}' matches more than one of attention / mlp / norms ({claimed:?})")));
+                return Err(self.err(format!(
+                    "tensor '{name}' matches more than one of attention / mlp / norms ({claimed:?})"
+                )));
             }
             let part = match claimed.first() {
                 Some(p) => *p,
@@ -216,7 +243,9 @@ impl LayoutDef {
             };
             let target = c.targets.is_match(rest);
             if target && part == Part::Norm {
-                return Err(self.err(format!("tensor '{name}' is measured ('targets') but is not in attention or mlp")));
+                return Err(self.err(format!(
+                    "tensor '{name}' is measured ('targets') but is not in attention or mlp"
+                )));
             }
             if measured.len() <= layer {
                 measured.resize(layer + 1, [0, 0]);
@@ -229,7 +258,10 @@ impl LayoutDef {
         places.sort_by(|a, b| a.0.cmp(&b.0));
         let n_layers = measured.len();
         if n_layers == 0 {
-            return Err(self.err(format!("no tensor name matches its layer pattern '{}'", self.layer)));
+            return Err(self.err(format!(
+                "no tensor name matches its layer pattern '{}'",
+                self.layer
+            )));
         }
         if prefixes.len() > 1 {
             let list: Vec<&str> = prefixes.iter().map(|s| s.as_str()).collect();
@@ -245,9 +277,15 @@ impl LayoutDef {
                 (_, 0) => "no measured MLP tensors",
                 _ => continue,
             };
-            return Err(self.err(format!("layer {l} of {n_layers} has {missing} (missing layer, or wrong layout?)")));
+            return Err(self.err(format!(
+                "layer {l} of {n_layers} has {missing} (missing layer, or wrong layout?)"
+            )));
         }
-        Ok(Layout { def: self.clone(), n_layers, places })
+        Ok(Layout {
+            def: self.clone(),
+            n_layers,
+            places,
+        })
     }
 }
 
@@ -263,7 +301,10 @@ impl Layout {
         let builtins = LayoutDef::builtins();
         let listed = |d: &LayoutDef| architecture.is_some_and(|a| d.architectures.iter().any(|x| x == a));
         // Layouts that list the architecture first, then the rest in built-in order.
-        let order = builtins.iter().filter(|d| listed(d)).chain(builtins.iter().filter(|d| !listed(d)));
+        let order = builtins
+            .iter()
+            .filter(|d| listed(d))
+            .chain(builtins.iter().filter(|d| !listed(d)));
         let mut listed_error = None;
         let mut partial = None;
         for def in order {
@@ -312,7 +353,11 @@ impl Layout {
 
     /// Names of the tensors inside a layer that the layout does not assign to any part, sorted.
     pub fn unassigned(&self) -> Vec<&str> {
-        self.places.iter().filter(|(_, p)| matches!(p, Place::Unassigned { .. })).map(|(n, _)| n.as_str()).collect()
+        self.places
+            .iter()
+            .filter(|(_, p)| matches!(p, Place::Unassigned { .. }))
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 
     /// Refuses unassigned tensors (a merge would not know which decision they follow).
@@ -339,9 +384,19 @@ mod tests {
     use super::*;
 
     fn llama_names(layers: usize) -> Vec<String> {
-        let mut out = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".into(), "lm_head.weight".into()];
+        let mut out = vec![
+            "model.embed_tokens.weight".to_string(),
+            "model.norm.weight".into(),
+            "lm_head.weight".into(),
+        ];
         for i in 0..layers {
-            for t in ["input_layernorm", "self_attn.q_proj", "self_attn.o_proj", "post_attention_layernorm", "mlp.down_proj"] {
+            for t in [
+                "input_layernorm",
+                "self_attn.q_proj",
+                "self_attn.o_proj",
+                "post_attention_layernorm",
+                "mlp.down_proj",
+            ] {
                 out.push(format!("model.layers.{i}.{t}.weight"));
             }
         }
@@ -374,8 +429,22 @@ mod tests {
         assert_eq!(l.place("lm_head.weight"), Place::Vocab);
         assert_eq!(l.place("model.embed_tokens.weight"), Place::Vocab);
         assert_eq!(l.place("model.norm.weight"), Place::Outside);
-        assert_eq!(l.place("model.layers.2.self_attn.q_proj.weight"), Place::Layer { layer: 2, part: Part::Attention, target: true });
-        assert_eq!(l.place("model.layers.0.input_layernorm.weight"), Place::Layer { layer: 0, part: Part::Norm, target: false });
+        assert_eq!(
+            l.place("model.layers.2.self_attn.q_proj.weight"),
+            Place::Layer {
+                layer: 2,
+                part: Part::Attention,
+                target: true
+            }
+        );
+        assert_eq!(
+            l.place("model.layers.0.input_layernorm.weight"),
+            Place::Layer {
+                layer: 0,
+                part: Part::Norm,
+                target: false
+            }
+        );
     }
 
     #[test]
@@ -383,7 +452,10 @@ mod tests {
         let mut names = llama_names(2);
         names.push("model.layers.1.mystery_gate.weight".into());
         let l = detect(&names, None).unwrap();
-        assert_eq!(l.place("model.layers.1.mystery_gate.weight"), Place::Unassigned { layer: 1 });
+        assert_eq!(
+            l.place("model.layers.1.mystery_gate.weight"),
+            Place::Unassigned { layer: 1 }
+        );
         let err = l.check_assigned().unwrap_err().to_string();
         assert!(err.contains("mystery_gate"), "{err}");
     }
@@ -395,13 +467,24 @@ mod tests {
                 "attention": "^a\\.", "mlp": "^m\\.", "targets": "^(a|m)\\.w$"}"#,
         )
         .unwrap();
-        let l = def.resolve(["vision.layers.0.a.w", "layers.0.a.w", "layers.0.m.w"]).unwrap();
+        let l = def
+            .resolve(["vision.layers.0.a.w", "layers.0.a.w", "layers.0.m.w"])
+            .unwrap();
         assert_eq!(l.n_layers, 1);
         assert_eq!(l.place("vision.layers.0.a.w"), Place::Outside);
         // Two prefixes for the same kind of layer are refused.
-        let err = def.resolve(["layers.0.a.w", "layers.0.m.w", "text.layers.0.a.w", "text.layers.0.m.w"]).unwrap_err();
+        let err = def
+            .resolve([
+                "layers.0.a.w",
+                "layers.0.m.w",
+                "text.layers.0.a.w",
+                "text.layers.0.m.w",
+            ])
+            .unwrap_err();
         assert!(err.to_string().contains("more than one prefix"), "{err}");
-        let l = def.resolve(["layers.0.a.w", "layers.0.m.w", "text.layers.9.a.w"]).unwrap();
+        let l = def
+            .resolve(["layers.0.a.w", "layers.0.m.w", "text.layers.9.a.w"])
+            .unwrap();
         assert_eq!(l.place("text.layers.9.a.w"), Place::Outside);
     }
 
@@ -429,15 +512,27 @@ mod tests {
 
     #[test]
     fn overlapping_parts_are_refused() {
-        let def = LayoutDef::from_json(r#"{"name": "t", "layer": "l\\.(\\d+)\\.", "attention": "^x", "mlp": "^x", "targets": "^x$"}"#).unwrap();
+        let def = LayoutDef::from_json(
+            r#"{"name": "t", "layer": "l\\.(\\d+)\\.", "attention": "^x", "mlp": "^x", "targets": "^x$"}"#,
+        )
+        .unwrap();
         let err = def.resolve(["l.0.x"]).unwrap_err().to_string();
         assert!(err.contains("more than one"), "{err}");
     }
 
     #[test]
     fn invalid_definitions_are_errors() {
-        assert!(LayoutDef::from_json(r#"{"name": "t", "layer": "l\\.\\d+", "attention": "a", "mlp": "m", "targets": "t"}"#).is_err());
-        assert!(LayoutDef::from_json(r#"{"name": "t", "layer": "l\\.(\\d+)", "attention": "(", "mlp": "m", "targets": "t"}"#).is_err());
-        assert!(LayoutDef::from_json(r#"{"name": "t", "layer": "l\\.(\\d+)", "attention": "a", "mlp": "m", "targets": "t", "typo": 1}"#).is_err());
+        assert!(LayoutDef::from_json(
+            r#"{"name": "t", "layer": "l\\.\\d+", "attention": "a", "mlp": "m", "targets": "t"}"#
+        )
+        .is_err());
+        assert!(LayoutDef::from_json(
+            r#"{"name": "t", "layer": "l\\.(\\d+)", "attention": "(", "mlp": "m", "targets": "t"}"#
+        )
+        .is_err());
+        assert!(LayoutDef::from_json(
+            r#"{"name": "t", "layer": "l\\.(\\d+)", "attention": "a", "mlp": "m", "targets": "t", "typo": 1}"#
+        )
+        .is_err());
     }
 }

@@ -33,9 +33,9 @@ pub mod write;
 #[cfg(feature = "python")]
 mod python;
 
+pub use analyze::Measured;
 pub use analyze::{Decision, Plan, TensorStats, UnitDecision};
 pub use error::{Error, Result};
-pub use analyze::Measured;
 pub use open::{open, Session};
 pub use options::{Granularity, MergeOptions, Numerics};
 pub use write::WriteSummary;

@@ -84,28 +84,43 @@ fn peft_method_name(t: &str) -> String {
 /// PEFT's pattern rule (`get_pattern_key`): key `k` matches module `name` when the whole of `name`
 /// matches `(.*\.)?(k)`.
 fn pattern_regex(path: &Path, field: &str, key: &str) -> Result<regex::Regex> {
-    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-        .map_err(|e| Error::invalid(path, format!("{field} key '{key}' is not a valid regular expression: {e}")))
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
+        Error::invalid(
+            path,
+            format!("{field} key '{key}' is not a valid regular expression: {e}"),
+        )
+    })
 }
 
 impl LoraConfig {
     /// Parses and checks `adapter_config.json` text; `path` names the file in errors. Any PEFT type
     /// or LoRA variant whose update is not `scale · B · A` is an error naming it.
     pub fn parse(path: &Path, text: &str) -> Result<LoraConfig> {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| Error::invalid(path, format!("adapter config is not valid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| Error::invalid(path, "adapter config must be a JSON object"))?;
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::invalid(path, format!("adapter config is not valid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::invalid(path, "adapter config must be a JSON object"))?;
         let unsupported = |what: &str| {
             Error::invalid(path, format!("{what} adapters are not supported: only plain LoRA (peft_type LORA, update scale·B·A) can be scored and merged"))
         };
         match obj.get("peft_type").and_then(|t| t.as_str()) {
             Some("LORA") => {}
             Some(other) => return Err(unsupported(&peft_method_name(other))),
-            None => return Err(Error::invalid(path, "adapter config has no 'peft_type': not a PEFT adapter")),
+            None => {
+                return Err(Error::invalid(
+                    path,
+                    "adapter config has no 'peft_type': not a PEFT adapter",
+                ))
+            }
         }
         let truthy = |k: &str| obj.get(k).is_some_and(|x| x.as_bool() == Some(true));
         let present = |k: &str| {
-            obj.get(k).is_some_and(|x| !(x.is_null() || x.as_array().is_some_and(|a| a.is_empty()) || x.as_object().is_some_and(|o| o.is_empty())))
+            obj.get(k).is_some_and(|x| {
+                !(x.is_null()
+                    || x.as_array().is_some_and(|a| a.is_empty())
+                    || x.as_object().is_some_and(|o| o.is_empty()))
+            })
         };
         if truthy("use_dora") {
             return Err(unsupported("DoRA (use_dora)"));
@@ -118,7 +133,10 @@ impl LoraConfig {
         }
         for (key, what) in [
             ("layer_replication", "LoRA with layer_replication"),
-            ("alora_invocation_tokens", "Activated LoRA (alora_invocation_tokens)"),
+            (
+                "alora_invocation_tokens",
+                "Activated LoRA (alora_invocation_tokens)",
+            ),
             ("target_parameters", "LoRA on parameters (target_parameters)"),
             ("trainable_token_indices", "LoRA with trainable_token_indices"),
         ] {
@@ -128,11 +146,19 @@ impl LoraConfig {
         }
         let r = match obj.get("r").and_then(|x| x.as_u64()) {
             Some(r) if r > 0 => r,
-            _ => return Err(Error::invalid(path, "adapter config needs 'r', a positive integer rank")),
+            _ => {
+                return Err(Error::invalid(
+                    path,
+                    "adapter config needs 'r', a positive integer rank",
+                ))
+            }
         };
         let lora_alpha = match obj.get("lora_alpha") {
             None | Some(serde_json::Value::Null) => 8.0, // PEFT's default
-            Some(x) => x.as_f64().filter(|a| a.is_finite()).ok_or_else(|| Error::invalid(path, "'lora_alpha' must be a number"))?,
+            Some(x) => x
+                .as_f64()
+                .filter(|a| a.is_finite())
+                .ok_or_else(|| Error::invalid(path, "'lora_alpha' must be a number"))?,
         };
         let use_rslora = truthy("use_rslora");
         let fan_in_fan_out = truthy("fan_in_fan_out");
@@ -140,7 +166,12 @@ impl LoraConfig {
             "none" => BiasMode::None,
             "all" => BiasMode::All,
             "lora_only" => BiasMode::LoraOnly,
-            other => return Err(Error::invalid(path, format!("'bias' is '{other}'; PEFT allows none, all or lora_only"))),
+            other => {
+                return Err(Error::invalid(
+                    path,
+                    format!("'bias' is '{other}'; PEFT allows none, all or lora_only"),
+                ))
+            }
         };
         let map = |key: &str| -> Result<Vec<(String, f64)>> {
             match obj.get(key) {
@@ -148,16 +179,27 @@ impl LoraConfig {
                 Some(serde_json::Value::Object(m)) => m
                     .iter()
                     .map(|(k, x)| {
-                        x.as_f64().filter(|v| v.is_finite()).map(|v| (k.clone(), v)).ok_or_else(|| Error::invalid(path, format!("'{key}' entry '{k}' must be a number")))
+                        x.as_f64()
+                            .filter(|v| v.is_finite())
+                            .map(|v| (k.clone(), v))
+                            .ok_or_else(|| {
+                                Error::invalid(path, format!("'{key}' entry '{k}' must be a number"))
+                            })
                     })
                     .collect(),
-                Some(_) => Err(Error::invalid(path, format!("'{key}' must be an object of module pattern -> number"))),
+                Some(_) => Err(Error::invalid(
+                    path,
+                    format!("'{key}' must be an object of module pattern -> number"),
+                )),
             }
         };
         let mut rank_pattern = vec![];
         for (k, x) in map("rank_pattern")? {
             if x < 1.0 || x.fract() != 0.0 {
-                return Err(Error::invalid(path, format!("'rank_pattern' entry '{k}' must be a positive integer, got {x}")));
+                return Err(Error::invalid(
+                    path,
+                    format!("'rank_pattern' entry '{k}' must be a positive integer, got {x}"),
+                ));
             }
             rank_pattern.push((k, x as u64));
         }
@@ -166,19 +208,37 @@ impl LoraConfig {
             None | Some(serde_json::Value::Null) => vec![],
             Some(serde_json::Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or_else(|| Error::invalid(path, "'modules_to_save' must be a list of module names")))
+                .map(|x| {
+                    x.as_str().map(str::to_string).ok_or_else(|| {
+                        Error::invalid(path, "'modules_to_save' must be a list of module names")
+                    })
+                })
                 .collect::<Result<_>>()?,
-            Some(_) => return Err(Error::invalid(path, "'modules_to_save' must be a list of module names")),
+            Some(_) => {
+                return Err(Error::invalid(
+                    path,
+                    "'modules_to_save' must be a list of module names",
+                ))
+            }
         };
-        let rank_re = rank_pattern.iter().map(|(k, _)| pattern_regex(path, "rank_pattern", k)).collect::<Result<_>>()?;
-        let alpha_re = alpha_pattern.iter().map(|(k, _)| pattern_regex(path, "alpha_pattern", k)).collect::<Result<_>>()?;
+        let rank_re = rank_pattern
+            .iter()
+            .map(|(k, _)| pattern_regex(path, "rank_pattern", k))
+            .collect::<Result<_>>()?;
+        let alpha_re = alpha_pattern
+            .iter()
+            .map(|(k, _)| pattern_regex(path, "alpha_pattern", k))
+            .collect::<Result<_>>()?;
         Ok(LoraConfig {
             r,
             lora_alpha,
             use_rslora,
             rank_pattern,
             alpha_pattern,
-            target_modules: obj.get("target_modules").cloned().unwrap_or(serde_json::Value::Null),
+            target_modules: obj
+                .get("target_modules")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
             fan_in_fan_out,
             bias,
             modules_to_save,
@@ -190,9 +250,23 @@ impl LoraConfig {
     /// Rank, alpha and scale of module `module` (its name in the base model, e.g.
     /// `model.layers.0.self_attn.q_proj`), as PEFT sets them.
     pub fn module_scale(&self, module: &str) -> (u64, f64, f64) {
-        let r = self.rank_re.iter().zip(&self.rank_pattern).find(|(re, _)| re.is_match(module)).map_or(self.r, |(_, (_, r))| *r);
-        let alpha = self.alpha_re.iter().zip(&self.alpha_pattern).find(|(re, _)| re.is_match(module)).map_or(self.lora_alpha, |(_, (_, a))| *a);
-        let scale = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        let r = self
+            .rank_re
+            .iter()
+            .zip(&self.rank_pattern)
+            .find(|(re, _)| re.is_match(module))
+            .map_or(self.r, |(_, (_, r))| *r);
+        let alpha = self
+            .alpha_re
+            .iter()
+            .zip(&self.alpha_pattern)
+            .find(|(re, _)| re.is_match(module))
+            .map_or(self.lora_alpha, |(_, (_, a))| *a);
+        let scale = if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
         (r, alpha, scale)
     }
 }
@@ -250,7 +324,12 @@ enum Factor {
 
 /// Splits a saved name (prefix already removed) into (module, factor), or None for a full tensor.
 fn split_factor(name: &str) -> Option<(&str, Factor)> {
-    for (suffix, f) in [(".lora_A.weight", Factor::A), (".lora_B.weight", Factor::B), (".lora_embedding_A", Factor::EmbA), (".lora_embedding_B", Factor::EmbB)] {
+    for (suffix, f) in [
+        (".lora_A.weight", Factor::A),
+        (".lora_B.weight", Factor::B),
+        (".lora_embedding_A", Factor::EmbA),
+        (".lora_embedding_B", Factor::EmbB),
+    ] {
         if let Some(m) = name.strip_suffix(suffix) {
             return Some((m, f));
         }
@@ -265,9 +344,14 @@ impl Adapter {
     /// outside a known tensor, add one: an untied `lm_head` in `modules_to_save`).
     pub fn open(path: &Path, base: &Model) -> Result<Adapter> {
         let config_path = path.join(CONFIG_FILE);
-        let len = std::fs::metadata(&config_path).map_err(|e| Error::io(&config_path, e))?.len();
+        let len = std::fs::metadata(&config_path)
+            .map_err(|e| Error::io(&config_path, e))?
+            .len();
         if len > MAX_CONFIG_BYTES {
-            return Err(Error::invalid(&config_path, format!("{len} bytes is not an adapter config (limit {MAX_CONFIG_BYTES})")));
+            return Err(Error::invalid(
+                &config_path,
+                format!("{len} bytes is not an adapter config (limit {MAX_CONFIG_BYTES})"),
+            ));
         }
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config = LoraConfig::parse(&config_path, &text)?;
@@ -283,10 +367,19 @@ impl Adapter {
         for (saved, t) in &file.tensors {
             let name = saved.strip_prefix(PEFT_PREFIX).unwrap_or(saved);
             if name.ends_with(".lora_magnitude_vector") || name.contains(".lora_magnitude_vector.") {
-                return Err(Error::invalid(wpath, format!("tensor '{saved}' is a DoRA magnitude vector: DoRA adapters are not supported")));
+                return Err(Error::invalid(
+                    wpath,
+                    format!("tensor '{saved}' is a DoRA magnitude vector: DoRA adapters are not supported"),
+                ));
             }
             if !t.dtype.is_float() {
-                return Err(Error::invalid(wpath, format!("tensor '{saved}' is {}; adapter tensors must be BF16, F16, F32 or F64", t.dtype)));
+                return Err(Error::invalid(
+                    wpath,
+                    format!(
+                        "tensor '{saved}' is {}; adapter tensors must be BF16, F16, F32 or F64",
+                        t.dtype
+                    ),
+                ));
             }
             match split_factor(name) {
                 Some((module, f)) => {
@@ -296,7 +389,10 @@ impl Adapter {
                 }
                 None => {
                     if name.contains(".lora_") {
-                        return Err(Error::invalid(wpath, format!("tensor '{saved}' is a LoRA tensor of a kind this tool does not know")));
+                        return Err(Error::invalid(
+                            wpath,
+                            format!("tensor '{saved}' is a LoRA tensor of a kind this tool does not know"),
+                        ));
                     }
                     // A layer PEFT wrapped keeps its own weights under `base_layer`.
                     let name = name.replace(".base_layer.", ".");
@@ -322,7 +418,10 @@ impl Adapter {
         let mut modules = BTreeMap::new();
         for (module, [a, b]) in pairs {
             let (Some(a), Some(b)) = (a, b) else {
-                return Err(Error::invalid(wpath, format!("module '{module}' has only one of its two LoRA factors (lora_A, lora_B)")));
+                return Err(Error::invalid(
+                    wpath,
+                    format!("module '{module}' has only one of its two LoRA factors (lora_A, lora_B)"),
+                ));
             };
             let target = format!("{module}.weight");
             let Some(bt) = base.tensor(&target) else {
@@ -341,7 +440,11 @@ impl Adapter {
             let (rank, alpha, scale) = config.module_scale(&module);
             // lora_A is (r × in) and lora_B is (out × r); the base stores (out × in), or (in × out)
             // when transposed.
-            let (a_want, b_want) = if transposed { ([rank, rows], [cols, rank]) } else { ([rank, cols], [rows, rank]) };
+            let (a_want, b_want) = if transposed {
+                ([rank, rows], [cols, rank])
+            } else {
+                ([rank, cols], [rows, rank])
+            };
             if ta.shape != a_want || tb.shape != b_want {
                 return Err(Error::Incompatible {
                     message: format!(
@@ -367,12 +470,35 @@ impl Adapter {
                 }
                 full.remove(&target);
             }
-            modules.insert(target.clone(), LoraModule { target, module, a, b, rank, alpha, scale, transposed, rows, cols });
+            modules.insert(
+                target.clone(),
+                LoraModule {
+                    target,
+                    module,
+                    a,
+                    b,
+                    rank,
+                    alpha,
+                    scale,
+                    transposed,
+                    rows,
+                    cols,
+                },
+            );
         }
         if modules.is_empty() && full.is_empty() {
-            return Err(Error::invalid(wpath, "adapter holds no LoRA factors and no saved modules"));
+            return Err(Error::invalid(
+                wpath,
+                "adapter holds no LoRA factors and no saved modules",
+            ));
         }
-        Ok(Adapter { path: path.to_path_buf(), config, file, modules, full })
+        Ok(Adapter {
+            path: path.to_path_buf(),
+            config,
+            file,
+            modules,
+            full,
+        })
     }
 
     /// The largest rank of any module (the adapter's rank for the report).
@@ -392,7 +518,10 @@ impl Adapter {
         let r = m.rank as usize;
         if m.transposed {
             // P = Aᵀ: A is (r × rows); Q = Bᵀ: B is (cols × r).
-            Ok((transpose(&a, r, m.rows as usize), transpose(&b, m.cols as usize, r)))
+            Ok((
+                transpose(&a, r, m.rows as usize),
+                transpose(&b, m.cols as usize, r),
+            ))
         } else {
             Ok((b, a))
         }
@@ -404,8 +533,19 @@ impl Adapter {
         let (p, q) = self.factors(m)?;
         for (name, v) in [(&m.b, &p), (&m.a, &q)] {
             if v.iter().any(|x| !x.is_finite()) {
-                let bad = if m.transposed { if name == &m.b { &m.a } else { &m.b } } else { name };
-                return Err(Error::NonFinite { path: self.file.path.clone(), tensor: bad.clone() });
+                let bad = if m.transposed {
+                    if name == &m.b {
+                        &m.a
+                    } else {
+                        &m.b
+                    }
+                } else {
+                    name
+                };
+                return Err(Error::NonFinite {
+                    path: self.file.path.clone(),
+                    tensor: bad.clone(),
+                });
             }
         }
         let r = m.rank as usize;
@@ -419,7 +559,10 @@ impl Adapter {
     /// Σ (X − B)² of a tensor saved whole, against the base, in float64.
     pub fn full_diff_sum_sq(&self, name: &str, base: &Model, chunk_elems: usize) -> Result<f64> {
         let saved = &self.full[name];
-        let (t, bt) = (self.file.tensor(saved).unwrap(), base.tensor(name).expect("caller checked"));
+        let (t, bt) = (
+            self.file.tensor(saved).unwrap(),
+            base.tensor(name).expect("caller checked"),
+        );
         let n = t.numel();
         let mut acc = 0f64;
         let mut start = 0u64;
@@ -431,7 +574,10 @@ impl Adapter {
             start += len as u64;
         }
         if !acc.is_finite() {
-            return Err(Error::NonFinite { path: self.file.path.clone(), tensor: saved.clone() });
+            return Err(Error::NonFinite {
+                path: self.file.path.clone(),
+                tensor: saved.clone(),
+            });
         }
         Ok(acc)
     }
@@ -541,17 +687,31 @@ fn same_values(a: &Model, ta: &TensorRef, b: &Model, tb: &TensorRef) -> Result<b
 pub fn read_f64(model: &Model, t: &TensorRef, start: u64, len: usize) -> Result<Vec<f64>> {
     let size = t.dtype.size();
     let mut bytes = vec![0u8; len * size];
-    model.shard_of(t).read_at(t.offset + start * size as u64, &mut bytes)?;
+    model
+        .shard_of(t)
+        .read_at(t.offset + start * size as u64, &mut bytes)?;
     Ok(decode_f64(t.dtype, &bytes))
 }
 
 /// Decodes little-endian float bytes to f64 (exact).
 pub fn decode_f64(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
     match dtype {
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| crate::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| crate::dtype::f16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64).collect(),
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| crate::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64)
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| crate::dtype::f16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64)
+            .collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
         Dtype::Opaque(_) => unreachable!("{}", crate::dtype::NOT_FLOAT),
     }
 }
@@ -587,7 +747,11 @@ fn gram_rows(x: &[f64], r: usize, n: usize) -> Vec<f64> {
     let mut g = vec![0f64; r * r];
     for k in 0..r {
         for l in 0..r {
-            g[k * r + l] = x[k * n..(k + 1) * n].iter().zip(&x[l * n..(l + 1) * n]).map(|(a, b)| a * b).sum();
+            g[k * r + l] = x[k * n..(k + 1) * n]
+                .iter()
+                .zip(&x[l * n..(l + 1) * n])
+                .map(|(a, b)| a * b)
+                .sum();
         }
     }
     g
@@ -640,10 +804,18 @@ mod tests {
         assert_eq!(c.module_scale("model.layers.0.self_attn.q_proj"), (8, 16.0, 2.0));
         assert_eq!(c.module_scale("model.layers.1.self_attn.q_proj"), (2, 16.0, 8.0));
         assert_eq!(c.module_scale("model.layers.3.mlp.down_proj"), (4, 16.0, 4.0));
-        assert_eq!(c.module_scale("model.layers.3.self_attn.v_proj"), (8, 3.0, 3.0 / 8.0));
+        assert_eq!(
+            c.module_scale("model.layers.3.self_attn.v_proj"),
+            (8, 3.0, 3.0 / 8.0)
+        );
         // A key matches whole dotted components only: 'proj' is not a suffix match of 'q_proj'.
-        let c = cfg(r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_rslora":true,"rank_pattern":{"proj":1}}"#).unwrap();
-        assert_eq!(c.module_scale("model.layers.0.self_attn.q_proj"), (8, 16.0, 16.0 / 8f64.sqrt()));
+        let c =
+            cfg(r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_rslora":true,"rank_pattern":{"proj":1}}"#)
+                .unwrap();
+        assert_eq!(
+            c.module_scale("model.layers.0.self_attn.q_proj"),
+            (8, 16.0, 16.0 / 8f64.sqrt())
+        );
     }
 
     #[test]
@@ -675,7 +847,11 @@ mod tests {
                 explicit += v * v;
             }
         }
-        let s: f64 = gram_cols(&p, n, r).iter().zip(gram_rows(&q, r, c)).map(|(a, b)| a * b).sum();
+        let s: f64 = gram_cols(&p, n, r)
+            .iter()
+            .zip(gram_rows(&q, r, c))
+            .map(|(a, b)| a * b)
+            .sum();
         assert!((s - explicit).abs() <= 1e-12 * explicit, "{s} {explicit}");
         assert_eq!(transpose(&transpose(&p, n, r), r, n), p);
     }

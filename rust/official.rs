@@ -21,8 +21,8 @@
 
 use rayon::prelude::*;
 
-use crate::budget::BufferPool;
 use crate::analyze::sums::Sums;
+use crate::budget::BufferPool;
 use crate::dtype::{bf16_to_f32, cast, f16_to_f32, round_bf16, Dtype, BATCH, NOT_FLOAT};
 use crate::error::Result;
 use crate::io::Model;
@@ -124,7 +124,10 @@ fn decode(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
             .iter()
             .zip(out)
             .for_each(|(s, d)| *d = load(f16_to_f32(*s))),
-        Dtype::F32 => cast::<f32>(bytes).iter().zip(out).for_each(|(s, d)| *d = load(*s)),
+        Dtype::F32 => cast::<f32>(bytes)
+            .iter()
+            .zip(out)
+            .for_each(|(s, d)| *d = load(*s)),
         Dtype::F64 => cast::<f64>(bytes)
             .iter()
             .zip(out)

@@ -26,7 +26,13 @@ pub struct Session {
 }
 
 /// Opens the models and checks that they can be merged; any bad expert is an error.
-pub fn open(base: &Path, safety: &Path, experts: &[&Path], architecture: Option<&str>, layout: Option<&LayoutDef>) -> Result<Session> {
+pub fn open(
+    base: &Path,
+    safety: &Path,
+    experts: &[&Path],
+    architecture: Option<&str>,
+    layout: Option<&LayoutDef>,
+) -> Result<Session> {
     let (session, outcomes) = open_lenient(base, safety, experts, architecture, layout)?;
     for outcome in outcomes {
         outcome?;
@@ -55,7 +61,13 @@ pub fn open_lenient(
 
 /// Checks models that are already open (from files, or state dicts in memory: see
 /// [`Model::from_memory`]) exactly as [`open`] checks files; any bad expert is an error.
-pub fn from_models(base: Model, safety: Model, experts: Vec<Model>, architecture: Option<&str>, layout: Option<&LayoutDef>) -> Result<Session> {
+pub fn from_models(
+    base: Model,
+    safety: Model,
+    experts: Vec<Model>,
+    architecture: Option<&str>,
+    layout: Option<&LayoutDef>,
+) -> Result<Session> {
     if experts.is_empty() {
         return Err(Error::argument("at least one language expert is needed"));
     }
@@ -80,10 +92,21 @@ fn check_lenient(
         Some(i) => i,
         None => return Err(opened.remove(0).unwrap_err()),
     };
-    let host_names: Vec<&str> = opened[first].as_ref().unwrap().tensors().keys().map(|s| s.as_str()).collect();
+    let host_names: Vec<&str> = opened[first]
+        .as_ref()
+        .unwrap()
+        .tensors()
+        .keys()
+        .map(|s| s.as_str())
+        .collect();
     let host = opened[first].as_ref().unwrap().path();
     let layout = Layout::detect(&host_names, architecture, layout).map_err(|e| e.in_model(host))?;
-    let mut session = Session { base, safety, experts: vec![], layout };
+    let mut session = Session {
+        base,
+        safety,
+        experts: vec![],
+        layout,
+    };
     session.check_shared()?;
     let mut outcomes = vec![];
     for m in opened {
@@ -94,7 +117,10 @@ fn check_lenient(
         }));
     }
     if session.experts.is_empty() {
-        let err = outcomes.into_iter().find_map(|o| o.err()).expect("no expert opened");
+        let err = outcomes
+            .into_iter()
+            .find_map(|o| o.err())
+            .expect("no expert opened");
         return Err(err);
     }
     Ok((session, outcomes))
@@ -108,7 +134,11 @@ fn same_tensor(name: &str, a: (&str, &dyn TensorSet), b: (&str, &dyn TensorSet))
     let ta = a.1.tensor(name).expect("caller looked it up");
     let Some(tb) = b.1.tensor(name) else {
         return Err(Error::Incompatible {
-            message: format!("tensor '{name}' is in the {} but missing from the {}", describe(a.0, a.1), describe(b.0, b.1)),
+            message: format!(
+                "tensor '{name}' is in the {} but missing from the {}",
+                describe(a.0, a.1),
+                describe(b.0, b.1)
+            ),
         });
     };
     if ta.shape != tb.shape || ta.dtype != tb.dtype {
@@ -132,15 +162,26 @@ impl Session {
         let mut counts: Vec<(String, usize)> = vec![];
         for (role, m) in models {
             // A model whose names the layout does not fit at all (another family) says so, not "0 layers".
-            let l = self.layout.def.resolve(m.tensors().keys().map(|s| s.as_str())).map_err(|e| Error::Incompatible {
-                message: format!("the {} does not have the language expert's layout: {e}", describe(role, *m)),
-            })?;
+            let l = self
+                .layout
+                .def
+                .resolve(m.tensors().keys().map(|s| s.as_str()))
+                .map_err(|e| Error::Incompatible {
+                    message: format!(
+                        "the {} does not have the language expert's layout: {e}",
+                        describe(role, *m)
+                    ),
+                })?;
             counts.push((describe(role, *m), l.n_layers));
         }
         if counts.iter().any(|(_, n)| *n != self.layout.n_layers) {
             let list: Vec<String> = counts.iter().map(|(d, n)| format!("{n} in the {d}")).collect();
             return Err(Error::Incompatible {
-                message: format!("the models have different numbers of decoder layers: {} (language expert: {})", list.join(", "), self.layout.n_layers),
+                message: format!(
+                    "the models have different numbers of decoder layers: {} (language expert: {})",
+                    list.join(", "),
+                    self.layout.n_layers
+                ),
             });
         }
         Ok(())
@@ -162,7 +203,10 @@ impl Session {
             let place = own.place(name);
             if place != self.layout.place(name) {
                 return Err(Error::Incompatible {
-                    message: format!("tensor '{name}' of the {} is not in the first language expert", describe("language expert", m)),
+                    message: format!(
+                        "tensor '{name}' of the {} is not in the first language expert",
+                        describe("language expert", m)
+                    ),
                 });
             }
             match (place, self.safety.tensor(name), m.tensor(name)) {
@@ -174,18 +218,34 @@ impl Session {
             }
         }
         // The measured tensors are the same in B, S and M (else the units would be measured differently).
-        for (role, other) in [("base model", &self.base as &dyn TensorSet), ("safety expert", &self.safety)] {
-            if let Ok(l) = self.layout.def.resolve(other.tensors().keys().map(|s| s.as_str())) {
+        for (role, other) in [
+            ("base model", &self.base as &dyn TensorSet),
+            ("safety expert", &self.safety),
+        ] {
+            if let Ok(l) = self
+                .layout
+                .def
+                .resolve(other.tensors().keys().map(|s| s.as_str()))
+            {
                 if let Some(name) = l.targets().into_iter().find(|n| m.tensor(n).is_none()) {
                     return Err(Error::Incompatible {
-                        message: format!("measured tensor '{name}' is in the {} but missing from the {}", describe(role, other), describe("language expert", m)),
+                        message: format!(
+                            "measured tensor '{name}' is in the {} but missing from the {}",
+                            describe(role, other),
+                            describe("language expert", m)
+                        ),
                     });
                 }
             }
         }
         for name in self.layout.targets() {
             if m.tensor(name).is_none() {
-                return Err(Error::Incompatible { message: format!("tensor '{name}' is missing from the {}", describe("language expert", m)) });
+                return Err(Error::Incompatible {
+                    message: format!(
+                        "tensor '{name}' is missing from the {}",
+                        describe("language expert", m)
+                    ),
+                });
             }
             same_tensor(name, ("language expert", m), ("base model", &self.base))?;
         }
@@ -200,7 +260,9 @@ impl Session {
         }
         let m = &self.experts[expert];
         for (name, t) in m.tensors() {
-            let Some(s) = self.safety.tensor(name) else { continue };
+            let Some(s) = self.safety.tensor(name) else {
+                continue;
+            };
             if self.layout.place(name) == Place::Vocab && s.shape != t.shape {
                 return Err(Error::Incompatible {
                     message: format!(
@@ -219,7 +281,12 @@ impl Session {
 
     /// Widest element size in bytes among the inputs and the output dtype (sizes the buffers).
     pub(crate) fn widest(&self, options: &MergeOptions) -> usize {
-        let inputs = self.experts[0].tensors().values().map(|t| t.dtype.size()).max().unwrap_or(2);
+        let inputs = self.experts[0]
+            .tensors()
+            .values()
+            .map(|t| t.dtype.size())
+            .max()
+            .unwrap_or(2);
         inputs.max(options.out_dtype.map(Dtype::size).unwrap_or(0))
     }
 }

@@ -97,19 +97,30 @@ impl MergeOptions {
     /// Rejects values outside their ranges, naming the option and what is allowed.
     pub fn validate(&self) -> Result<()> {
         if !(self.tau.is_finite() && self.tau >= 0.0) {
-            return Err(Error::argument(format!("tau must be a finite number >= 0, got {}", self.tau)));
+            return Err(Error::argument(format!(
+                "tau must be a finite number >= 0, got {}",
+                self.tau
+            )));
         }
         if !(0.0..=1.0).contains(&self.alpha) {
-            return Err(Error::argument(format!("alpha must be between 0 and 1, got {}", self.alpha)));
+            return Err(Error::argument(format!(
+                "alpha must be between 0 and 1, got {}",
+                self.alpha
+            )));
         }
         if let Some(d) = self.out_dtype.filter(|d| !d.is_float()) {
-            return Err(Error::argument(format!("out_dtype must be a float type (BF16, F16, F32, F64), got {d}")));
+            return Err(Error::argument(format!(
+                "out_dtype must be a float type (BF16, F16, F32, F64), got {d}"
+            )));
         }
         if self.threads == 0 {
             return Err(Error::argument("threads must be at least 1"));
         }
         if self.threads > MAX_THREADS {
-            return Err(Error::argument(format!("threads must be at most {MAX_THREADS}, got {}", self.threads)));
+            return Err(Error::argument(format!(
+                "threads must be at most {MAX_THREADS}, got {}",
+                self.threads
+            )));
         }
         if self.shard_size == 0 {
             return Err(Error::argument("shard size must be positive"));

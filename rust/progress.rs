@@ -64,7 +64,11 @@ impl Progress {
             3 => Phase::Sync,
             _ => Phase::Idle,
         };
-        (phase, self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+        (
+            phase,
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
     }
 
     /// Asks the work to stop at the next chunk boundary.

@@ -32,11 +32,20 @@ pub fn chunks(numels: &[u64], chunk_elems: usize) -> Vec<Chunk> {
 
 /// Elements `[start, start + len)` of tensor `t` of `model`: read into the front of `buf` from a file,
 /// or, for a tensor in memory that is aligned for its dtype, the bytes in place with no copy at all.
-pub fn read_elems<'a>(model: &'a Model, t: &TensorRef, start: u64, len: usize, buf: &'a mut AlignedBuf) -> Result<&'a [u8]> {
+pub fn read_elems<'a>(
+    model: &'a Model,
+    t: &TensorRef,
+    start: u64,
+    len: usize,
+    buf: &'a mut AlignedBuf,
+) -> Result<&'a [u8]> {
     let size = t.dtype.size();
     let shard = model.shard_of(t);
     let offset = t.offset + start * size as u64;
-    if let Some(bytes) = shard.borrow(offset, len * size).filter(|b| (b.as_ptr() as usize) % size == 0) {
+    if let Some(bytes) = shard
+        .borrow(offset, len * size)
+        .filter(|b| (b.as_ptr() as usize) % size == 0)
+    {
         return Ok(bytes);
     }
     let bytes = buf.bytes_mut(len * size);
@@ -52,6 +61,9 @@ mod tests {
     fn chunks_cover_every_element_once() {
         let c = chunks(&[0, 5, 10, 1], 4);
         let lens: Vec<(usize, u64, usize)> = c.iter().map(|c| (c.tensor, c.start, c.len)).collect();
-        assert_eq!(lens, vec![(1, 0, 4), (1, 4, 1), (2, 0, 4), (2, 4, 4), (2, 8, 2), (3, 0, 1)]);
+        assert_eq!(
+            lens,
+            vec![(1, 0, 4), (1, 4, 1), (2, 0, 4), (2, 4, 4), (2, 8, 2), (3, 0, 1)]
+        );
     }
 }

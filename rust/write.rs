@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::analyze::plan::{Decision, Plan};
 use crate::budget::{run_pool, Budget, BufferPool};
-use crate::dtype::{cast, cast_mut, decode_f32, decode_f64, encode_f32, encode_f64, AlignedBuf, Dtype, BATCH};
+use crate::dtype::{
+    cast, cast_mut, decode_f32, decode_f64, encode_f32, encode_f64, AlignedBuf, Dtype, BATCH,
+};
 use crate::error::{Error, Result};
 use crate::expert::{Expert, Term};
 use crate::io::writer::OutputTensor;
@@ -51,7 +53,14 @@ impl Session {
     /// Writes language expert `expert`'s merged model, as `plan` decides it, into the existing, empty
     /// folder `out_dir`. With `sync` false the final sync to disk is left to the caller (see
     /// [`OutputWriter::finish`]). Refuses to finish when an input changed since it was opened.
-    pub fn write(&self, expert: usize, plan: &Plan, out_dir: &Path, sync: bool, progress: &Progress) -> Result<WriteSummary> {
+    pub fn write(
+        &self,
+        expert: usize,
+        plan: &Plan,
+        out_dir: &Path,
+        sync: bool,
+        progress: &Progress,
+    ) -> Result<WriteSummary> {
         let specs = self.outputs(expert, plan)?;
         // Laid out like the host's own shards where possible, so that on a copy-on-write file system
         // the tensors copied whole share the inputs' blocks instead of being written.
@@ -71,7 +80,13 @@ impl Session {
     /// [`Session::write`] into memory: fills `buffers`, one per tensor of [`Session::outputs`] in that
     /// order, each exactly its tensor's size (the memory sink beside the file one). Nothing is
     /// written to disk; the summary lists no files.
-    pub fn write_memory(&self, expert: usize, plan: &Plan, buffers: Vec<MemoryRegion>, progress: &Progress) -> Result<WriteSummary> {
+    pub fn write_memory(
+        &self,
+        expert: usize,
+        plan: &Plan,
+        buffers: Vec<MemoryRegion>,
+        progress: &Progress,
+    ) -> Result<WriteSummary> {
         let specs = self.outputs(expert, plan)?;
         let shards = ShardMap::in_memory(&specs)?;
         let writer = OutputWriter::memory(&shards, buffers)?;
@@ -85,7 +100,10 @@ impl Session {
         options.validate()?;
         plan.check()?;
         let Some(host) = self.experts.get(expert) else {
-            return Err(Error::argument(format!("no language expert {expert} in a session of {}", self.experts.len())));
+            return Err(Error::argument(format!(
+                "no language expert {expert} in a session of {}",
+                self.experts.len()
+            )));
         };
         if plan.n_layers != self.layout.n_layers || plan.layout != self.layout.def.name {
             return Err(Error::argument(format!(
@@ -99,19 +117,41 @@ impl Session {
         }
         self.check_vocab(expert, options)?;
         // A tensor made from LoRA factors cannot be computed in the authors' arithmetic.
-        if (self.safety.adapter().is_some() || host.adapter().is_some()) && options.numerics == Numerics::Official {
-            return Err(Error::argument("numerics 'official' takes full models only; LoRA adapter experts need numerics 'exact'"));
+        if (self.safety.adapter().is_some() || host.adapter().is_some())
+            && options.numerics == Numerics::Official
+        {
+            return Err(Error::argument(
+                "numerics 'official' takes full models only; LoRA adapter experts need numerics 'exact'",
+            ));
         }
         Ok(host
             .tensors()
             .iter()
             // Non-float tensors (masks, position ids) keep their type: only floats are converted.
-            .map(|(n, t)| (n.clone(), if t.dtype.is_float() { options.out_dtype.unwrap_or(t.dtype) } else { t.dtype }, t.shape.clone()))
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    if t.dtype.is_float() {
+                        options.out_dtype.unwrap_or(t.dtype)
+                    } else {
+                        t.dtype
+                    },
+                    t.shape.clone(),
+                )
+            })
             .collect())
     }
 
     /// The write pass into `writer`, laid out as `shards` (made from [`Session::outputs`]).
-    fn write_into(&self, expert: usize, plan: &Plan, shards: &ShardMap, writer: OutputWriter, sync: bool, progress: &Progress) -> Result<WriteSummary> {
+    fn write_into(
+        &self,
+        expert: usize,
+        plan: &Plan,
+        shards: &ShardMap,
+        writer: OutputWriter,
+        sync: bool,
+        progress: &Progress,
+    ) -> Result<WriteSummary> {
         let options = &plan.options;
         let host = &self.experts[expert];
         let started = Instant::now();
@@ -128,7 +168,13 @@ impl Session {
                 } else {
                     plan.decision_at(place)
                 };
-                Job { out, decision, alpha, check_finite: !measured && !options.allow_non_finite, refuse_overflow: !options.allow_non_finite }
+                Job {
+                    out,
+                    decision,
+                    alpha,
+                    check_finite: !measured && !options.allow_non_finite,
+                    refuse_overflow: !options.allow_non_finite,
+                }
             })
             .collect();
         // A tensor made from LoRA factors is computed in float64 in two more chunk-sized buffers.
@@ -141,7 +187,17 @@ impl Session {
         progress.start(Phase::Write, shards.total_data_bytes());
         run_pool(budget.workers, || {
             let pool = BufferPool::new(&budget);
-            write(&jobs, &self.base, &self.safety, host, options.numerics, &writer, budget.chunk_elems, &pool, progress)
+            write(
+                &jobs,
+                &self.base,
+                &self.safety,
+                host,
+                options.numerics,
+                &writer,
+                budget.chunk_elems,
+                &pool,
+                progress,
+            )
         })??;
         // Data read from a file that changed meanwhile may mix old and new bytes: refuse to finish.
         self.base.check_unchanged()?;
@@ -157,7 +213,12 @@ impl Session {
             bytes_written: shards.total_data_bytes() - cloned,
             bytes_cloned: cloned,
             seconds: started.elapsed().as_secs_f64(),
-            expert_only: host.tensors().keys().filter(|n| self.safety.tensor(n).is_none()).cloned().collect(),
+            expert_only: host
+                .tensors()
+                .keys()
+                .filter(|n| self.safety.tensor(n).is_none())
+                .cloned()
+                .collect(),
         })
     }
 }
@@ -207,7 +268,10 @@ pub fn write(
         let terms = match job.decision {
             Decision::Safety => [Some(safety_src.term(&out.name, base)), None],
             Decision::Expert => [None, Some(expert_src.term(&out.name, base))],
-            Decision::Blend => [Some(safety_src.term(&out.name, base)), Some(expert_src.term(&out.name, base))],
+            Decision::Blend => [
+                Some(safety_src.term(&out.name, base)),
+                Some(expert_src.term(&out.name, base)),
+            ],
         };
         let plain = match terms {
             [Some(Term::Bytes(s, ts)), Some(Term::Bytes(m, tm))] => Some((s, m, ts.dtype == tm.dtype)),
@@ -224,16 +288,23 @@ pub fn write(
                 return Ok(());
             }
         };
-        let [a, b, o] = &mut bufs[..3] else { unreachable!("write pass needs three buffers") };
+        let [a, b, o] = &mut bufs[..3] else {
+            unreachable!("write pass needs three buffers")
+        };
         let read = match job.decision {
             Decision::Safety | Decision::Expert => {
-                let src = if job.decision == Decision::Safety { safety } else { expert };
+                let src = if job.decision == Decision::Safety {
+                    safety
+                } else {
+                    expert
+                };
                 // The term's tensor, not a lookup by name: an adapter saves tensors under PEFT's names.
                 let t = match terms {
                     [Some(Term::Bytes(_, t)), None] | [None, Some(Term::Bytes(_, t))] => t,
                     _ => unreachable!("a copy has one byte source"),
                 };
-                let verbatim = t.dtype == out.dtype && (numerics == Numerics::Exact || t.dtype == Dtype::BF16 || !t.dtype.is_float());
+                let verbatim = t.dtype == out.dtype
+                    && (numerics == Numerics::Exact || t.dtype == Dtype::BF16 || !t.dtype.is_float());
                 if verbatim && (!job.check_finite || writer.may_clone()) {
                     // A byte copy: in the kernel, without passing through us, or shared with the
                     // source's blocks on a copy-on-write file system. Where values must be checked,
@@ -242,24 +313,40 @@ pub fn write(
                     if job.check_finite {
                         let bytes = read_elems(src, t, c.start, c.len, b)?;
                         if !all_finite(t.dtype, bytes) {
-                            return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                            return Err(Error::NonFinite {
+                                path: src.shard_of(t).path.clone(),
+                                tensor: out.name.clone(),
+                            });
                         }
                         progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    writer.copy_from(out.shard, dst, src.shard_of(t), t.offset + c.start * size, n, a.bytes_mut(n))?;
+                    writer.copy_from(
+                        out.shard,
+                        dst,
+                        src.shard_of(t),
+                        t.offset + c.start * size,
+                        n,
+                        a.bytes_mut(n),
+                    )?;
                     progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                     progress.advance(out_bytes as u64);
                     return Ok(());
                 }
                 let bytes = read_elems(src, t, c.start, c.len, a)?;
                 if job.check_finite && !all_finite(t.dtype, bytes) {
-                    return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                    return Err(Error::NonFinite {
+                        path: src.shard_of(t).path.clone(),
+                        tensor: out.name.clone(),
+                    });
                 }
                 if verbatim {
                     writer.write_at(out.shard, dst, bytes)?;
                 } else {
                     convert(t.dtype, bytes, out.dtype, o.bytes_mut(out_bytes), numerics);
-                    if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && all_finite(t.dtype, bytes) {
+                    if job.refuse_overflow
+                        && !all_finite(out.dtype, o.bytes(out_bytes))
+                        && all_finite(t.dtype, bytes)
+                    {
                         return Err(overflow(&src.shard_of(t).path, &out.name, t.dtype, out.dtype));
                     }
                     writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
@@ -267,19 +354,41 @@ pub fn write(
                 bytes.len()
             }
             Decision::Blend => {
-                let [Some(Term::Bytes(_, ts)), Some(Term::Bytes(_, tm))] = terms else { unreachable!("a plain blend has two byte sources") };
+                let [Some(Term::Bytes(_, ts)), Some(Term::Bytes(_, tm))] = terms else {
+                    unreachable!("a plain blend has two byte sources")
+                };
                 let s = read_elems(safety, ts, c.start, c.len, a)?;
                 let m = read_elems(expert, tm, c.start, c.len, b)?;
                 if job.check_finite {
                     for (src, t, bytes) in [(safety, ts, &*s), (expert, tm, &*m)] {
                         if !all_finite(t.dtype, bytes) {
-                            return Err(Error::NonFinite { path: src.shard_of(t).path.clone(), tensor: out.name.clone() });
+                            return Err(Error::NonFinite {
+                                path: src.shard_of(t).path.clone(),
+                                tensor: out.name.clone(),
+                            });
                         }
                     }
                 }
-                blend(ts.dtype, s, m, out.dtype, o.bytes_mut(out_bytes), job.alpha, numerics);
-                if job.refuse_overflow && !all_finite(out.dtype, o.bytes(out_bytes)) && all_finite(ts.dtype, s) && all_finite(tm.dtype, m) {
-                    return Err(overflow(&expert.shard_of(tm).path, &out.name, ts.dtype, out.dtype));
+                blend(
+                    ts.dtype,
+                    s,
+                    m,
+                    out.dtype,
+                    o.bytes_mut(out_bytes),
+                    job.alpha,
+                    numerics,
+                );
+                if job.refuse_overflow
+                    && !all_finite(out.dtype, o.bytes(out_bytes))
+                    && all_finite(ts.dtype, s)
+                    && all_finite(tm.dtype, m)
+                {
+                    return Err(overflow(
+                        &expert.shard_of(tm).path,
+                        &out.name,
+                        ts.dtype,
+                        out.dtype,
+                    ));
                 }
                 writer.write_at(out.shard, dst, o.bytes(out_bytes))?;
                 s.len() + m.len()
@@ -294,9 +403,19 @@ pub fn write(
 /// Writes one chunk of a tensor with a LoRA source, or whose two sources differ in dtype: every term
 /// as float64 values, blended in float64 if there are two (α·S + (1−α)·M), rounded once to the
 /// output dtype. Returns the bytes read.
-fn write_f64(job: &Job<'_>, terms: [Option<Term<'_>>; 2], start: u64, len: usize, bufs: &mut [AlignedBuf], writer: &OutputWriter, dst: u64) -> Result<usize> {
+fn write_f64(
+    job: &Job<'_>,
+    terms: [Option<Term<'_>>; 2],
+    start: u64,
+    len: usize,
+    bufs: &mut [AlignedBuf],
+    writer: &OutputWriter,
+    dst: u64,
+) -> Result<usize> {
     let out = job.out;
-    let [raw, o, vs, vm, ..] = bufs else { unreachable!("{BUFFERS_LORA} buffers with LoRA sources") };
+    let [raw, o, vs, vm, ..] = bufs else {
+        unreachable!("{BUFFERS_LORA} buffers with LoRA sources")
+    };
     let mut read = 0;
     let mut source = (std::path::PathBuf::new(), out.dtype);
     let mut values = |term: Term<'_>, v: &mut AlignedBuf| -> Result<()> {
@@ -309,7 +428,12 @@ fn write_f64(job: &Job<'_>, terms: [Option<Term<'_>>; 2], start: u64, len: usize
                 source = (model.shard_of(t).path.clone(), t.dtype);
                 (model.shard_of(t).path.clone(), out.name.clone())
             }
-            Term::Delta { adapter, module, base, tensor } => {
+            Term::Delta {
+                adapter,
+                module,
+                base,
+                tensor,
+            } => {
                 adapter.delta_into(module, start, v)?;
                 let bytes = read_elems(base, tensor, start, len, raw)?;
                 let size = tensor.dtype.size();
@@ -336,7 +460,10 @@ fn write_f64(job: &Job<'_>, terms: [Option<Term<'_>>; 2], start: u64, len: usize
             values(m, vm)?;
             let (ws, wm) = (job.alpha, 1.0 - job.alpha);
             let vm = cast::<f64>(vm.bytes(len * 8));
-            cast_mut::<f64>(vs.bytes_mut(len * 8)).iter_mut().zip(vm).for_each(|(a, b)| *a = ws * *a + wm * *b);
+            cast_mut::<f64>(vs.bytes_mut(len * 8))
+                .iter_mut()
+                .zip(vm)
+                .for_each(|(a, b)| *a = ws * *a + wm * *b);
         }
         [None, None] => unreachable!("every output tensor has a source"),
     }
@@ -371,8 +498,18 @@ fn overflow(path: &std::path::Path, tensor: &str, from: Dtype, to: Dtype) -> Err
 /// vectorises: it runs over every byte of the unmeasured tensors in the write pass.
 pub fn all_finite(dtype: Dtype, bytes: &[u8]) -> bool {
     match dtype {
-        Dtype::BF16 => cast::<u16>(bytes).iter().fold(0u16, |acc, &v| acc | u16::from(v & 0x7F80 == 0x7F80)) == 0,
-        Dtype::F16 => cast::<u16>(bytes).iter().fold(0u16, |acc, &v| acc | u16::from(v & 0x7C00 == 0x7C00)) == 0,
+        Dtype::BF16 => {
+            cast::<u16>(bytes)
+                .iter()
+                .fold(0u16, |acc, &v| acc | u16::from(v & 0x7F80 == 0x7F80))
+                == 0
+        }
+        Dtype::F16 => {
+            cast::<u16>(bytes)
+                .iter()
+                .fold(0u16, |acc, &v| acc | u16::from(v & 0x7C00 == 0x7C00))
+                == 0
+        }
         Dtype::F32 => cast::<f32>(bytes).iter().fold(true, |acc, v| acc & v.is_finite()),
         Dtype::F64 => cast::<f64>(bytes).iter().fold(true, |acc, v| acc & v.is_finite()),
         Dtype::Opaque(_) => true,
@@ -408,7 +545,15 @@ pub fn convert(src_dtype: Dtype, src: &[u8], out_dtype: Dtype, out: &mut [u8], n
 /// out = α·S + (1−α)·M. Exact: computed in f32 (f64 when F64 is involved) with the weights rounded
 /// to that type, products and sum each in that type, no fused multiply-add, then rounded once to the
 /// output dtype. Official: inputs in bf16, α·S, (1−α)·M and their sum each rounded to bf16 (METHOD.md §6).
-pub fn blend(in_dtype: Dtype, s: &[u8], m: &[u8], out_dtype: Dtype, out: &mut [u8], alpha: f64, numerics: Numerics) {
+pub fn blend(
+    in_dtype: Dtype,
+    s: &[u8],
+    m: &[u8],
+    out_dtype: Dtype,
+    out: &mut [u8],
+    alpha: f64,
+    numerics: Numerics,
+) {
     let (si, so) = (in_dtype.size(), out_dtype.size());
     let n = s.len() / si;
     if (in_dtype == Dtype::F64 || out_dtype == Dtype::F64) && numerics == Numerics::Exact {
@@ -419,7 +564,9 @@ pub fn blend(in_dtype: Dtype, s: &[u8], m: &[u8], out_dtype: Dtype, out: &mut [u
             let (vs, vm) = (&mut vs[..hi - lo], &mut vm[..hi - lo]);
             decode_f64(in_dtype, &s[lo * si..hi * si], vs);
             decode_f64(in_dtype, &m[lo * si..hi * si], vm);
-            vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = ws * *a + wm * *b);
+            vs.iter_mut()
+                .zip(vm.iter())
+                .for_each(|(a, b)| *a = ws * *a + wm * *b);
             encode_f64(vs, out_dtype, &mut out[lo * so..hi * so]);
         }
         return;
@@ -432,10 +579,14 @@ pub fn blend(in_dtype: Dtype, s: &[u8], m: &[u8], out_dtype: Dtype, out: &mut [u
         decode_f32(in_dtype, &s[lo * si..hi * si], vs);
         decode_f32(in_dtype, &m[lo * si..hi * si], vm);
         match numerics {
-            Numerics::Exact => vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = ws * *a + wm * *b),
-            Numerics::Official => {
-                vs.iter_mut().zip(vm.iter()).for_each(|(a, b)| *a = official::blend(ws, wm, *a, *b))
-            }
+            Numerics::Exact => vs
+                .iter_mut()
+                .zip(vm.iter())
+                .for_each(|(a, b)| *a = ws * *a + wm * *b),
+            Numerics::Official => vs
+                .iter_mut()
+                .zip(vm.iter())
+                .for_each(|(a, b)| *a = official::blend(ws, wm, *a, *b)),
         }
         encode_f32(vs, out_dtype, &mut out[lo * so..hi * so]);
     }

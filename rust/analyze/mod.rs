@@ -34,14 +34,25 @@ impl Session {
     /// pass itself (numerics, memory, threads) follows the first expert's options. With `saved`
     /// (only `name`, `numel`, `base_ss` and `safety_ss` are used), B's sums are recomputed anyway and
     /// must match the saved ones bit for bit, which proves the saved sums belong to this base model.
-    pub fn analyze_each(&self, options: &[MergeOptions], saved: Option<&[TensorStats]>, progress: &Progress) -> Result<Vec<Plan>> {
+    pub fn analyze_each(
+        &self,
+        options: &[MergeOptions],
+        saved: Option<&[TensorStats]>,
+        progress: &Progress,
+    ) -> Result<Vec<Plan>> {
         if options.len() != self.experts.len() {
-            return Err(Error::argument(format!("{} option sets for {} experts", options.len(), self.experts.len())));
+            return Err(Error::argument(format!(
+                "{} option sets for {} experts",
+                options.len(),
+                self.experts.len()
+            )));
         }
         for o in options {
             o.validate()?;
             if o.numerics != options[0].numerics {
-                return Err(Error::argument("all experts of one run must use the same numerics (the sums are shared)"));
+                return Err(Error::argument(
+                    "all experts of one run must use the same numerics (the sums are shared)",
+                ));
             }
         }
         let pass = &options[0];
@@ -81,21 +92,47 @@ impl Session {
     /// The pass over B and `sources`: Σ B² and Σ (X − B)² per measured tensor, one `diff_ss` entry
     /// per source in order. Full models are read element by element in one fused pass; LoRA adapters
     /// are measured from their factors.
-    fn sums(&self, sources: &[&Expert], options: &MergeOptions, progress: &Progress) -> Result<Vec<sums::Sums>> {
+    fn sums(
+        &self,
+        sources: &[&Expert],
+        options: &MergeOptions,
+        progress: &Progress,
+    ) -> Result<Vec<sums::Sums>> {
         let lora = sources.iter().any(|e| e.adapter().is_some());
         if lora && options.numerics == Numerics::Official {
             return Err(Error::argument(
                 "numerics 'official' reproduces the authors' scripts, which take full models only; LoRA adapter experts need numerics 'exact'",
             ));
         }
-        let models: Vec<&Model> = sources.iter().filter_map(|e| if let Expert::Full(m) = e { Some(m) } else { None }).collect();
-        let budget = Budget::plan(options.max_memory, options.threads, models.len() + 1, self.widest(options))?;
+        let models: Vec<&Model> = sources
+            .iter()
+            .filter_map(|e| if let Expert::Full(m) = e { Some(m) } else { None })
+            .collect();
+        let budget = Budget::plan(
+            options.max_memory,
+            options.threads,
+            models.len() + 1,
+            self.widest(options),
+        )?;
         let targets = self.layout.targets();
-        let total: u64 = targets.iter().map(|n| self.base.tensor(n).unwrap().nbytes).sum::<u64>() * (models.len() as u64 + 1);
+        let total: u64 = targets
+            .iter()
+            .map(|n| self.base.tensor(n).unwrap().nbytes)
+            .sum::<u64>()
+            * (models.len() as u64 + 1);
         progress.start(Phase::Analyze, total);
         let sums = run_pool(budget.workers, || -> Result<Vec<sums::Sums>> {
             let pool = BufferPool::new(&budget);
-            let full = sums::compute_allowing(&targets, &self.base, &models, options.numerics, options.allow_non_finite, budget.chunk_elems, &pool, progress)?;
+            let full = sums::compute_allowing(
+                &targets,
+                &self.base,
+                &models,
+                options.numerics,
+                options.allow_non_finite,
+                budget.chunk_elems,
+                &pool,
+                progress,
+            )?;
             if !lora {
                 return Ok(full);
             }
@@ -112,7 +149,16 @@ impl Session {
                 .enumerate()
                 .map(|(i, mut s)| {
                     let (mut f, mut l) = (s.diff_ss.iter(), from_factors.iter());
-                    s.diff_ss = sources.iter().map(|e| if e.adapter().is_some() { l.next().unwrap()[i] } else { *f.next().unwrap() }).collect();
+                    s.diff_ss = sources
+                        .iter()
+                        .map(|e| {
+                            if e.adapter().is_some() {
+                                l.next().unwrap()[i]
+                            } else {
+                                *f.next().unwrap()
+                            }
+                        })
+                        .collect();
                     s
                 })
                 .collect())
@@ -124,11 +170,19 @@ impl Session {
     /// language expert `k`), with one `diff_ss` entry. Every sum keeps its own lanes whatever the
     /// other models of a pass are, so these are the same bits the single pass over all models gives;
     /// [`Session::plans_from_shares`] puts the shares together.
-    pub fn sums_of(&self, model: Measured, options: &MergeOptions, progress: &Progress) -> Result<Vec<sums::Sums>> {
+    pub fn sums_of(
+        &self,
+        model: Measured,
+        options: &MergeOptions,
+        progress: &Progress,
+    ) -> Result<Vec<sums::Sums>> {
         options.validate()?;
         let m = match model {
             Measured::Safety => &self.safety,
-            Measured::Expert(k) => self.experts.get(k).ok_or_else(|| Error::argument(format!("no language expert {k} in this session")))?,
+            Measured::Expert(k) => self
+                .experts
+                .get(k)
+                .ok_or_else(|| Error::argument(format!("no language expert {k} in this session")))?,
         };
         self.sums(&[m], options, progress)
     }
@@ -138,7 +192,12 @@ impl Session {
     /// `options[k]` its options. Every share must cover the measured tensors of this session with
     /// bit-identical base sums (else they were not computed from the same base model). The same plans
     /// as [`Session::analyze_each`] over the same models.
-    pub fn plans_from_shares(&self, options: &[MergeOptions], safety: &[sums::Sums], experts: &[Vec<sums::Sums>]) -> Result<Vec<Plan>> {
+    pub fn plans_from_shares(
+        &self,
+        options: &[MergeOptions],
+        safety: &[sums::Sums],
+        experts: &[Vec<sums::Sums>],
+    ) -> Result<Vec<Plan>> {
         if options.len() != self.experts.len() || experts.len() != self.experts.len() {
             return Err(Error::argument(format!(
                 "{} option sets and {} shares of sums for {} experts",
@@ -150,14 +209,21 @@ impl Session {
         for o in options {
             o.validate()?;
             if o.numerics != options[0].numerics {
-                return Err(Error::argument("all experts of one run must use the same numerics (the sums are shared)"));
+                return Err(Error::argument(
+                    "all experts of one run must use the same numerics (the sums are shared)",
+                ));
             }
         }
         let targets = self.layout.targets();
         let share = |part: &[sums::Sums], whose: &dyn Fn() -> String| -> Result<Vec<(f64, f64)>> {
             let by_name: HashMap<&str, &sums::Sums> = part.iter().map(|s| (s.name.as_str(), s)).collect();
             if by_name.len() != targets.len() {
-                return Err(Error::argument(format!("sums for {} cover {} tensors; this model has {} measured tensors", whose(), by_name.len(), targets.len())));
+                return Err(Error::argument(format!(
+                    "sums for {} cover {} tensors; this model has {} measured tensors",
+                    whose(),
+                    by_name.len(),
+                    targets.len()
+                )));
             }
             targets
                 .iter()
@@ -165,7 +231,10 @@ impl Session {
                     let numel = self.base.tensor(n).unwrap().numel();
                     match by_name.get(n) {
                         Some(p) if p.numel == numel && p.diff_ss.len() == 1 => Ok((p.base_ss, p.diff_ss[0])),
-                        _ => Err(Error::argument(format!("sums for {} have no entry for tensor '{n}' of {numel} elements", whose()))),
+                        _ => Err(Error::argument(format!(
+                            "sums for {} have no entry for tensor '{n}' of {numel} elements",
+                            whose()
+                        ))),
                     }
                 })
                 .collect()
@@ -182,7 +251,13 @@ impl Session {
                         self.experts[k].path().display()
                     )));
                 }
-                stats.push(TensorStats { name: n.to_string(), numel: self.base.tensor(n).unwrap().numel(), base_ss: s[i].0, safety_ss: s[i].1, expert_ss: m[i].1 });
+                stats.push(TensorStats {
+                    name: n.to_string(),
+                    numel: self.base.tensor(n).unwrap().numel(),
+                    base_ss: s[i].0,
+                    safety_ss: s[i].1,
+                    expert_ss: m[i].1,
+                });
             }
             plans.push(Plan::new(stats, &self.layout, o));
         }

@@ -128,19 +128,27 @@ impl Plan {
             .into_iter()
             .zip(decide(&a_s, &a_m, options.tau))
             .zip(a_s.iter().zip(&a_m))
-            .map(|((unit, (p_safety, p_expert, d, decision)), (&score_safety, &score_expert))| UnitDecision {
-                unit,
-                score_safety,
-                score_expert,
-                p_safety,
-                p_expert,
-                d,
-                decision,
-                alpha: None,
-                source: Source::Measured,
-            })
+            .map(
+                |((unit, (p_safety, p_expert, d, decision)), (&score_safety, &score_expert))| UnitDecision {
+                    unit,
+                    score_safety,
+                    score_expert,
+                    p_safety,
+                    p_expert,
+                    d,
+                    decision,
+                    alpha: None,
+                    source: Source::Measured,
+                },
+            )
             .collect();
-        Plan { options: options.clone(), layout: layout.def.name.clone(), n_layers: layout.n_layers, units, stats }
+        Plan {
+            options: options.clone(),
+            layout: layout.def.name.clone(),
+            n_layers: layout.n_layers,
+            units,
+            stats,
+        }
     }
 
     /// Checks a plan made elsewhere (a decisions file, overrides) before it is written: one unit per
@@ -157,7 +165,10 @@ impl Plan {
         }
         for u in &self.units {
             if let Some(a) = u.alpha.filter(|a| !(0.0..=1.0).contains(a)) {
-                return Err(Error::argument(format!("unit {:?}: blend weight {a} is not between 0 and 1", u.unit)));
+                return Err(Error::argument(format!(
+                    "unit {:?}: blend weight {a} is not between 0 and 1",
+                    u.unit
+                )));
             }
         }
         Ok(())
@@ -169,9 +180,14 @@ impl Plan {
     pub fn decision_at(&self, place: Place) -> (Decision, f64) {
         let unit = match (place, self.options.granularity) {
             (Place::Layer { layer, .. }, Granularity::Layer) => Some(&self.units[layer]),
-            (Place::Layer { layer, part: part @ (Part::Attention | Part::Mlp), .. }, Granularity::Module) => {
-                Some(&self.units[Unit::index(layer, part, Granularity::Module)])
-            }
+            (
+                Place::Layer {
+                    layer,
+                    part: part @ (Part::Attention | Part::Mlp),
+                    ..
+                },
+                Granularity::Module,
+            ) => Some(&self.units[Unit::index(layer, part, Granularity::Module)]),
             _ => None,
         };
         let alpha = unit.and_then(|u| u.alpha).unwrap_or(self.options.alpha);
@@ -183,7 +199,9 @@ impl Plan {
             (Place::Unassigned { .. }, _) => Decision::Expert,
             (Place::Layer { layer, .. }, Granularity::Layer) => self.units[layer].decision,
             (Place::Layer { part: Part::Norm, .. }, Granularity::Module) => self.options.norms,
-            (Place::Layer { layer, part, .. }, Granularity::Module) => self.units[Unit::index(layer, part, Granularity::Module)].decision,
+            (Place::Layer { layer, part, .. }, Granularity::Module) => {
+                self.units[Unit::index(layer, part, Granularity::Module)].decision
+            }
         };
         (decision, alpha)
     }

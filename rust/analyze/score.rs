@@ -62,11 +62,24 @@ pub fn relative_change(base_ss: f64, diff_ss: f64, numerics: Numerics) -> f64 {
 
 /// Scores A_X(u) of every unit for the task vector whose sums `diff_ss` picks (the safety or the
 /// language expert's).
-pub fn unit_scores(stats: &[TensorStats], layout: &Layout, granularity: Granularity, numerics: Numerics, diff_ss: impl Fn(&TensorStats) -> f64) -> Vec<f64> {
+pub fn unit_scores(
+    stats: &[TensorStats],
+    layout: &Layout,
+    granularity: Granularity,
+    numerics: Numerics,
+    diff_ss: impl Fn(&TensorStats) -> f64,
+) -> Vec<f64> {
     let n_units = Unit::all(layout.n_layers, granularity).len();
     let mut acc = vec![0f64; n_units];
     for s in stats {
-        let Place::Layer { layer, part, target: true } = layout.place(&s.name) else { continue };
+        let Place::Layer {
+            layer,
+            part,
+            target: true,
+        } = layout.place(&s.name)
+        else {
+            continue;
+        };
         let r = relative_change(s.base_ss, diff_ss(s), numerics);
         let u = Unit::index(layer, part, granularity);
         match granularity {

@@ -4,7 +4,6 @@
 //! Sums are formed per [`BLOCK`] of elements with eight fixed lanes and then added in block order, so
 //! the result is the same for any chunk size and any thread count.
 
-use rayon::prelude::*;
 use crate::budget::{BufferPool, BLOCK};
 use crate::dtype::{bf16_to_f32, cast, f16_to_f32, Dtype, Pod, NOT_FLOAT};
 use crate::error::{Error, Result};
@@ -12,6 +11,7 @@ use crate::io::Model;
 use crate::options::Numerics;
 use crate::progress::Progress;
 use crate::stream::{chunks, read_elems, Chunk};
+use rayon::prelude::*;
 
 /// Sums of squares for one tensor (serialisable: shares of a pass cross machines, see
 /// [`crate::Session::sums_of`]).
@@ -83,7 +83,10 @@ pub fn compute_allowing(
             return Ok(out);
         }
     }
-    let refs: Vec<_> = names.iter().map(|n| base.tensor(n).expect("checked by caller")).collect();
+    let refs: Vec<_> = names
+        .iter()
+        .map(|n| base.tensor(n).expect("checked by caller"))
+        .collect();
     let numels: Vec<u64> = refs.iter().map(|t| t.numel()).collect();
     let work = chunks(&numels, chunk_elems);
     let k = models.len();
@@ -93,7 +96,9 @@ pub fn compute_allowing(
             progress.check()?;
             let sums = chunk_sums(c, names[c.tensor], base, models, numerics, pool)?;
             let bytes = c.len as u64 * refs[c.tensor].dtype.size() as u64 * (k as u64 + 1);
-            progress.bytes_read.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            progress
+                .bytes_read
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             progress.advance(bytes);
             Ok(sums)
         })
@@ -102,7 +107,12 @@ pub fn compute_allowing(
     let mut out: Vec<Sums> = names
         .iter()
         .zip(&numels)
-        .map(|(n, &numel)| Sums { name: n.to_string(), numel, base_ss: 0.0, diff_ss: vec![0.0; k] })
+        .map(|(n, &numel)| Sums {
+            name: n.to_string(),
+            numel,
+            base_ss: 0.0,
+            diff_ss: vec![0.0; k],
+        })
         .collect();
     for (c, sums) in work.iter().zip(partials) {
         let s = &mut out[c.tensor];
@@ -114,7 +124,9 @@ pub fn compute_allowing(
         }
     }
     if allow_non_finite {
-        let bad: Vec<usize> = (0..out.len()).filter(|&i| !out[i].base_ss.is_finite() || out[i].diff_ss.iter().any(|v| !v.is_finite())).collect();
+        let bad: Vec<usize> = (0..out.len())
+            .filter(|&i| !out[i].base_ss.is_finite() || out[i].diff_ss.iter().any(|v| !v.is_finite()))
+            .collect();
         let redone: Vec<(f64, Vec<f64>)> = bad
             .par_iter()
             .map(|&i| finite_sums(names[i], base, models, numerics, chunk_elems, pool, progress))
@@ -141,11 +153,17 @@ pub fn compute_allowing(
     for s in &out {
         if !s.base_ss.is_finite() {
             let t = base.tensor(&s.name).unwrap();
-            return Err(Error::NonFinite { path: base.shard_of(t).path.clone(), tensor: s.name.clone() });
+            return Err(Error::NonFinite {
+                path: base.shard_of(t).path.clone(),
+                tensor: s.name.clone(),
+            });
         }
         if let Some(i) = s.diff_ss.iter().position(|v| !v.is_finite()) {
             let t = models[i].tensor(&s.name).unwrap();
-            return Err(Error::NonFinite { path: models[i].shard_of(t).path.clone(), tensor: s.name.clone() });
+            return Err(Error::NonFinite {
+                path: models[i].shard_of(t).path.clone(),
+                tensor: s.name.clone(),
+            });
         }
     }
     Ok(out)
@@ -180,7 +198,10 @@ fn finite_sums(
         for ((m, buf), acc) in models.iter().zip(rest.iter_mut()).zip(diff_ss.iter_mut()) {
             let x = read_elems(m, m.tensor(name).expect("checked by caller"), c.start, c.len, buf)?;
             for i in 0..c.len {
-                let (bv, xv) = (kernels::value(dtype, numerics, b, i), kernels::value(dtype, numerics, x, i));
+                let (bv, xv) = (
+                    kernels::value(dtype, numerics, b, i),
+                    kernels::value(dtype, numerics, x, i),
+                );
                 let d = kernels::diff(numerics, bv, xv);
                 if bv.is_finite() && xv.is_finite() && d.is_finite() {
                     *acc += d * d;
@@ -192,7 +213,14 @@ fn finite_sums(
 }
 
 /// Block sums for one chunk: for each block, [Σ B², Σ (X_1 - B)², ...].
-fn chunk_sums(c: &Chunk, name: &str, base: &Model, models: &[&Model], numerics: Numerics, pool: &BufferPool) -> Result<Vec<f64>> {
+fn chunk_sums(
+    c: &Chunk,
+    name: &str,
+    base: &Model,
+    models: &[&Model],
+    numerics: Numerics,
+    pool: &BufferPool,
+) -> Result<Vec<f64>> {
     let mut bufs = pool.take();
     let (first, rest) = bufs.split_first_mut().expect("pool has buffers");
     let bt = base.tensor(name).unwrap();
@@ -272,12 +300,20 @@ pub mod kernels {
     fn generic_sum_sq(dtype: Dtype, numerics: Numerics, b: &[u8]) -> f64 {
         match (dtype, numerics) {
             (Dtype::BF16, _) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| bf16_to_f32(v) as f64),
-            (Dtype::F16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| f16_to_f32(v) as f64),
-            (Dtype::F16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| official::load(f16_to_f32(v)) as f64),
+            (Dtype::F16, Numerics::Exact) => {
+                lanes(cast::<u16>(b), cast::<u16>(b), |v, _| f16_to_f32(v) as f64)
+            }
+            (Dtype::F16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| {
+                official::load(f16_to_f32(v)) as f64
+            }),
             (Dtype::F32, Numerics::Exact) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| v as f64),
-            (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| official::load(v) as f64),
+            (Dtype::F32, Numerics::Official) => {
+                lanes(cast::<f32>(b), cast::<f32>(b), |v, _| official::load(v) as f64)
+            }
             (Dtype::F64, Numerics::Exact) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| v),
-            (Dtype::F64, Numerics::Official) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| official::load(v as f32) as f64),
+            (Dtype::F64, Numerics::Official) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| {
+                official::load(v as f32) as f64
+            }),
             (Dtype::Opaque(_), _) => unreachable!("{}", NOT_FLOAT),
         }
     }
@@ -288,14 +324,26 @@ pub mod kernels {
     fn generic_sum_sq_diff(dtype: Dtype, numerics: Numerics, b: &[u8], x: &[u8]) -> f64 {
         let off = |bv: f32, xv: f32| official::sub(official::load(bv), official::load(xv)) as f64;
         match (dtype, numerics) {
-            (Dtype::BF16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| bf16_to_f32(xv) as f64 - bf16_to_f32(bv) as f64),
-            (Dtype::BF16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| off(bf16_to_f32(bv), bf16_to_f32(xv))),
-            (Dtype::F16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| f16_to_f32(xv) as f64 - f16_to_f32(bv) as f64),
-            (Dtype::F16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| off(f16_to_f32(bv), f16_to_f32(xv))),
-            (Dtype::F32, Numerics::Exact) => lanes(cast::<f32>(b), cast::<f32>(x), |bv, xv| xv as f64 - bv as f64),
+            (Dtype::BF16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| {
+                bf16_to_f32(xv) as f64 - bf16_to_f32(bv) as f64
+            }),
+            (Dtype::BF16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| {
+                off(bf16_to_f32(bv), bf16_to_f32(xv))
+            }),
+            (Dtype::F16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| {
+                f16_to_f32(xv) as f64 - f16_to_f32(bv) as f64
+            }),
+            (Dtype::F16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| {
+                off(f16_to_f32(bv), f16_to_f32(xv))
+            }),
+            (Dtype::F32, Numerics::Exact) => {
+                lanes(cast::<f32>(b), cast::<f32>(x), |bv, xv| xv as f64 - bv as f64)
+            }
             (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(x), |bv, xv| off(bv, xv)),
             (Dtype::F64, Numerics::Exact) => lanes(cast::<f64>(b), cast::<f64>(x), |bv, xv| xv - bv),
-            (Dtype::F64, Numerics::Official) => lanes(cast::<f64>(b), cast::<f64>(x), |bv, xv| off(bv as f32, xv as f32)),
+            (Dtype::F64, Numerics::Official) => {
+                lanes(cast::<f64>(b), cast::<f64>(x), |bv, xv| off(bv as f32, xv as f32))
+            }
             (Dtype::Opaque(_), _) => unreachable!("{}", NOT_FLOAT),
         }
     }
@@ -305,8 +353,12 @@ pub mod kernels {
     fn avx2_sum_sq(dtype: Dtype, numerics: Numerics, b: &[u8]) -> f64 {
         match (dtype, numerics) {
             // SAFETY: AVX2 is enabled here; F16C is checked before the F16 kernel runs.
-            (Dtype::BF16, Numerics::Exact) if x86::has_f16c() => unsafe { x86::sum_sq::<false>(cast::<u16>(b)) },
-            (Dtype::F16, Numerics::Exact) if x86::has_f16c() => unsafe { x86::sum_sq::<true>(cast::<u16>(b)) },
+            (Dtype::BF16, Numerics::Exact) if x86::has_f16c() => unsafe {
+                x86::sum_sq::<false>(cast::<u16>(b))
+            },
+            (Dtype::F16, Numerics::Exact) if x86::has_f16c() => unsafe {
+                x86::sum_sq::<true>(cast::<u16>(b))
+            },
             _ => generic_sum_sq(dtype, numerics, b),
         }
     }
@@ -316,8 +368,12 @@ pub mod kernels {
     fn avx2_sum_sq_diff(dtype: Dtype, numerics: Numerics, b: &[u8], x: &[u8]) -> f64 {
         match (dtype, numerics) {
             // SAFETY: as in `avx2_sum_sq`.
-            (Dtype::BF16, Numerics::Exact) if x86::has_f16c() => unsafe { x86::sum_sq_diff::<false>(cast::<u16>(b), cast::<u16>(x)) },
-            (Dtype::F16, Numerics::Exact) if x86::has_f16c() => unsafe { x86::sum_sq_diff::<true>(cast::<u16>(b), cast::<u16>(x)) },
+            (Dtype::BF16, Numerics::Exact) if x86::has_f16c() => unsafe {
+                x86::sum_sq_diff::<false>(cast::<u16>(b), cast::<u16>(x))
+            },
+            (Dtype::F16, Numerics::Exact) if x86::has_f16c() => unsafe {
+                x86::sum_sq_diff::<true>(cast::<u16>(b), cast::<u16>(x))
+            },
             _ => generic_sum_sq_diff(dtype, numerics, b, x),
         }
     }
@@ -343,13 +399,24 @@ pub mod kernels {
         unsafe fn load8<const F16: bool>(p: *const u16) -> (__m256d, __m256d) {
             // SAFETY: the caller guarantees 8 readable u16 at p; unaligned load.
             let h = unsafe { _mm_loadu_si128(p.cast()) };
-            let f = if F16 { _mm256_cvtph_ps(h) } else { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))) };
-            (_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f)))
+            let f = if F16 {
+                _mm256_cvtph_ps(h)
+            } else {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            };
+            (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(f)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f)),
+            )
         }
 
         #[inline(always)]
         fn scalar<const F16: bool>(v: u16) -> f64 {
-            if F16 { f16_to_f32(v) as f64 } else { bf16_to_f32(v) as f64 }
+            if F16 {
+                f16_to_f32(v) as f64
+            } else {
+                bf16_to_f32(v) as f64
+            }
         }
 
         #[inline]
@@ -398,13 +465,21 @@ pub mod kernels {
             let mut i = 0;
             while i < n8 {
                 // SAFETY: i + 8 <= len of both slices.
-                let ((b0, b1), (x0, x1)) = unsafe { (load8::<F16>(b.as_ptr().add(i)), load8::<F16>(x.as_ptr().add(i))) };
+                let ((b0, b1), (x0, x1)) =
+                    unsafe { (load8::<F16>(b.as_ptr().add(i)), load8::<F16>(x.as_ptr().add(i))) };
                 let (d0, d1) = (_mm256_sub_pd(x0, b0), _mm256_sub_pd(x1, b1));
                 a0 = _mm256_add_pd(a0, _mm256_mul_pd(d0, d0));
                 a1 = _mm256_add_pd(a1, _mm256_mul_pd(d1, d1));
                 i += 8;
             }
-            reduce(a0, a1, b[n8..].iter().zip(&x[n8..]).map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv)))
+            reduce(
+                a0,
+                a1,
+                b[n8..]
+                    .iter()
+                    .zip(&x[n8..])
+                    .map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv)),
+            )
         }
 
         /// [Σ b², Σ (s − b)², Σ (m − b)²] in one pass: the three sums of [`sum_sq`] and
@@ -421,8 +496,13 @@ pub mod kernels {
             let mut i = 0;
             while i < n8 {
                 // SAFETY: i + 8 <= len of all three slices.
-                let ((b0, b1), (s0, s1), (m0, m1)) =
-                    unsafe { (load8::<F16>(b.as_ptr().add(i)), load8::<F16>(s.as_ptr().add(i)), load8::<F16>(m.as_ptr().add(i))) };
+                let ((b0, b1), (s0, s1), (m0, m1)) = unsafe {
+                    (
+                        load8::<F16>(b.as_ptr().add(i)),
+                        load8::<F16>(s.as_ptr().add(i)),
+                        load8::<F16>(m.as_ptr().add(i)),
+                    )
+                };
                 bb0 = _mm256_add_pd(bb0, _mm256_mul_pd(b0, b0));
                 bb1 = _mm256_add_pd(bb1, _mm256_mul_pd(b1, b1));
                 let (d0, d1) = (_mm256_sub_pd(s0, b0), _mm256_sub_pd(s1, b1));
@@ -436,8 +516,20 @@ pub mod kernels {
             let (bt, st, mt) = (&b[n8..], &s[n8..], &m[n8..]);
             [
                 reduce(bb0, bb1, bt.iter().map(|&e| scalar::<F16>(e))),
-                reduce(ss0, ss1, bt.iter().zip(st).map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv))),
-                reduce(mm0, mm1, bt.iter().zip(mt).map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv))),
+                reduce(
+                    ss0,
+                    ss1,
+                    bt.iter()
+                        .zip(st)
+                        .map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv)),
+                ),
+                reduce(
+                    mm0,
+                    mm1,
+                    bt.iter()
+                        .zip(mt)
+                        .map(|(&bv, &xv)| scalar::<F16>(xv) - scalar::<F16>(bv)),
+                ),
             ]
         }
 
@@ -465,32 +557,61 @@ pub mod kernels {
                     for finite_only in [true, false] {
                         let mut bb = AlignedBuf::new(2 * n);
                         let mut xb = AlignedBuf::new(2 * n);
-                        for (bv, xv) in bb.bytes_mut(2 * n).chunks_exact_mut(2).zip(xb.bytes_mut(2 * n).chunks_exact_mut(2)) {
+                        for (bv, xv) in bb
+                            .bytes_mut(2 * n)
+                            .chunks_exact_mut(2)
+                            .zip(xb.bytes_mut(2 * n).chunks_exact_mut(2))
+                        {
                             let (r1, r2) = (next() as u16, next() as u16);
                             // Exponent bits all ones (inf/NaN) only when allowed.
-                            let fix = |v: u16, mask: u16| if finite_only && v & mask == mask { v & !0x4000 } else { v };
+                            let fix = |v: u16, mask: u16| {
+                                if finite_only && v & mask == mask {
+                                    v & !0x4000
+                                } else {
+                                    v
+                                }
+                            };
                             bv.copy_from_slice(&fix(r1, 0x7f80).to_le_bytes());
                             xv.copy_from_slice(&fix(r2, 0x7f80).to_le_bytes());
                         }
                         let (b, x) = (bb.bytes(2 * n), xb.bytes(2 * n));
                         for (dtype, f16) in [(Dtype::BF16, false), (Dtype::F16, true)] {
-                            let (want_ss, want_d) = (generic_sum_sq(dtype, Numerics::Exact, b), generic_sum_sq_diff(dtype, Numerics::Exact, b, x));
+                            let (want_ss, want_d) = (
+                                generic_sum_sq(dtype, Numerics::Exact, b),
+                                generic_sum_sq_diff(dtype, Numerics::Exact, b, x),
+                            );
                             // SAFETY: features checked above.
                             let (got_ss, got_d) = unsafe {
                                 if f16 {
-                                    (super::sum_sq::<true>(crate::dtype::cast(b)), super::sum_sq_diff::<true>(crate::dtype::cast(b), crate::dtype::cast(x)))
+                                    (
+                                        super::sum_sq::<true>(crate::dtype::cast(b)),
+                                        super::sum_sq_diff::<true>(
+                                            crate::dtype::cast(b),
+                                            crate::dtype::cast(x),
+                                        ),
+                                    )
                                 } else {
-                                    (super::sum_sq::<false>(crate::dtype::cast(b)), super::sum_sq_diff::<false>(crate::dtype::cast(b), crate::dtype::cast(x)))
+                                    (
+                                        super::sum_sq::<false>(crate::dtype::cast(b)),
+                                        super::sum_sq_diff::<false>(
+                                            crate::dtype::cast(b),
+                                            crate::dtype::cast(x),
+                                        ),
+                                    )
                                 }
                             };
-                            let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                            let same =
+                                |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
                             assert!(same(got_ss, want_ss), "{dtype} n={n}: {got_ss} vs {want_ss}");
                             assert!(same(got_d, want_d), "{dtype} n={n}: {got_d} vs {want_d}");
                             // The fused pass (x twice: S and M) gives the same three sums.
                             let mut fused = [0f64; 3];
                             super::super::block_sums(dtype, Numerics::Exact, b, &[x, b], &mut fused);
                             let want_bb = generic_sum_sq_diff(dtype, Numerics::Exact, b, b);
-                            assert!(same(fused[0], want_ss) && same(fused[1], want_d) && same(fused[2], want_bb), "{dtype} n={n}: {fused:?}");
+                            assert!(
+                                same(fused[0], want_ss) && same(fused[1], want_d) && same(fused[2], want_bb),
+                                "{dtype} n={n}: {fused:?}"
+                            );
                         }
                     }
                 }
@@ -525,7 +646,12 @@ pub mod kernels {
     pub fn block_sums(dtype: Dtype, numerics: Numerics, b: &[u8], xs: &[&[u8]], out: &mut [f64]) {
         assert!(out.len() == xs.len() + 1 && xs.iter().all(|x| x.len() == b.len()));
         #[cfg(target_arch = "x86_64")]
-        if numerics == Numerics::Exact && xs.len() >= 2 && matches!(dtype, Dtype::BF16 | Dtype::F16) && has_avx2() && x86::has_f16c() {
+        if numerics == Numerics::Exact
+            && xs.len() >= 2
+            && matches!(dtype, Dtype::BF16 | Dtype::F16)
+            && has_avx2()
+            && x86::has_f16c()
+        {
             // Experts two at a time through the fused kernel (a bulk run has S and several M); an odd
             // last one is paired with itself. Every sum keeps its own lanes, so each is bit for bit
             // what a run with only that expert computes.

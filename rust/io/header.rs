@@ -57,7 +57,11 @@ impl Header {
     /// The header of one tensor held in memory (see `Shard::memory`): its data is the whole region,
     /// from offset 0, so there is no data section to skip (`data_start` does not apply).
     pub fn memory(tensor: TensorInfo) -> Header {
-        Header { json_len: 0, tensors: vec![tensor], metadata: BTreeMap::new() }
+        Header {
+            json_len: 0,
+            tensors: vec![tensor],
+            metadata: BTreeMap::new(),
+        }
     }
 
     /// Offset of the data section from the start of the file.
@@ -69,7 +73,8 @@ impl Header {
     /// has after it. Errors are plain strings; the caller adds the file name.
     pub fn parse(json: &[u8], data_len: u64) -> Result<Header, String> {
         let text = std::str::from_utf8(json).map_err(|e| format!("header is not valid UTF-8 ({e})"))?;
-        let entries: Entries = serde_json::from_str(text).map_err(|e| format!("header is not valid JSON: {e}"))?;
+        let entries: Entries =
+            serde_json::from_str(text).map_err(|e| format!("header is not valid JSON: {e}"))?;
         let mut tensors = Vec::with_capacity(entries.0.len());
         let mut metadata = BTreeMap::new();
         let mut seen = std::collections::HashSet::new();
@@ -78,9 +83,13 @@ impl Header {
                 return Err(format!("tensor '{name}' appears twice in the header"));
             }
             if name == "__metadata__" {
-                let map = value.as_object().ok_or("__metadata__ must be a JSON object of strings")?;
+                let map = value
+                    .as_object()
+                    .ok_or("__metadata__ must be a JSON object of strings")?;
                 for (k, v) in map {
-                    let v = v.as_str().ok_or_else(|| format!("__metadata__ value for '{k}' must be a string"))?;
+                    let v = v
+                        .as_str()
+                        .ok_or_else(|| format!("__metadata__ value for '{k}' must be a string"))?;
                     metadata.insert(k.clone(), v.to_string());
                 }
                 continue;
@@ -91,8 +100,15 @@ impl Header {
         let mut expected = 0u64;
         for t in &tensors {
             if t.start != expected {
-                let what = if t.start < expected { "overlaps the previous tensor" } else { "leaves a gap after the previous tensor" };
-                return Err(format!("tensor '{}': data_offsets [{}, {}] {what} (expected start {expected})", t.name, t.start, t.end));
+                let what = if t.start < expected {
+                    "overlaps the previous tensor"
+                } else {
+                    "leaves a gap after the previous tensor"
+                };
+                return Err(format!(
+                    "tensor '{}': data_offsets [{}, {}] {what} (expected start {expected})",
+                    t.name, t.start, t.end
+                ));
             }
             if t.end > data_len {
                 return Err(format!(
@@ -103,14 +119,22 @@ impl Header {
             expected = t.end;
         }
         if expected != data_len {
-            return Err(format!("data section has {data_len} bytes but the tensors cover {expected}"));
+            return Err(format!(
+                "data section has {data_len} bytes but the tensors cover {expected}"
+            ));
         }
-        Ok(Header { json_len: json.len() as u64, tensors, metadata })
+        Ok(Header {
+            json_len: json.len() as u64,
+            tensors,
+            metadata,
+        })
     }
 }
 
 fn parse_entry(name: &str, value: &serde_json::Value) -> Result<TensorInfo, String> {
-    let obj = value.as_object().ok_or_else(|| format!("tensor '{name}': entry must be a JSON object"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| format!("tensor '{name}': entry must be a JSON object"))?;
     let dtype_name = obj
         .get("dtype")
         .and_then(|v| v.as_str())
@@ -135,7 +159,9 @@ fn parse_entry(name: &str, value: &serde_json::Value) -> Result<TensorInfo, Stri
         .ok_or_else(|| format!("tensor '{name}': data_offsets must be [start, end] non-negative integers"))?;
     let [start, end] = offsets;
     if end < start {
-        return Err(format!("tensor '{name}': data_offsets [{start}, {end}] end before start"));
+        return Err(format!(
+            "tensor '{name}': data_offsets [{start}, {end}] end before start"
+        ));
     }
     let nbytes = shape
         .iter()
@@ -147,7 +173,13 @@ fn parse_entry(name: &str, value: &serde_json::Value) -> Result<TensorInfo, Stri
             end - start
         ));
     }
-    Ok(TensorInfo { name: name.to_string(), dtype, shape, start, end })
+    Ok(TensorInfo {
+        name: name.to_string(),
+        dtype,
+        shape,
+        start,
+        end,
+    })
 }
 
 /// JSON object entries in file order, duplicates kept (serde_json's map would silently drop them).
@@ -176,10 +208,16 @@ impl<'de> Deserialize<'de> for Entries {
 /// Serialises a header for the given tensors (in the given order, contiguous from offset 0), padded
 /// with spaces to a multiple of 8 bytes as the reference implementation does. Returns the complete
 /// prefix: length + JSON.
-pub fn encode_header(tensors: &[(String, Dtype, Vec<u64>, u64, u64)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+pub fn encode_header(
+    tensors: &[(String, Dtype, Vec<u64>, u64, u64)],
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
     let mut map = serde_json::Map::new();
     if !metadata.is_empty() {
-        map.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+        map.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("string map"),
+        );
     }
     for (name, dtype, shape, start, end) in tensors {
         map.insert(

@@ -98,7 +98,11 @@ impl Model {
         Self::from_files(path, files.into_iter().map(|(_, _, p)| p).collect(), None)
     }
 
-    fn from_files(path: &Path, files: Vec<PathBuf>, index: Option<(PathBuf, HashMap<String, String>)>) -> Result<Model> {
+    fn from_files(
+        path: &Path,
+        files: Vec<PathBuf>,
+        index: Option<(PathBuf, HashMap<String, String>)>,
+    ) -> Result<Model> {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = BTreeMap::new();
         for (i, file) in files.iter().enumerate() {
@@ -112,7 +116,10 @@ impl Model {
                     nbytes: t.nbytes(),
                 };
                 if tensors.insert(t.name.clone(), r).is_some() {
-                    return Err(Error::invalid(file, format!("tensor '{}' is stored in more than one shard", t.name)));
+                    return Err(Error::invalid(
+                        file,
+                        format!("tensor '{}' is stored in more than one shard", t.name),
+                    ));
                 }
             }
             shards.push(shard);
@@ -124,13 +131,19 @@ impl Model {
                     None => {
                         return Err(Error::invalid(
                             &index_path,
-                            format!("tensor '{name}' is in shard {} but not in the index weight_map", file_name(r.shard)),
+                            format!(
+                                "tensor '{name}' is in shard {} but not in the index weight_map",
+                                file_name(r.shard)
+                            ),
                         ))
                     }
                     Some(f) if *f != file_name(r.shard) => {
                         return Err(Error::invalid(
                             &index_path,
-                            format!("index says tensor '{name}' is in {f} but it is in {}", file_name(r.shard)),
+                            format!(
+                                "index says tensor '{name}' is in {f} but it is in {}",
+                                file_name(r.shard)
+                            ),
                         ))
                     }
                     _ => {}
@@ -139,11 +152,18 @@ impl Model {
             if let Some(name) = map.keys().find(|n| !tensors.contains_key(*n)) {
                 return Err(Error::invalid(
                     &index_path,
-                    format!("index lists tensor '{name}' in {} but that shard has no such tensor", map[name]),
+                    format!(
+                        "index lists tensor '{name}' in {} but that shard has no such tensor",
+                        map[name]
+                    ),
                 ));
             }
         }
-        Ok(Model { path: path.to_path_buf(), shards, tensors })
+        Ok(Model {
+            path: path.to_path_buf(),
+            shards,
+            tensors,
+        })
     }
 
     /// A model whose tensors are already in memory (a state dict), each in a shard of its own. `label`
@@ -153,19 +173,43 @@ impl Model {
         let mut refs = BTreeMap::new();
         for (i, (name, dtype, shape, region)) in tensors.into_iter().enumerate() {
             let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let nbytes = numel.and_then(|n| n.checked_mul(dtype.size() as u64)).ok_or_else(|| {
-                Error::invalid(label, format!("tensor '{name}': shape {shape:?} is too large"))
-            })?;
-            let info = TensorInfo { name: name.clone(), dtype, shape: shape.clone(), start: 0, end: nbytes };
+            let nbytes = numel
+                .and_then(|n| n.checked_mul(dtype.size() as u64))
+                .ok_or_else(|| {
+                    Error::invalid(label, format!("tensor '{name}': shape {shape:?} is too large"))
+                })?;
+            let info = TensorInfo {
+                name: name.clone(),
+                dtype,
+                shape: shape.clone(),
+                start: 0,
+                end: nbytes,
+            };
             shards.push(Shard::memory(label, info, region)?);
-            if refs.insert(name.clone(), TensorRef { shard: i, dtype, shape, offset: 0, nbytes }).is_some() {
+            if refs
+                .insert(
+                    name.clone(),
+                    TensorRef {
+                        shard: i,
+                        dtype,
+                        shape,
+                        offset: 0,
+                        nbytes,
+                    },
+                )
+                .is_some()
+            {
                 return Err(Error::invalid(label, format!("tensor '{name}' is given twice")));
             }
         }
         if refs.is_empty() {
             return Err(Error::invalid(label, "the state dict is empty"));
         }
-        Ok(Model { path: label.to_path_buf(), shards, tensors: refs })
+        Ok(Model {
+            path: label.to_path_buf(),
+            shards,
+            tensors: refs,
+        })
     }
 
     /// Looks up a tensor.
@@ -207,16 +251,22 @@ fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
     // into memory whole. The header limit is generous enough.
     let len = std::fs::metadata(index).map_err(|e| Error::io(index, e))?.len();
     if len > MAX_HEADER_BYTES {
-        return Err(Error::invalid(index, format!("index file has {len} bytes, more than the {MAX_HEADER_BYTES}-byte limit")));
+        return Err(Error::invalid(
+            index,
+            format!("index file has {len} bytes, more than the {MAX_HEADER_BYTES}-byte limit"),
+        ));
     }
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     #[derive(serde::Deserialize)]
     struct IndexFile {
         weight_map: Option<Entries>,
     }
-    let parsed: IndexFile =
-        serde_json::from_str(&text).map_err(|e| Error::invalid(index, format!("index is not valid JSON: {e}")))?;
-    let weight_map = parsed.weight_map.ok_or_else(|| Error::invalid(index, "index has no 'weight_map' object"))?.0;
+    let parsed: IndexFile = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(index, format!("index is not valid JSON: {e}")))?;
+    let weight_map = parsed
+        .weight_map
+        .ok_or_else(|| Error::invalid(index, "index has no 'weight_map' object"))?
+        .0;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files = Vec::new();
     let mut seen = HashMap::new();
@@ -226,18 +276,27 @@ fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
             .as_str()
             .ok_or_else(|| Error::invalid(index, format!("weight_map entry for '{name}' is not a string")))?;
         if file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(Error::invalid(index, format!("weight_map entry for '{name}' names '{file}', which is not a file in this folder")));
+            return Err(Error::invalid(
+                index,
+                format!("weight_map entry for '{name}' names '{file}', which is not a file in this folder"),
+            ));
         }
         if !seen.contains_key(file) {
             let p = dir.join(file);
             if !p.is_file() {
-                return Err(Error::invalid(index, format!("shard '{file}' (holding tensor '{name}') does not exist")));
+                return Err(Error::invalid(
+                    index,
+                    format!("shard '{file}' (holding tensor '{name}') does not exist"),
+                ));
             }
             seen.insert(file.to_string(), files.len());
             files.push(p);
         }
         if map.insert(name.clone(), file.to_string()).is_some() {
-            return Err(Error::invalid(index, format!("tensor '{name}' is listed twice in the index weight_map")));
+            return Err(Error::invalid(
+                index,
+                format!("tensor '{name}' is listed twice in the index weight_map"),
+            ));
         }
     }
     if files.is_empty() {

@@ -116,7 +116,12 @@ struct Stamp {
 impl Stamp {
     fn of(meta: &std::fs::Metadata) -> Stamp {
         use std::os::unix::fs::MetadataExt;
-        Stamp { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128 }
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        }
     }
 }
 
@@ -136,10 +141,14 @@ impl Shard {
         }
         let len = meta.len();
         if len < 8 {
-            return Err(Error::invalid(path, format!("file has {len} bytes; a safetensors file needs at least 8")));
+            return Err(Error::invalid(
+                path,
+                format!("file has {len} bytes; a safetensors file needs at least 8"),
+            ));
         }
         let mut prefix = [0u8; 8];
-        file.read_exact_at(&mut prefix, 0).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut prefix, 0)
+            .map_err(|e| Error::io(path, e))?;
         let json_len = u64::from_le_bytes(prefix);
         if json_len > MAX_HEADER_BYTES {
             return Err(Error::invalid(
@@ -156,7 +165,15 @@ impl Shard {
         let mut json = vec![0u8; json_len as usize];
         file.read_exact_at(&mut json, 8).map_err(|e| Error::io(path, e))?;
         let header = Header::parse(&json, len - 8 - json_len).map_err(|m| Error::invalid(path, m))?;
-        Ok(Shard { path: path.to_path_buf(), backend: Backend::File { file, stamp: Stamp::of(&meta) }, header, len })
+        Ok(Shard {
+            path: path.to_path_buf(),
+            backend: Backend::File {
+                file,
+                stamp: Stamp::of(&meta),
+            },
+            header,
+            len,
+        })
     }
 
     /// One tensor held in memory, as a shard of its own whose data starts at offset 0. `label` names
@@ -165,12 +182,23 @@ impl Shard {
         if tensor.nbytes() != region.len as u64 {
             return Err(Error::invalid(
                 label,
-                format!("tensor '{}': {} {:?} needs {} bytes but its buffer has {}", tensor.name, tensor.dtype, tensor.shape, tensor.nbytes(),
-                        region.len),
+                format!(
+                    "tensor '{}': {} {:?} needs {} bytes but its buffer has {}",
+                    tensor.name,
+                    tensor.dtype,
+                    tensor.shape,
+                    tensor.nbytes(),
+                    region.len
+                ),
             ));
         }
         let len = region.len as u64;
-        Ok(Shard { path: label.to_path_buf(), backend: Backend::Memory(region), header: Header::memory(tensor), len })
+        Ok(Shard {
+            path: label.to_path_buf(),
+            backend: Backend::Memory(region),
+            header: Header::memory(tensor),
+            len,
+        })
     }
 
     /// Fails if the file at `path` is no longer the file that was opened, or was truncated or
@@ -178,12 +206,17 @@ impl Shard {
     /// old and new bytes. Called after the last read, before an output is committed.
     pub fn check_unchanged(&self) -> Result<()> {
         // Memory cannot be stamped: the caller of `MemoryRegion::new` promised nobody writes to it.
-        let Backend::File { file, stamp } = &self.backend else { return Ok(()) };
+        let Backend::File { file, stamp } = &self.backend else {
+            return Ok(());
+        };
         let stamp = *stamp;
         let now = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let open = file.metadata().map_err(|e| Error::io(&self.path, e))?;
         if Stamp::of(&now) != stamp || Stamp::of(&open) != stamp {
-            return Err(Error::invalid(&self.path, "file was changed or replaced while it was being read; run again once it is stable"));
+            return Err(Error::invalid(
+                &self.path,
+                "file was changed or replaced while it was being read; run again once it is stable",
+            ));
         }
         Ok(())
     }
@@ -212,7 +245,14 @@ impl Shard {
             Backend::File { file, .. } => file,
             Backend::Memory(region) => {
                 let bytes = region.get(offset, buf.len()).ok_or_else(|| {
-                    Error::invalid(&self.path, format!("read of {} bytes at {offset} is outside the tensor's {} bytes", buf.len(), region.len))
+                    Error::invalid(
+                        &self.path,
+                        format!(
+                            "read of {} bytes at {offset} is outside the tensor's {} bytes",
+                            buf.len(),
+                            region.len
+                        ),
+                    )
                 })?;
                 buf.copy_from_slice(bytes);
                 return Ok(());

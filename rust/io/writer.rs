@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::io::header::encode_header;
-use crate::io::shard::{MemoryRegion, Shard};
 use crate::io::model::{Model, INDEX_FILE, SINGLE_FILE};
+use crate::io::shard::{MemoryRegion, Shard};
 
 /// One tensor of the output.
 #[derive(Debug, Clone)]
@@ -74,11 +74,19 @@ impl ShardMap {
     /// ([`OutputWriter::copy_from`]), and with any other model saved the same way (the safety expert
     /// of the same architecture, usually). `None` when a tensor's output dtype differs from the
     /// host's (other sizes) or a host shard holds more than `max_shard_bytes` of data.
-    pub fn like(host: &Model, tensors: &[(String, Dtype, Vec<u64>)], max_shard_bytes: u64) -> Result<Option<ShardMap>> {
+    pub fn like(
+        host: &Model,
+        tensors: &[(String, Dtype, Vec<u64>)],
+        max_shard_bytes: u64,
+    ) -> Result<Option<ShardMap>> {
         if max_shard_bytes == 0 {
             return Err(Error::argument("shard size must be positive"));
         }
-        let index: HashMap<&str, usize> = tensors.iter().enumerate().map(|(i, t)| (t.0.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.0.as_str(), i))
+            .collect();
         if index.len() != host.tensors.len() {
             return Ok(None);
         }
@@ -94,7 +102,9 @@ impl ShardMap {
             }
             let mut group = vec![];
             for t in &shard.header.tensors {
-                let Some(&i) = index.get(t.name.as_str()) else { return Ok(None) };
+                let Some(&i) = index.get(t.name.as_str()) else {
+                    return Ok(None);
+                };
                 if tensors[i].1 != t.dtype || tensors[i].2 != t.shape {
                     return Ok(None);
                 }
@@ -109,7 +119,11 @@ impl ShardMap {
     /// Shards from groups of tensor indices, in order. `data_start[s]`, if given, is where shard `s`'s
     /// data should start: its header is padded with spaces to start there, or, if the header does
     /// not fit, at the next offset that is the same modulo [`CLONE_BLOCK`].
-    fn from_groups(tensors: &[(String, Dtype, Vec<u64>)], groups: &[Vec<usize>], data_start: &[Option<u64>]) -> Result<ShardMap> {
+    fn from_groups(
+        tensors: &[(String, Dtype, Vec<u64>)],
+        groups: &[Vec<usize>],
+        data_start: &[Option<u64>],
+    ) -> Result<ShardMap> {
         if groups.is_empty() {
             return Err(Error::argument("the output would contain no tensors"));
         }
@@ -138,7 +152,14 @@ impl ShardMap {
             }
             let base = header.len() as u64;
             for (name, dtype, shape, start, end) in entries {
-                out.push(OutputTensor { name, dtype, shape, shard: s, offset: base + start, nbytes: end - start });
+                out.push(OutputTensor {
+                    name,
+                    dtype,
+                    shape,
+                    shard: s,
+                    offset: base + start,
+                    nbytes: end - start,
+                });
             }
             shards.push((file, header, pos));
         }
@@ -155,7 +176,14 @@ impl ShardMap {
         let mut shards = vec![];
         for (s, (name, dtype, shape)) in tensors.iter().enumerate() {
             let nbytes = shape.iter().product::<u64>() * dtype.size() as u64;
-            out.push(OutputTensor { name: name.clone(), dtype: *dtype, shape: shape.clone(), shard: s, offset: 0, nbytes });
+            out.push(OutputTensor {
+                name: name.clone(),
+                dtype: *dtype,
+                shape: shape.clone(),
+                shard: s,
+                offset: 0,
+                nbytes,
+            });
             shards.push((name.clone(), vec![], nbytes));
         }
         Ok(ShardMap { tensors: out, shards })
@@ -172,7 +200,11 @@ impl ShardMap {
 /// (JSON allows trailing whitespace; safetensors' own writer pads the same way).
 fn pad_header(header: &mut Vec<u8>, want: u64) {
     let have = header.len() as u64;
-    let target = if have <= want { want } else { want + (have - want).div_ceil(CLONE_BLOCK) * CLONE_BLOCK };
+    let target = if have <= want {
+        want
+    } else {
+        want + (have - want).div_ceil(CLONE_BLOCK) * CLONE_BLOCK
+    };
     header.resize(target as usize, b' ');
     let json_len = target - 8;
     header[..8].copy_from_slice(&json_len.to_le_bytes());
@@ -203,20 +235,36 @@ impl OutputWriter {
         let mut files = vec![];
         for (name, header, data) in &shards.shards {
             let path = dir.join(name);
-            let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
             let total = header.len() as u64 + data;
             reserve(&file, total).map_err(|e| Error::io(&path, e))?;
             file.write_all_at(header, 0).map_err(|e| Error::io(&path, e))?;
             files.push((path, file));
         }
-        Ok(OutputWriter { dir: dir.to_path_buf(), files, memory: vec![], in_kernel: AtomicBool::new(true), can_clone: AtomicBool::new(true), cloned: AtomicU64::new(0) })
+        Ok(OutputWriter {
+            dir: dir.to_path_buf(),
+            files,
+            memory: vec![],
+            in_kernel: AtomicBool::new(true),
+            can_clone: AtomicBool::new(true),
+            cloned: AtomicU64::new(0),
+        })
     }
 
     /// A writer that fills `buffers`, one per tensor of `shards` (made by [`ShardMap::in_memory`]), in
     /// place: the memory sink beside the file one. Each buffer must have exactly its tensor's size.
     pub fn memory(shards: &ShardMap, buffers: Vec<MemoryRegion>) -> Result<OutputWriter> {
         if buffers.len() != shards.tensors.len() {
-            return Err(Error::argument(format!("{} output buffers for {} tensors", buffers.len(), shards.tensors.len())));
+            return Err(Error::argument(format!(
+                "{} output buffers for {} tensors",
+                buffers.len(),
+                shards.tensors.len()
+            )));
         }
         for (t, b) in shards.tensors.iter().zip(&buffers) {
             if t.shard >= buffers.len() || t.offset != 0 || b.len() as u64 != t.nbytes {
@@ -246,7 +294,11 @@ impl OutputWriter {
         // SAFETY: the write pass gives every chunk of every tensor its own byte range, so no two
         // threads ever hold overlapping ranges of one buffer, and nothing reads the buffers meanwhile.
         let range = unsafe { region.get_mut(offset, len) };
-        Some(range.ok_or_else(|| Error::argument(format!("write of {len} bytes at {offset} is outside output buffer {shard}"))))
+        Some(range.ok_or_else(|| {
+            Error::argument(format!(
+                "write of {len} bytes at {offset} is outside output buffer {shard}"
+            ))
+        }))
     }
 
     /// Writes `bytes` at absolute offset `offset` of shard `shard`.
@@ -272,21 +324,47 @@ impl OutputWriter {
     /// kernel) or on any error, the rest goes through `scratch` (at least `len` bytes) with a plain
     /// read and write, which also gives the precise error (input truncated, disk failure) naming the
     /// right file.
-    pub fn copy_from(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: usize, scratch: &mut [u8]) -> Result<()> {
+    pub fn copy_from(
+        &self,
+        shard: usize,
+        offset: u64,
+        src: &Shard,
+        src_offset: u64,
+        len: usize,
+        scratch: &mut [u8],
+    ) -> Result<()> {
         let block = CLONE_BLOCK;
-        if (len as u64) < block || src_offset % block != offset % block || !self.can_clone.load(Ordering::Relaxed) {
+        if (len as u64) < block
+            || src_offset % block != offset % block
+            || !self.can_clone.load(Ordering::Relaxed)
+        {
             return self.copy_range(shard, offset, src, src_offset, len, scratch);
         }
         let head = ((block - offset % block) % block) as usize;
         let middle = (len - head) / block as usize * block as usize;
-        if middle > 0 && self.clone_range(shard, offset + head as u64, src, src_offset + head as u64, middle as u64) {
+        if middle > 0
+            && self.clone_range(
+                shard,
+                offset + head as u64,
+                src,
+                src_offset + head as u64,
+                middle as u64,
+            )
+        {
             self.cloned.fetch_add(middle as u64, Ordering::Relaxed);
             if head > 0 {
                 self.copy_range(shard, offset, src, src_offset, head, scratch)?;
             }
             let done = head + middle;
             if done < len {
-                self.copy_range(shard, offset + done as u64, src, src_offset + done as u64, len - done, scratch)?;
+                self.copy_range(
+                    shard,
+                    offset + done as u64,
+                    src,
+                    src_offset + done as u64,
+                    len - done,
+                    scratch,
+                )?;
             }
             return Ok(());
         }
@@ -310,8 +388,15 @@ impl OutputWriter {
     fn clone_range(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: u64) -> bool {
         use std::os::fd::AsRawFd;
         // Only file to file: a tensor in memory, or an output in memory, has no blocks to share.
-        let (Some(src_file), Some((_, file))) = (src.file(), self.files.get(shard)) else { return false };
-        let range = libc::file_clone_range { src_fd: src_file.as_raw_fd() as i64, src_offset, src_length: len, dest_offset: offset };
+        let (Some(src_file), Some((_, file))) = (src.file(), self.files.get(shard)) else {
+            return false;
+        };
+        let range = libc::file_clone_range {
+            src_fd: src_file.as_raw_fd() as i64,
+            src_offset,
+            src_length: len,
+            dest_offset: offset,
+        };
         loop {
             // SAFETY: ioctl on a descriptor we own, with a pointer to a live, initialised local of the
             // type FICLONERANGE expects; the kernel only reads it.
@@ -322,7 +407,9 @@ impl OutputWriter {
             match std::io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => continue,
                 // Not a copy-on-write file system, or source and output on different ones: never.
-                Some(libc::EOPNOTSUPP | libc::EXDEV | libc::ENOTTY | libc::ENOSYS | libc::EBADF | libc::EPERM) => {
+                Some(
+                    libc::EOPNOTSUPP | libc::EXDEV | libc::ENOTTY | libc::ENOSYS | libc::EBADF | libc::EPERM,
+                ) => {
                     self.can_clone.store(false, Ordering::Relaxed);
                     return false;
                 }
@@ -333,31 +420,57 @@ impl OutputWriter {
     }
 
     /// Copies a range inside the kernel where it can, else through `scratch` (see `copy_from`).
-    fn copy_range(&self, shard: usize, offset: u64, src: &Shard, src_offset: u64, len: usize, scratch: &mut [u8]) -> Result<()> {
+    fn copy_range(
+        &self,
+        shard: usize,
+        offset: u64,
+        src: &Shard,
+        src_offset: u64,
+        len: usize,
+        scratch: &mut [u8],
+    ) -> Result<()> {
         use std::os::fd::AsRawFd;
         if let (Some(range), Some(_)) = (self.memory_range(shard, offset, len), src.file()) {
             return src.read_at(src_offset, range?); // from the file straight into the output buffer
         }
         let Some(src_file) = src.file() else {
             // A tensor in memory: written from where it is, with no copy into scratch.
-            let bytes = src
-                .borrow(src_offset, len)
-                .ok_or_else(|| Error::invalid(&src.path, format!("copy of {len} bytes at {src_offset} is outside the tensor")))?;
+            let bytes = src.borrow(src_offset, len).ok_or_else(|| {
+                Error::invalid(
+                    &src.path,
+                    format!("copy of {len} bytes at {src_offset} is outside the tensor"),
+                )
+            })?;
             return self.write_at(shard, offset, bytes);
         };
         let (_, file) = &self.files[shard];
         let mut done = 0usize;
         while done < len && self.in_kernel.load(Ordering::Relaxed) {
-            let (mut from, mut to) = ((src_offset + done as u64) as libc::loff_t, (offset + done as u64) as libc::loff_t);
+            let (mut from, mut to) = (
+                (src_offset + done as u64) as libc::loff_t,
+                (offset + done as u64) as libc::loff_t,
+            );
             // SAFETY: plain syscall on two descriptors we own, with pointers to two live locals.
-            let n = unsafe { libc::copy_file_range(src_file.as_raw_fd(), &mut from, file.as_raw_fd(), &mut to, len - done, 0) };
+            let n = unsafe {
+                libc::copy_file_range(
+                    src_file.as_raw_fd(),
+                    &mut from,
+                    file.as_raw_fd(),
+                    &mut to,
+                    len - done,
+                    0,
+                )
+            };
             if n > 0 {
                 done += n as usize;
                 continue;
             }
             if n < 0 {
                 let errno = std::io::Error::last_os_error().raw_os_error();
-                if matches!(errno, Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)) {
+                if matches!(
+                    errno,
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                ) {
                     self.in_kernel.store(false, Ordering::Relaxed);
                 }
                 if errno == Some(libc::EINTR) {
@@ -400,7 +513,8 @@ impl OutputWriter {
             let path = self.dir.join(INDEX_FILE);
             let text = serde_json::to_string_pretty(&index).expect("json");
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-            file.write_all_at(text.as_bytes(), 0).map_err(|e| Error::io(&path, e))?;
+            file.write_all_at(text.as_bytes(), 0)
+                .map_err(|e| Error::io(&path, e))?;
             if sync {
                 file.sync_all().map_err(|e| Error::io(&path, e))?;
             }
@@ -418,7 +532,12 @@ fn start_writeback(file: &File, offset: u64, len: usize) {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on a descriptor we own; no memory is passed.
     unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
@@ -446,7 +565,10 @@ mod tests {
     fn input(dir: &Path, data: &[u8]) -> Shard {
         let path = dir.join("in.safetensors");
         let n = data.len() / 2;
-        let header = encode_header(&[("t".to_string(), Dtype::F16, vec![n as u64], 0, data.len() as u64)], &BTreeMap::new());
+        let header = encode_header(
+            &[("t".to_string(), Dtype::F16, vec![n as u64], 0, data.len() as u64)],
+            &BTreeMap::new(),
+        );
         std::fs::write(&path, [header.as_slice(), data].concat()).unwrap();
         Shard::open(&path).unwrap()
     }
@@ -457,18 +579,31 @@ mod tests {
     #[test]
     fn layout_like_the_host() {
         let dir = tempfile::tempdir().unwrap();
-        let tensors = [("b".to_string(), Dtype::F16, vec![3000u64]), ("a".to_string(), Dtype::F16, vec![5u64])];
+        let tensors = [
+            ("b".to_string(), Dtype::F16, vec![3000u64]),
+            ("a".to_string(), Dtype::F16, vec![5u64]),
+        ];
         for pad in [0usize, 100] {
             // Host: "b" before "a" (not name order); its header is shorter than ours (no metadata)
             // or longer (100 bytes of metadata).
-            let meta: BTreeMap<String, String> = if pad == 0 { BTreeMap::new() } else { [("x".to_string(), "y".repeat(pad))].into() };
-            let entries = [("b".to_string(), Dtype::F16, vec![3000], 0, 6000), ("a".to_string(), Dtype::F16, vec![5], 6000, 6010)];
+            let meta: BTreeMap<String, String> = if pad == 0 {
+                BTreeMap::new()
+            } else {
+                [("x".to_string(), "y".repeat(pad))].into()
+            };
+            let entries = [
+                ("b".to_string(), Dtype::F16, vec![3000], 0, 6000),
+                ("a".to_string(), Dtype::F16, vec![5], 6000, 6010),
+            ];
             let header = encode_header(&entries, &meta);
             let path = dir.path().join(format!("host-{pad}.safetensors"));
             std::fs::write(&path, [header.as_slice(), &[0u8; 6010]].concat()).unwrap();
             let host = Model::open(&path).unwrap();
             let plan = ShardMap::like(&host, &tensors, 1 << 20).unwrap().unwrap();
-            assert_eq!(plan.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+            assert_eq!(
+                plan.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+                ["b", "a"]
+            );
             for t in &plan.tensors {
                 let h = host.tensor(&t.name).unwrap();
                 if pad > 0 {
@@ -482,9 +617,19 @@ mod tests {
             let json_len = u64::from_le_bytes(prefix[..8].try_into().unwrap());
             assert_eq!(json_len + 8, prefix.len() as u64);
             let parsed = crate::io::header::Header::parse(&prefix[8..], *data).unwrap();
-            assert_eq!(parsed.tensors.iter().map(|t| (t.name.as_str(), t.start)).collect::<Vec<_>>(), [("b", 0), ("a", 6000)]);
+            assert_eq!(
+                parsed
+                    .tensors
+                    .iter()
+                    .map(|t| (t.name.as_str(), t.start))
+                    .collect::<Vec<_>>(),
+                [("b", 0), ("a", 6000)]
+            );
             // Another output dtype, or shards limited below the host's: the plain layout.
-            let wide = [("b".to_string(), Dtype::F32, vec![3000u64]), ("a".to_string(), Dtype::F32, vec![5u64])];
+            let wide = [
+                ("b".to_string(), Dtype::F32, vec![3000u64]),
+                ("a".to_string(), Dtype::F32, vec![5u64]),
+            ];
             assert!(ShardMap::like(&host, &wide, 1 << 20).unwrap().is_none());
             assert!(ShardMap::like(&host, &tensors, 5000).unwrap().is_none());
         }
@@ -501,16 +646,30 @@ mod tests {
         for in_kernel in [true, false] {
             let out = dir.path().join(format!("out-{in_kernel}"));
             std::fs::create_dir(&out).unwrap();
-            let shards = ShardMap::new(&[("t".to_string(), Dtype::F16, vec![data.len() as u64 / 2])], 1 << 40).unwrap();
+            let shards = ShardMap::new(
+                &[("t".to_string(), Dtype::F16, vec![data.len() as u64 / 2])],
+                1 << 40,
+            )
+            .unwrap();
             let w = OutputWriter::create(&out, &shards).unwrap();
             w.in_kernel.store(in_kernel, Ordering::Relaxed);
             let t = &shards.tensors[0];
             let mut scratch = vec![0u8; data.len()];
-            let err = w.copy_from(0, t.offset, &src, base + 10, data.len(), &mut scratch).unwrap_err();
+            let err = w
+                .copy_from(0, t.offset, &src, base + 10, data.len(), &mut scratch)
+                .unwrap_err();
             assert!(err.to_string().contains("in.safetensors"), "{err}");
             // Two pieces, out of order, the second one not a multiple of a page.
             let half = 1 << 20;
-            w.copy_from(0, t.offset + half as u64, &src, base + half as u64, data.len() - half, &mut scratch).unwrap();
+            w.copy_from(
+                0,
+                t.offset + half as u64,
+                &src,
+                base + half as u64,
+                data.len() - half,
+                &mut scratch,
+            )
+            .unwrap();
             w.copy_from(0, t.offset, &src, base, half, &mut scratch).unwrap();
             let files = w.finish(&shards, true).unwrap();
             let bytes = std::fs::read(&files[0]).unwrap();

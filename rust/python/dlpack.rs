@@ -77,15 +77,27 @@ const CODE_BFLOAT: u8 = 4;
 ///
 /// The region is valid while `capsule` is alive and the tensor is not resized: callers keep the
 /// capsules referenced until the engine is done with the regions.
-pub(crate) fn region(label: &str, name: &str, dtype: Dtype, shape: &[u64], capsule: &Bound<'_, PyAny>, output: bool) -> PyResult<MemoryRegion> {
+pub(crate) fn region(
+    label: &str,
+    name: &str,
+    dtype: Dtype,
+    shape: &[u64],
+    capsule: &Bound<'_, PyAny>,
+    output: bool,
+) -> PyResult<MemoryRegion> {
     let bad = |what: String| to_py(Error::invalid(label, format!("tensor '{name}': {what}")));
-    let capsule = capsule.cast::<PyCapsule>().map_err(|_| bad("not a DLPack capsule".into()))?;
+    let capsule = capsule
+        .cast::<PyCapsule>()
+        .map_err(|_| bad("not a DLPack capsule".into()))?;
     let (tensor, flags) = if let Ok(p) = capsule.pointer_checked(Some(VERSIONED)) {
         // SAFETY: a capsule named "dltensor_versioned" holds a DLManagedTensorVersioned (DLPack 1.x
         // spec), alive as long as the capsule; only its major version fixes the layout, checked here.
         let managed = unsafe { &*(p.as_ptr() as *const DLManagedTensorVersioned) };
         if managed.version.major != 1 {
-            return Err(bad(format!("DLPack version {}.{} is not supported (1.x is)", managed.version.major, managed.version.minor)));
+            return Err(bad(format!(
+                "DLPack version {}.{} is not supported (1.x is)",
+                managed.version.major, managed.version.minor
+            )));
         }
         (&managed.dl_tensor, managed.flags)
     } else if let Ok(p) = capsule.pointer_checked(Some(LEGACY)) {
@@ -95,7 +107,10 @@ pub(crate) fn region(label: &str, name: &str, dtype: Dtype, shape: &[u64], capsu
         return Err(bad("not an unconsumed DLPack capsule (dltensor)".into()));
     };
     if tensor.device.device_type != DEVICE_CPU {
-        return Err(bad(format!("is not in CPU memory (DLPack device type {}); move it to the CPU first", tensor.device.device_type)));
+        return Err(bad(format!(
+            "is not in CPU memory (DLPack device type {}); move it to the CPU first",
+            tensor.device.device_type
+        )));
     }
     if output && flags & FLAG_READ_ONLY != 0 {
         return Err(bad("the output buffer is read-only".into()));
@@ -107,7 +122,10 @@ pub(crate) fn region(label: &str, name: &str, dtype: Dtype, shape: &[u64], capsu
         Dtype::Opaque(_) => true,
     };
     if dt.lanes != 1 || dt.bits as usize != dtype.size() * 8 || !kind_ok {
-        return Err(bad(format!("DLPack dtype (code {}, {} bits, {} lanes) is not {dtype}", dt.code, dt.bits, dt.lanes)));
+        return Err(bad(format!(
+            "DLPack dtype (code {}, {} bits, {} lanes) is not {dtype}",
+            dt.code, dt.bits, dt.lanes
+        )));
     }
     let ndim = usize::try_from(tensor.ndim).map_err(|_| bad(format!("negative ndim {}", tensor.ndim)))?;
     let dims: &[i64] = if ndim == 0 {
@@ -126,7 +144,9 @@ pub(crate) fn region(label: &str, name: &str, dtype: Dtype, shape: &[u64], capsu
         for (&d, &s) in dims.iter().zip(strides).rev() {
             // A dimension of size 1 may carry any stride without changing where anything lies.
             if d != 1 && s != want {
-                return Err(bad(format!("is not contiguous (strides {strides:?} for shape {dims:?}); pass .contiguous() tensors")));
+                return Err(bad(format!(
+                    "is not contiguous (strides {strides:?} for shape {dims:?}); pass .contiguous() tensors"
+                )));
             }
             want *= d;
         }

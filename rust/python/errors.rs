@@ -3,23 +3,58 @@
 //! and OS error kinds to them.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyFileNotFoundError, PyIsADirectoryError, PyKeyboardInterrupt, PyOSError, PyPermissionError};
+use pyo3::exceptions::{
+    PyException, PyFileNotFoundError, PyIsADirectoryError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
+};
 use pyo3::prelude::*;
 
 use crate::error::Error;
 
-create_exception!(layerswap_fast, LayerswapError, PyException, "Base class of every error layerswap-fast raises on purpose.");
-create_exception!(layerswap_fast, InvalidModelError, LayerswapError, "A file or folder is not a valid model: bad header, truncated data, broken index, unknown layout.");
-create_exception!(layerswap_fast, IncompatibleModelsError, LayerswapError, "The models disagree: a tensor missing, or of another shape, dtype or layer count.");
-create_exception!(layerswap_fast, NonFiniteTensorError, InvalidModelError, "A tensor holds NaN or Inf.");
-create_exception!(layerswap_fast, MemoryBudgetError, LayerswapError, "The memory budget is too small for the work.");
-create_exception!(layerswap_fast, InvalidOptionError, LayerswapError, "An option is outside its allowed range.");
+create_exception!(
+    layerswap_fast,
+    LayerswapError,
+    PyException,
+    "Base class of every error layerswap-fast raises on purpose."
+);
+create_exception!(
+    layerswap_fast,
+    InvalidModelError,
+    LayerswapError,
+    "A file or folder is not a valid model: bad header, truncated data, broken index, unknown layout."
+);
+create_exception!(
+    layerswap_fast,
+    IncompatibleModelsError,
+    LayerswapError,
+    "The models disagree: a tensor missing, or of another shape, dtype or layer count."
+);
+create_exception!(
+    layerswap_fast,
+    NonFiniteTensorError,
+    InvalidModelError,
+    "A tensor holds NaN or Inf."
+);
+create_exception!(
+    layerswap_fast,
+    MemoryBudgetError,
+    LayerswapError,
+    "The memory budget is too small for the work."
+);
+create_exception!(
+    layerswap_fast,
+    InvalidOptionError,
+    LayerswapError,
+    "An option is outside its allowed range."
+);
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("LayerswapError", py.get_type::<LayerswapError>())?;
     m.add("InvalidModelError", py.get_type::<InvalidModelError>())?;
-    m.add("IncompatibleModelsError", py.get_type::<IncompatibleModelsError>())?;
+    m.add(
+        "IncompatibleModelsError",
+        py.get_type::<IncompatibleModelsError>(),
+    )?;
     m.add("NonFiniteTensorError", py.get_type::<NonFiniteTensorError>())?;
     m.add("MemoryBudgetError", py.get_type::<MemoryBudgetError>())?;
     m.add("InvalidOptionError", py.get_type::<InvalidOptionError>())?;
@@ -31,7 +66,11 @@ pub(crate) fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
         Error::Io { path, source } => {
-            let args = (source.raw_os_error().unwrap_or(0), format!("{}: {}", path.display(), source), path.display().to_string());
+            let args = (
+                source.raw_os_error().unwrap_or(0),
+                format!("{}: {}", path.display(), source),
+                path.display().to_string(),
+            );
             match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(args),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(args),

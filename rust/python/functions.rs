@@ -5,14 +5,14 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 
+use crate::analyze::sums::Sums;
+use crate::analyze::TensorStats;
 use crate::error::Error;
 use crate::io::Model;
 use crate::layout::{Layout, LayoutDef, BUILTIN_LAYOUTS};
-use crate::options::MergeOptions;
 use crate::open;
+use crate::options::MergeOptions;
 use crate::python::errors::{kind_name, to_py};
-use crate::analyze::sums::Sums;
-use crate::analyze::TensorStats;
 use crate::python::progress::run;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -28,14 +28,17 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 }
 
 pub(crate) fn parse_options(options_json: &str) -> PyResult<MergeOptions> {
-    let options: MergeOptions =
-        serde_json::from_str(options_json).map_err(|e| to_py(Error::argument(format!("invalid options: {e}"))))?;
+    let options: MergeOptions = serde_json::from_str(options_json)
+        .map_err(|e| to_py(Error::argument(format!("invalid options: {e}"))))?;
     options.validate().map_err(to_py)?;
     Ok(options)
 }
 
 pub(crate) fn parse_layout(layout_json: Option<String>) -> PyResult<Option<LayoutDef>> {
-    layout_json.map(|t| LayoutDef::from_json(&t)).transpose().map_err(to_py)
+    layout_json
+        .map(|t| LayoutDef::from_json(&t))
+        .transpose()
+        .map_err(to_py)
 }
 
 /// Opens one model and reports its tensors and detected layout.
@@ -52,12 +55,18 @@ pub(crate) fn parse_layout(layout_json: Option<String>) -> PyResult<Option<Layou
 ///     InvalidModelError: unreadable model or no matching layout.
 #[pyfunction]
 #[pyo3(signature = (model, architecture=None, layout_json=None))]
-fn inspect(py: Python<'_>, model: PathBuf, architecture: Option<String>, layout_json: Option<String>) -> PyResult<String> {
+fn inspect(
+    py: Python<'_>,
+    model: PathBuf,
+    architecture: Option<String>,
+    layout_json: Option<String>,
+) -> PyResult<String> {
     let custom = parse_layout(layout_json)?;
     run(py, None, move |_| {
         let m = Model::open(&model)?;
         let names: Vec<&str> = m.tensors.keys().map(|s| s.as_str()).collect();
-        let layout = Layout::detect(&names, architecture.as_deref(), custom.as_ref()).map_err(|e| e.in_model(&model))?;
+        let layout = Layout::detect(&names, architecture.as_deref(), custom.as_ref())
+            .map_err(|e| e.in_model(&model))?;
         open::measured_are_floats(&m, &layout)?;
         let tensors: Vec<serde_json::Value> = m
             .tensors
@@ -111,9 +120,16 @@ fn analyze(
     lenient: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
-    let options = options_json.iter().map(|o| parse_options(o)).collect::<PyResult<Vec<_>>>()?;
+    let options = options_json
+        .iter()
+        .map(|o| parse_options(o))
+        .collect::<PyResult<Vec<_>>>()?;
     if options.len() != 1 && options.len() != experts.len() {
-        return Err(to_py(Error::argument(format!("{} option sets for {} experts", options.len(), experts.len()))));
+        return Err(to_py(Error::argument(format!(
+            "{} option sets for {} experts",
+            options.len(),
+            experts.len()
+        ))));
     }
     let custom = parse_layout(layout_json)?;
     let saved: Option<Vec<TensorStats>> = saved_stats_json
@@ -122,23 +138,35 @@ fn analyze(
         .map_err(|e| to_py(Error::argument(format!("saved statistics are not valid: {e}"))))?;
     run(py, progress, move |p| {
         let refs: Vec<&std::path::Path> = experts.iter().map(|e| e.as_path()).collect();
-        let (session, outcomes) = open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
+        let (session, outcomes) =
+            open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
         let mut failures = vec![];
         let mut kept_options = vec![];
         let mut kept_info = session.experts.iter().map(|e| e.info());
         for (i, o) in outcomes.into_iter().enumerate() {
             match o {
                 Ok(_) => kept_options.push(options[if options.len() == 1 { 0 } else { i }].clone()),
-                Err(e) if lenient => failures.push(serde_json::json!({"index": i, "kind": kind_name(&e), "message": e.to_string()})),
+                Err(e) if lenient => failures
+                    .push(serde_json::json!({"index": i, "kind": kind_name(&e), "message": e.to_string()})),
                 Err(e) => return Err(e),
             }
         }
         let plans = session.analyze_each(&kept_options, saved.as_deref(), p)?;
-        let failed: std::collections::HashSet<u64> = failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
+        let failed: std::collections::HashSet<u64> =
+            failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
         let mut it = plans.into_iter();
-        let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
-        let info: Vec<Option<crate::expert::ExpertInfo>> =
-            (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { kept_info.next() }).collect();
+        let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64)
+            .map(|i| if failed.contains(&i) { None } else { it.next() })
+            .collect();
+        let info: Vec<Option<crate::expert::ExpertInfo>> = (0..experts.len() as u64)
+            .map(|i| {
+                if failed.contains(&i) {
+                    None
+                } else {
+                    kept_info.next()
+                }
+            })
+            .collect();
         Ok(serde_json::json!({"plans": all, "failures": failures, "sources": {"safety": session.safety.info(), "experts": info}}).to_string())
     })
 }
@@ -174,12 +202,22 @@ fn sums(
     let which = match measured {
         "safety" => crate::analyze::Measured::Safety,
         "expert" => crate::analyze::Measured::Expert(0),
-        other => return Err(to_py(Error::argument(format!("measured must be 'safety' or 'expert'; got {other:?}")))),
+        other => {
+            return Err(to_py(Error::argument(format!(
+                "measured must be 'safety' or 'expert'; got {other:?}"
+            ))))
+        }
     };
     let options = parse_options(options_json)?;
     let custom = parse_layout(layout_json)?;
     run(py, progress, move |p| {
-        let session = open::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        let session = open::open(
+            &base,
+            &safety,
+            &[expert.as_path()],
+            architecture.as_deref(),
+            custom.as_ref(),
+        )?;
         let sums = session.sums_of(which, &options, p)?;
         Ok(serde_json::to_string(&sums).expect("json"))
     })
@@ -217,7 +255,10 @@ fn plans_from_sums(
     layout_json: Option<String>,
     lenient: bool,
 ) -> PyResult<String> {
-    let options = options_json.iter().map(|o| parse_options(o)).collect::<PyResult<Vec<_>>>()?;
+    let options = options_json
+        .iter()
+        .map(|o| parse_options(o))
+        .collect::<PyResult<Vec<_>>>()?;
     if options.len() != experts.len() || expert_sums_json.len() != experts.len() {
         return Err(to_py(Error::argument(format!(
             "{} option sets and {} sets of sums for {} experts",
@@ -231,10 +272,14 @@ fn plans_from_sums(
         serde_json::from_str(t).map_err(|e| to_py(Error::argument(format!("sums are not valid: {e}"))))
     };
     let safety_sums = parse(safety_sums_json)?;
-    let expert_sums = expert_sums_json.iter().map(|t| parse(t)).collect::<PyResult<Vec<_>>>()?;
+    let expert_sums = expert_sums_json
+        .iter()
+        .map(|t| parse(t))
+        .collect::<PyResult<Vec<_>>>()?;
     run(py, None, move |_| {
         let refs: Vec<&std::path::Path> = experts.iter().map(|e| e.as_path()).collect();
-        let (session, outcomes) = open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
+        let (session, outcomes) =
+            open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
         let (mut failures, mut kept_options, mut kept_sums) = (vec![], vec![], vec![]);
         for (i, o) in outcomes.into_iter().enumerate() {
             match o {
@@ -242,17 +287,28 @@ fn plans_from_sums(
                     kept_options.push(options[i].clone());
                     kept_sums.push(expert_sums[i].clone());
                 }
-                Err(e) if lenient => failures.push(serde_json::json!({"index": i, "kind": kind_name(&e), "message": e.to_string()})),
+                Err(e) if lenient => failures
+                    .push(serde_json::json!({"index": i, "kind": kind_name(&e), "message": e.to_string()})),
                 Err(e) => return Err(e),
             }
         }
         let plans = session.plans_from_shares(&kept_options, &safety_sums, &kept_sums)?;
-        let failed: std::collections::HashSet<u64> = failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
+        let failed: std::collections::HashSet<u64> =
+            failures.iter().map(|f| f["index"].as_u64().unwrap()).collect();
         let mut it = plans.into_iter();
-        let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { it.next() }).collect();
+        let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64)
+            .map(|i| if failed.contains(&i) { None } else { it.next() })
+            .collect();
         let mut kept_info = session.experts.iter().map(|e| e.info());
-        let info: Vec<Option<crate::expert::ExpertInfo>> =
-            (0..experts.len() as u64).map(|i| if failed.contains(&i) { None } else { kept_info.next() }).collect();
+        let info: Vec<Option<crate::expert::ExpertInfo>> = (0..experts.len() as u64)
+            .map(|i| {
+                if failed.contains(&i) {
+                    None
+                } else {
+                    kept_info.next()
+                }
+            })
+            .collect();
         Ok(serde_json::json!({"plans": all, "failures": failures, "sources": {"safety": session.safety.info(), "experts": info}}).to_string())
     })
 }
@@ -291,7 +347,13 @@ fn write(
     plan.options.validate().map_err(to_py)?;
     let custom = parse_layout(layout_json)?;
     run(py, progress, move |p| {
-        let session = open::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        let session = open::open(
+            &base,
+            &safety,
+            &[expert.as_path()],
+            architecture.as_deref(),
+            custom.as_ref(),
+        )?;
         let write = session.write(0, &plan, &out_dir, sync, p)?;
         Ok(serde_json::to_string(&write).expect("json"))
     })
@@ -333,13 +395,27 @@ fn merge(
     let adapter = match emit {
         "model" => false,
         "adapter" => true,
-        other => return Err(to_py(Error::argument(format!("emit must be 'model' or 'adapter', got '{other}'")))),
+        other => {
+            return Err(to_py(Error::argument(format!(
+                "emit must be 'model' or 'adapter', got '{other}'"
+            ))))
+        }
     };
     run(py, progress, move |p| {
-        let session = open::open(&base, &safety, &[expert.as_path()], architecture.as_deref(), custom.as_ref())?;
+        let session = open::open(
+            &base,
+            &safety,
+            &[expert.as_path()],
+            architecture.as_deref(),
+            custom.as_ref(),
+        )?;
         if adapter && (session.safety.adapter().is_none() || session.experts[0].adapter().is_none()) {
             // Before the analyze pass, not after it.
-            let full = if session.safety.adapter().is_none() { session.safety.path() } else { session.experts[0].path() };
+            let full = if session.safety.adapter().is_none() {
+                session.safety.path()
+            } else {
+                session.experts[0].path()
+            };
             return Err(Error::argument(format!(
                 "--emit adapter needs two LoRA adapter experts, but {} is a full model; write a full model instead",
                 full.display()
@@ -364,7 +440,10 @@ fn merge(
 /// The built-in layout definitions, as ``{name: json_text}``.
 #[pyfunction]
 fn builtin_layouts() -> Vec<(String, String)> {
-    BUILTIN_LAYOUTS.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect()
+    BUILTIN_LAYOUTS
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect()
 }
 
 /// Checksums of files (``xxh3-8m:`` + 16 hex digits each), hashed in parallel blocks.
@@ -389,6 +468,11 @@ fn checksums(py: Python<'_>, paths: Vec<PathBuf>, threads: usize) -> PyResult<Ve
             .num_threads(threads)
             .build()
             .map_err(|e| Error::argument(format!("cannot start {threads} worker threads: {e}")))?;
-        pool.install(|| paths.iter().map(|f| crate::checksum::file_checksum(f, p)).collect())
+        pool.install(|| {
+            paths
+                .iter()
+                .map(|f| crate::checksum::file_checksum(f, p))
+                .collect()
+        })
     })
 }

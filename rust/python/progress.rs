@@ -15,7 +15,11 @@ use crate::python::errors::to_py;
 
 const TICK: Duration = Duration::from_millis(100);
 
-pub(crate) fn run<T: Send>(py: Python<'_>, callback: Option<Py<PyAny>>, work: impl FnOnce(&Progress) -> Result<T> + Send) -> PyResult<T> {
+pub(crate) fn run<T: Send>(
+    py: Python<'_>,
+    callback: Option<Py<PyAny>>,
+    work: impl FnOnce(&Progress) -> Result<T> + Send,
+) -> PyResult<T> {
     let progress = Progress::default();
     let (outcome, py_err) = py.detach(|| {
         std::thread::scope(|s| {
@@ -61,7 +65,9 @@ pub(crate) fn run<T: Send>(py: Python<'_>, callback: Option<Py<PyAny>>, work: im
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown".into());
-            Err(PyRuntimeError::new_err(format!("internal error in the layerswap-fast engine (please report): {what}")))
+            Err(PyRuntimeError::new_err(format!(
+                "internal error in the layerswap-fast engine (please report): {what}"
+            )))
         }
     }
 }

@@ -25,14 +25,24 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 }
 
 fn dtype(label: &str, name: &str, text: &str) -> PyResult<Dtype> {
-    Dtype::parse(text).ok_or_else(|| to_py(Error::invalid(label, format!("tensor '{name}': unknown dtype {text}"))))
+    Dtype::parse(text).ok_or_else(|| {
+        to_py(Error::invalid(
+            label,
+            format!("tensor '{name}': unknown dtype {text}"),
+        ))
+    })
 }
 
 fn model(py: Python<'_>, label: &str, entries: &[Entry]) -> PyResult<Model> {
     let mut tensors = Vec::with_capacity(entries.len());
     for (name, dt, shape, capsule) in entries {
         let dt = dtype(label, name, dt)?;
-        tensors.push((name.clone(), dt, shape.clone(), region(label, name, dt, shape, capsule.bind(py), false)?));
+        tensors.push((
+            name.clone(),
+            dt,
+            shape.clone(),
+            region(label, name, dt, shape, capsule.bind(py), false)?,
+        ));
     }
     Model::from_memory(Path::new(label), tensors).map_err(to_py)
 }
@@ -74,10 +84,20 @@ fn merge_state_dicts(
     let options = parse_options(options_json)?;
     let custom = parse_layout(layout_json)?;
     // `base`, `safety` and `expert` hold the capsules, and so the memory, until this function returns.
-    let models = (model(py, "base state dict", &base)?, model(py, "safety state dict", &safety)?, model(py, "expert state dict", &expert)?);
+    let models = (
+        model(py, "base state dict", &base)?,
+        model(py, "safety state dict", &safety)?,
+        model(py, "expert state dict", &expert)?,
+    );
     let tick = progress.as_ref().map(|p| p.clone_ref(py));
     let (session, plan) = run(py, tick, move |p| {
-        let session = open::from_models(models.0, models.1, vec![models.2], architecture.as_deref(), custom.as_ref())?;
+        let session = open::from_models(
+            models.0,
+            models.1,
+            vec![models.2],
+            architecture.as_deref(),
+            custom.as_ref(),
+        )?;
         let plan = session.analyze(&options, p)?.remove(0);
         Ok((session, plan))
     })?;
@@ -85,10 +105,17 @@ fn merge_state_dicts(
         return Ok(serde_json::json!({"plan": plan, "write": null}).to_string());
     };
     let outputs = session.outputs(0, &plan).map_err(to_py)?;
-    let specs: Vec<(String, String, Vec<u64>)> = outputs.iter().map(|(n, d, s)| (n.clone(), d.to_string(), s.clone())).collect();
+    let specs: Vec<(String, String, Vec<u64>)> = outputs
+        .iter()
+        .map(|(n, d, s)| (n.clone(), d.to_string(), s.clone()))
+        .collect();
     let capsules: Vec<Py<PyAny>> = allocate.call1(py, (specs,))?.extract(py)?;
     if capsules.len() != outputs.len() {
-        return Err(to_py(Error::argument(format!("allocate returned {} buffers for {} tensors", capsules.len(), outputs.len()))));
+        return Err(to_py(Error::argument(format!(
+            "allocate returned {} buffers for {} tensors",
+            capsules.len(),
+            outputs.len()
+        ))));
     }
     let regions = outputs
         .iter()

@@ -9,11 +9,20 @@ use layerswap_fast::io::header::encode_header;
 /// Encodes f32 values as `dtype` bytes.
 pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::BF16 => values.iter().flat_map(|v| f32_to_bf16(*v).to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| f32_to_bf16(*v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+            .collect(),
         Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         Dtype::F64 => values.iter().flat_map(|v| (*v as f64).to_le_bytes()).collect(),
-        Dtype::Opaque(_) => values.iter().flat_map(|v| (*v as i64).to_le_bytes()[..dtype.size()].to_vec()).collect(),
+        Dtype::Opaque(_) => values
+            .iter()
+            .flat_map(|v| (*v as i64).to_le_bytes()[..dtype.size()].to_vec())
+            .collect(),
     }
 }
 
@@ -23,7 +32,13 @@ pub fn write_file(path: &Path, tensors: &[(String, Vec<u64>, Vec<f32>)], dtype: 
     let mut data = vec![];
     for (name, shape, values) in tensors {
         let bytes = encode(values, dtype);
-        entries.push((name.clone(), dtype, shape.clone(), data.len() as u64, (data.len() + bytes.len()) as u64));
+        entries.push((
+            name.clone(),
+            dtype,
+            shape.clone(),
+            data.len() as u64,
+            (data.len() + bytes.len()) as u64,
+        ));
         data.extend(bytes);
     }
     let mut out = encode_header(&entries, &BTreeMap::new());
@@ -71,7 +86,10 @@ pub fn write_trio(dir: &Path, layers: usize, dtype: Dtype, s_scale: &[f32], m_sc
     for (i, (name, shape)) in specs.iter().enumerate() {
         let n = shape.iter().product::<u64>() as usize;
         let base = values(n, i as u64 + 1, 0.05);
-        let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<usize>().ok());
         let (ss, ms) = match layer {
             Some(l) => (s_scale[l], m_scale[l]),
             None => (0.01, 0.01),
@@ -79,8 +97,16 @@ pub fn write_trio(dir: &Path, layers: usize, dtype: Dtype, s_scale: &[f32], m_sc
         let ds = values(n, 1000 + i as u64, 0.05 * ss);
         let dm = values(n, 2000 + i as u64, 0.05 * ms);
         sets[0].push((name.clone(), shape.clone(), base.clone()));
-        sets[1].push((name.clone(), shape.clone(), base.iter().zip(&ds).map(|(b, d)| b + d).collect()));
-        sets[2].push((name.clone(), shape.clone(), base.iter().zip(&dm).map(|(b, d)| b + d).collect()));
+        sets[1].push((
+            name.clone(),
+            shape.clone(),
+            base.iter().zip(&ds).map(|(b, d)| b + d).collect(),
+        ));
+        sets[2].push((
+            name.clone(),
+            shape.clone(),
+            base.iter().zip(&dm).map(|(b, d)| b + d).collect(),
+        ));
     }
     let paths = ["base", "safety", "expert"].map(|r| dir.join(format!("{r}.safetensors")));
     for (p, set) in paths.iter().zip(&sets) {

@@ -8,26 +8,34 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use layerswap_fast::write::all_finite;
+use layerswap_fast::analyze::sums::{compute, compute_allowing};
 use layerswap_fast::budget::{Budget, BufferPool};
 use layerswap_fast::dtype::{AlignedBuf, Dtype};
 use layerswap_fast::io::header::encode_header;
 use layerswap_fast::io::{Header, Model, Shard};
 use layerswap_fast::layout::Layout;
 use layerswap_fast::progress::Progress;
-use layerswap_fast::analyze::sums::{compute, compute_allowing};
+use layerswap_fast::write::all_finite;
 use layerswap_fast::{Error, Numerics};
 use proptest::prelude::*;
 
 use crate::common::{values, write_file};
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
 }
 
 /// A valid header + data section for up to 6 tensors of random dtype and shape.
 fn valid_file() -> impl Strategy<Value = (Vec<(String, Dtype, Vec<u64>, u64, u64)>, Vec<u8>)> {
-    let dtype = prop_oneof![Just(Dtype::BF16), Just(Dtype::F16), Just(Dtype::F32), Just(Dtype::F64)];
+    let dtype = prop_oneof![
+        Just(Dtype::BF16),
+        Just(Dtype::F16),
+        Just(Dtype::F32),
+        Just(Dtype::F64)
+    ];
     let names = prop_oneof![
         Just("model.layers.0.self_attn.q_proj.weight".to_string()),
         Just("model.layers.1.mlp.up_proj.weight".to_string()),
@@ -220,7 +228,10 @@ proptest! {
 #[test]
 fn layer_index_far_beyond_the_tensor_count_is_an_error_not_an_abort() {
     for index in ["1000000000000", "18446744073709551615", "4294967296"] {
-        let names = [format!("model.layers.{index}.self_attn.q_proj.weight"), format!("model.layers.{index}.mlp.up_proj.weight")];
+        let names = [
+            format!("model.layers.{index}.self_attn.q_proj.weight"),
+            format!("model.layers.{index}.mlp.up_proj.weight"),
+        ];
         let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
         assert!(Layout::detect(&refs, None, None).is_err());
         assert!(Layout::detect(&refs, Some("LlamaForCausalLM"), None).is_err());
@@ -249,7 +260,10 @@ fn all_finite_sees_every_nan_and_inf_and_nothing_else() {
                     bad[at] = s;
                     let bytes = crate::common::encode(&bad, dtype);
                     let buf = aligned(&bytes);
-                    assert!(!all_finite(dtype, buf.bytes(bytes.len())), "{dtype:?} {s} at {at} of {n}");
+                    assert!(
+                        !all_finite(dtype, buf.bytes(bytes.len())),
+                        "{dtype:?} {s} at {at} of {n}"
+                    );
                 }
             }
         }
@@ -268,17 +282,37 @@ fn open_three(dir: &Path, poison: Option<(usize, usize, f32)>) -> Vec<Model> {
                 v[at] = value;
             }
         }
-        write_file(&dir.join(format!("{i}.safetensors")), &[("w".to_string(), vec![n as u64], v)], Dtype::BF16);
+        write_file(
+            &dir.join(format!("{i}.safetensors")),
+            &[("w".to_string(), vec![n as u64], v)],
+            Dtype::BF16,
+        );
     }
-    (0..3).map(|i| Model::open(&dir.join(format!("{i}.safetensors"))).unwrap()).collect()
+    (0..3)
+        .map(|i| Model::open(&dir.join(format!("{i}.safetensors"))).unwrap())
+        .collect()
 }
 
-fn stats_of(models: &[Model], allow: bool) -> layerswap_fast::Result<Vec<layerswap_fast::analyze::sums::Sums>> {
+fn stats_of(
+    models: &[Model],
+    allow: bool,
+) -> layerswap_fast::Result<Vec<layerswap_fast::analyze::sums::Sums>> {
     let budget = Budget::plan(1 << 30, 1, 3, 2).unwrap();
     let pool = BufferPool::new(&budget);
     let p = Progress::default();
     let rayon = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    rayon.install(|| compute_allowing(&["w"], &models[0], &[&models[1], &models[2]], Numerics::Exact, allow, 1 << 16, &pool, &p))
+    rayon.install(|| {
+        compute_allowing(
+            &["w"],
+            &models[0],
+            &[&models[1], &models[2]],
+            Numerics::Exact,
+            allow,
+            1 << 16,
+            &pool,
+            &p,
+        )
+    })
 }
 
 #[test]
@@ -309,12 +343,21 @@ fn non_finite_values_are_refused_or_left_out_of_the_sums() {
         if model == 0 {
             assert!(close(s.base_ss, reference[0].base_ss - b0 * b0));
             for k in 0..2 {
-                assert!(close(s.diff_ss[k], reference[0].diff_ss[k] - (x0[k] - b0).powi(2)));
+                assert!(close(
+                    s.diff_ss[k],
+                    reference[0].diff_ss[k] - (x0[k] - b0).powi(2)
+                ));
             }
         } else {
-            assert_eq!(s.base_ss, reference[0].base_ss, "B is clean: its sum keeps the fast path's bits");
+            assert_eq!(
+                s.base_ss, reference[0].base_ss,
+                "B is clean: its sum keeps the fast path's bits"
+            );
             let k = model - 1;
-            assert!(close(s.diff_ss[k], reference[0].diff_ss[k] - (x0[k] - b0).powi(2)));
+            assert!(close(
+                s.diff_ss[k],
+                reference[0].diff_ss[k] - (x0[k] - b0).powi(2)
+            ));
             assert_eq!(s.diff_ss[1 - k], reference[0].diff_ss[1 - k]);
         }
     }
@@ -323,7 +366,15 @@ fn non_finite_values_are_refused_or_left_out_of_the_sums() {
     let models = open_three(dir.path(), Some((1, 0, f32::NAN)));
     let budget = Budget::plan(1 << 30, 1, 3, 2).unwrap();
     let pool = BufferPool::new(&budget);
-    let r = compute(&["w"], &models[0], &[&models[1], &models[2]], Numerics::Exact, 1 << 16, &pool, &Progress::default());
+    let r = compute(
+        &["w"],
+        &models[0],
+        &[&models[1], &models[2]],
+        Numerics::Exact,
+        1 << 16,
+        &pool,
+        &Progress::default(),
+    );
     assert!(matches!(r, Err(Error::NonFinite { .. })));
 }
 
@@ -331,18 +382,36 @@ fn non_finite_values_are_refused_or_left_out_of_the_sums() {
 fn files_that_change_after_opening_are_detected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
-    let write = || write_file(&path, &[("w".to_string(), vec![64], values(64, 1, 1.0))], Dtype::F32);
+    let write = || {
+        write_file(
+            &path,
+            &[("w".to_string(), vec![64], values(64, 1, 1.0))],
+            Dtype::F32,
+        )
+    };
     write();
     let model = Model::open(&path).unwrap();
     model.check_unchanged().unwrap();
 
     // Truncated: reads past the end fail with an error naming the file; the check fails too.
     let len = std::fs::metadata(&path).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
     let t = model.tensor("w").unwrap();
     let mut buf = vec![0u8; t.nbytes as usize];
-    let err = model.shard_of(t).read_at(t.offset, &mut buf).unwrap_err().to_string();
-    assert!(err.contains("m.safetensors") && err.contains("truncated"), "{err}");
+    let err = model
+        .shard_of(t)
+        .read_at(t.offset, &mut buf)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("m.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
     assert!(model.check_unchanged().is_err());
     drop(model);
 
@@ -356,7 +425,10 @@ fn files_that_change_after_opening_are_detected() {
         f.write_all_at(&[0u8; 4], len - 4).unwrap();
     }
     let err = model.check_unchanged().unwrap_err().to_string();
-    assert!(err.contains("m.safetensors") && err.contains("changed or replaced"), "{err}");
+    assert!(
+        err.contains("m.safetensors") && err.contains("changed or replaced"),
+        "{err}"
+    );
     drop(model);
 
     // Replaced by a rename: the open file is intact but no longer the one at the path.
@@ -370,13 +442,24 @@ fn files_that_change_after_opening_are_detected() {
 
 #[test]
 fn custom_layout_whose_index_group_does_not_take_part_is_an_error_not_a_panic() {
-    let llama = layerswap_fast::layout::BUILTIN_LAYOUTS.iter().find(|(n, _)| *n == "llama").unwrap().1;
+    let llama = layerswap_fast::layout::BUILTIN_LAYOUTS
+        .iter()
+        .find(|(n, _)| *n == "llama")
+        .unwrap()
+        .1;
     let mut def: serde_json::Value = serde_json::from_str(llama).unwrap();
     def["layer"] = r"^model\.(?:layers\.(\d+)|embed_tokens)\.".into();
     let def = layerswap_fast::layout::LayoutDef::from_json(&def.to_string()).unwrap();
-    let names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"];
+    let names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    ];
     let err = Layout::detect(&names, None, Some(&def)).unwrap_err().to_string();
-    assert!(err.contains("model.embed_tokens.weight") && err.contains("group"), "{err}");
+    assert!(
+        err.contains("model.embed_tokens.weight") && err.contains("group"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -391,14 +474,22 @@ fn a_fifo_posing_as_a_shard_is_refused_instead_of_blocking_forever() {
     std::thread::spawn(move || {
         let _ = tx.send(Model::open(&path).map(|_| ()).map_err(|e| e.to_string()));
     });
-    let outcome = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("opening a FIFO blocked");
+    let outcome = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("opening a FIFO blocked");
     let err = outcome.unwrap_err();
-    assert!(err.contains("model-00001-of-00001.safetensors") && err.contains("not a regular file"), "{err}");
+    assert!(
+        err.contains("model-00001-of-00001.safetensors") && err.contains("not a regular file"),
+        "{err}"
+    );
 }
 
 #[test]
 fn absurd_thread_counts_are_refused_by_the_engine_too() {
-    let options = layerswap_fast::MergeOptions { threads: 1 << 62, ..Default::default() };
+    let options = layerswap_fast::MergeOptions {
+        threads: 1 << 62,
+        ..Default::default()
+    };
     let err = options.validate().unwrap_err().to_string();
     assert!(err.contains("threads must be at most"), "{err}");
 }
@@ -406,11 +497,18 @@ fn absurd_thread_counts_are_refused_by_the_engine_too() {
 #[test]
 fn a_huge_index_file_is_refused_without_reading_it() {
     let dir = tempfile::tempdir().unwrap();
-    write_file(&dir.path().join("s1.safetensors"), &[("a".into(), vec![1], vec![1.0])], Dtype::F32);
+    write_file(
+        &dir.path().join("s1.safetensors"),
+        &[("a".into(), vec![1], vec![1.0])],
+        Dtype::F32,
+    );
     let index = std::fs::File::create(dir.path().join("model.safetensors.index.json")).unwrap();
     index.set_len(1 << 40).unwrap(); // sparse: a terabyte that takes no disk
     let err = Model::open(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("model.safetensors.index.json") && err.contains("limit"), "{err}");
+    assert!(
+        err.contains("model.safetensors.index.json") && err.contains("limit"),
+        "{err}"
+    );
 }
 
 /// Which files of a folder are the model: without an index, Hugging Face shard names only; other
@@ -419,12 +517,31 @@ fn a_huge_index_file_is_refused_without_reading_it() {
 fn only_hugging_face_shard_names_are_the_model_without_an_index() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_file(&d.join("model-00001-of-00002.safetensors"), &[("a".into(), vec![1], vec![1.0])], Dtype::F32);
-    write_file(&d.join("model-00002-of-00002.safetensors"), &[("b".into(), vec![1], vec![2.0])], Dtype::F32);
-    write_file(&d.join("consolidated.safetensors"), &[("c".into(), vec![1], vec![3.0])], Dtype::F32);
-    write_file(&d.join("adapter_model.safetensors"), &[("base_model.lora_A".into(), vec![1], vec![4.0])], Dtype::F32);
+    write_file(
+        &d.join("model-00001-of-00002.safetensors"),
+        &[("a".into(), vec![1], vec![1.0])],
+        Dtype::F32,
+    );
+    write_file(
+        &d.join("model-00002-of-00002.safetensors"),
+        &[("b".into(), vec![1], vec![2.0])],
+        Dtype::F32,
+    );
+    write_file(
+        &d.join("consolidated.safetensors"),
+        &[("c".into(), vec![1], vec![3.0])],
+        Dtype::F32,
+    );
+    write_file(
+        &d.join("adapter_model.safetensors"),
+        &[("base_model.lora_A".into(), vec![1], vec![4.0])],
+        Dtype::F32,
+    );
     let model = Model::open(d).unwrap();
-    assert_eq!(model.tensors.keys().map(|s| s.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(
+        model.tensors.keys().map(|s| s.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
     // One shard of the set missing: an error naming the set, not a model with half its tensors.
     std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
     let err = Model::open(d).unwrap_err().to_string();
@@ -439,12 +556,31 @@ fn only_hugging_face_shard_names_are_the_model_without_an_index() {
 fn a_model_safetensors_and_an_index_naming_other_shards_disagree() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_file(&d.join("model.safetensors"), &[("old".into(), vec![1], vec![1.0])], Dtype::F32);
-    write_file(&d.join("model-00001-of-00001.safetensors"), &[("a".into(), vec![1], vec![1.0])], Dtype::F32);
-    std::fs::write(d.join("model.safetensors.index.json"), r#"{"weight_map": {"a": "model-00001-of-00001.safetensors"}}"#).unwrap();
+    write_file(
+        &d.join("model.safetensors"),
+        &[("old".into(), vec![1], vec![1.0])],
+        Dtype::F32,
+    );
+    write_file(
+        &d.join("model-00001-of-00001.safetensors"),
+        &[("a".into(), vec![1], vec![1.0])],
+        Dtype::F32,
+    );
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"a": "model-00001-of-00001.safetensors"}}"#,
+    )
+    .unwrap();
     let err = Model::open(d).unwrap_err().to_string();
-    assert!(err.contains("model.safetensors and model.safetensors.index.json disagree"), "{err}");
+    assert!(
+        err.contains("model.safetensors and model.safetensors.index.json disagree"),
+        "{err}"
+    );
     // An index that names model.safetensors itself agrees with it.
-    std::fs::write(d.join("model.safetensors.index.json"), r#"{"weight_map": {"old": "model.safetensors"}}"#).unwrap();
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"old": "model.safetensors"}}"#,
+    )
+    .unwrap();
     assert_eq!(Model::open(d).unwrap().tensors.len(), 1);
 }

@@ -13,7 +13,17 @@ use crate::common::{llama_specs, values, write_file};
 /// lm_head saved whole. Returns (base, adapter folder, A/B values by module).
 fn fixture(dir: &Path, dtype: Dtype) -> (Model, Adapter) {
     let specs = llama_specs(2, 16, 40);
-    let base: Vec<_> = specs.iter().enumerate().map(|(i, (n, s))| (n.clone(), s.clone(), values(s.iter().product::<u64>() as usize, i as u64 + 1, 0.05))).collect();
+    let base: Vec<_> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (n, s))| {
+            (
+                n.clone(),
+                s.clone(),
+                values(s.iter().product::<u64>() as usize, i as u64 + 1, 0.05),
+            )
+        })
+        .collect();
     write_file(&dir.join("base.safetensors"), &base, Dtype::F32);
     let ad = dir.join("adapter");
     std::fs::create_dir(&ad).unwrap();
@@ -27,13 +37,29 @@ fn fixture(dir: &Path, dtype: Dtype) -> (Model, Adapter) {
     let mut seed = 100;
     let mut push = |name: String, shape: Vec<u64>| {
         seed += 1;
-        t.push((format!("{PEFT_PREFIX}{name}"), shape.clone(), values(shape.iter().product::<u64>() as usize, seed, 0.3)));
+        t.push((
+            format!("{PEFT_PREFIX}{name}"),
+            shape.clone(),
+            values(shape.iter().product::<u64>() as usize, seed, 0.3),
+        ));
     };
     for l in 0..2 {
-        push(format!("model.layers.{l}.self_attn.q_proj.lora_A.weight"), vec![4, 16]);
-        push(format!("model.layers.{l}.self_attn.q_proj.lora_B.weight"), vec![16, 4]);
-        push(format!("model.layers.{l}.mlp.down_proj.lora_A.weight"), vec![2, 40]);
-        push(format!("model.layers.{l}.mlp.down_proj.lora_B.weight"), vec![16, 2]);
+        push(
+            format!("model.layers.{l}.self_attn.q_proj.lora_A.weight"),
+            vec![4, 16],
+        );
+        push(
+            format!("model.layers.{l}.self_attn.q_proj.lora_B.weight"),
+            vec![16, 4],
+        );
+        push(
+            format!("model.layers.{l}.mlp.down_proj.lora_A.weight"),
+            vec![2, 40],
+        );
+        push(
+            format!("model.layers.{l}.mlp.down_proj.lora_B.weight"),
+            vec![16, 2],
+        );
     }
     push("model.embed_tokens.lora_embedding_A".into(), vec![4, 50]);
     push("model.embed_tokens.lora_embedding_B".into(), vec![16, 4]);
@@ -60,7 +86,11 @@ fn explicit_delta(adapter: &Adapter, target: &str) -> Vec<f64> {
     for i in 0..b_rows {
         for j in 0..a_cols {
             let v: f64 = (0..r).map(|k| b[i * r + k] * a[k * a_cols + j]).sum::<f64>() * m.scale;
-            if m.transposed { out[j * cols + i] = v } else { out[i * cols + j] = v }
+            if m.transposed {
+                out[j * cols + i] = v
+            } else {
+                out[i * cols + j] = v
+            }
         }
     }
     out
@@ -75,7 +105,10 @@ fn config_maps_modules_ranks_and_scales() {
     let d = &a.modules["model.layers.1.mlp.down_proj.weight"];
     assert_eq!((d.rank, d.scale), (2, 8.0 / 2f64.sqrt()));
     let e = &a.modules["model.embed_tokens.weight"];
-    assert_eq!((e.rank, e.scale, e.transposed, e.rows, e.cols), (4, 3.0 / 2.0, true, 50, 16));
+    assert_eq!(
+        (e.rank, e.scale, e.transposed, e.rows, e.cols),
+        (4, 3.0 / 2.0, true, 50, 16)
+    );
     assert_eq!(a.full.keys().collect::<Vec<_>>(), ["lm_head.weight"]);
     assert_eq!(a.modules.len(), 5);
 }
@@ -97,9 +130,15 @@ fn factor_statistics_equal_the_explicit_norm() {
             let t = m.tensor(n).unwrap();
             layerswap_fast::lora::read_f64(m, t, 0, t.numel() as usize).unwrap()
         };
-        let (x, b) = (read(&a.file, &format!("{PEFT_PREFIX}lm_head.weight")), read(&base, "lm_head.weight"));
+        let (x, b) = (
+            read(&a.file, &format!("{PEFT_PREFIX}lm_head.weight")),
+            read(&base, "lm_head.weight"),
+        );
         let want: f64 = x.iter().zip(&b).map(|(x, b)| (x - b) * (x - b)).sum();
-        assert!((got[0] - want).abs() <= 1e-12 * want && got[1] == 0.0, "{got:?} {want}");
+        assert!(
+            (got[0] - want).abs() <= 1e-12 * want && got[1] == 0.0,
+            "{got:?} {want}"
+        );
     }
 }
 
@@ -111,11 +150,21 @@ fn chunked_delta_equals_the_explicit_delta_for_any_range() {
         let want = explicit_delta(&a, name);
         let n = want.len();
         // Ranges that start and end mid-row, cover one element, whole rows and the whole tensor.
-        for (start, len) in [(0, n), (3, 1), (5, 37), (m.cols as usize - 1, m.cols as usize + 2), (n - 7, 7)] {
+        for (start, len) in [
+            (0, n),
+            (3, 1),
+            (5, 37),
+            (m.cols as usize - 1, m.cols as usize + 2),
+            (n - 7, 7),
+        ] {
             let mut out = vec![0f64; len];
             a.delta_into(m, start as u64, &mut out).unwrap();
             for (k, (g, w)) in out.iter().zip(&want[start..start + len]).enumerate() {
-                assert!((g - w).abs() <= 1e-12 * w.abs().max(1e-3), "{name} element {}: {g} vs {w}", start + k);
+                assert!(
+                    (g - w).abs() <= 1e-12 * w.abs().max(1e-3),
+                    "{name} element {}: {g} vs {w}",
+                    start + k
+                );
             }
         }
     }
@@ -128,19 +177,41 @@ fn adapters_that_do_not_fit_the_base_are_refused() {
     let ad = dir.path().join("adapter");
     // The configured rank disagrees with the factors.
     let cfg = std::fs::read_to_string(ad.join("adapter_config.json")).unwrap();
-    std::fs::write(ad.join("adapter_config.json"), cfg.replace(r#""down_proj":2"#, r#""down_proj":3"#)).unwrap();
+    std::fs::write(
+        ad.join("adapter_config.json"),
+        cfg.replace(r#""down_proj":2"#, r#""down_proj":3"#),
+    )
+    .unwrap();
     let e = Adapter::open(&ad, &base).unwrap_err().to_string();
-    assert!(e.contains("down_proj") && e.contains("rank 3") && e.contains("adapter_model.safetensors"), "{e}");
-    std::fs::write(ad.join("adapter_config.json"), cfg.replace(r#""LORA""#, r#""LOKR""#)).unwrap();
+    assert!(
+        e.contains("down_proj") && e.contains("rank 3") && e.contains("adapter_model.safetensors"),
+        "{e}"
+    );
+    std::fs::write(
+        ad.join("adapter_config.json"),
+        cfg.replace(r#""LORA""#, r#""LOKR""#),
+    )
+    .unwrap();
     let e = Adapter::open(&ad, &base).unwrap_err().to_string();
     assert!(e.contains("LoKr") && e.contains("adapter_config.json"), "{e}");
     // A factor for a tensor the base does not have.
     std::fs::write(ad.join("adapter_config.json"), &cfg).unwrap();
     let t = vec![
-        (format!("{PEFT_PREFIX}model.layers.7.self_attn.q_proj.lora_A.weight"), vec![4, 16], values(64, 1, 0.1)),
-        (format!("{PEFT_PREFIX}model.layers.7.self_attn.q_proj.lora_B.weight"), vec![16, 4], values(64, 2, 0.1)),
+        (
+            format!("{PEFT_PREFIX}model.layers.7.self_attn.q_proj.lora_A.weight"),
+            vec![4, 16],
+            values(64, 1, 0.1),
+        ),
+        (
+            format!("{PEFT_PREFIX}model.layers.7.self_attn.q_proj.lora_B.weight"),
+            vec![16, 4],
+            values(64, 2, 0.1),
+        ),
     ];
     write_file(&ad.join("adapter_model.safetensors"), &t, Dtype::F32);
     let e = Adapter::open(&ad, &base).unwrap_err().to_string();
-    assert!(e.contains("model.layers.7.self_attn.q_proj.weight") && e.contains("base model"), "{e}");
+    assert!(
+        e.contains("model.layers.7.self_attn.q_proj.weight") && e.contains("base model"),
+        "{e}"
+    );
 }

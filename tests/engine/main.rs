@@ -8,6 +8,6 @@ mod header;
 mod hostile;
 mod lora;
 mod memory;
-mod session;
 mod plan;
+mod session;
 mod sums;

@@ -28,7 +28,10 @@ fn decisions_follow_the_threshold_with_ties_blending() {
     let d = decide(&[0.75, 0.25], &[0.5, 0.5], 0.0)[0].2;
     assert_eq!(decide(&[0.75, 0.25], &[0.5, 0.5], d)[0].3, Decision::Blend);
     assert_eq!(decide(&[0.75, 0.25], &[0.5, 0.5], d)[1].3, Decision::Blend);
-    assert_eq!(decide(&[0.75, 0.25], &[0.5, 0.5], d * 0.999)[0].3, Decision::Safety);
+    assert_eq!(
+        decide(&[0.75, 0.25], &[0.5, 0.5], d * 0.999)[0].3,
+        Decision::Safety
+    );
     let big = decide(&[0.75, 0.25], &[0.5, 0.5], 1.0);
     assert!(big.iter().all(|o| o.3 == Decision::Blend));
     // tau = 0: any nonzero d decides, zero d blends.
@@ -57,15 +60,34 @@ fn unit(layer: usize, decision: Decision, alpha: Option<f64>) -> UnitDecision {
 }
 
 fn plan_of(units: Vec<UnitDecision>) -> Plan {
-    let options = MergeOptions { alpha: 0.5, ..MergeOptions::default() };
-    Plan { options, layout: "llama".into(), n_layers: units.len(), units, stats: vec![] }
+    let options = MergeOptions {
+        alpha: 0.5,
+        ..MergeOptions::default()
+    };
+    Plan {
+        options,
+        layout: "llama".into(),
+        n_layers: units.len(),
+        units,
+        stats: vec![],
+    }
 }
 
 #[test]
 fn a_unit_blends_with_its_own_weight_and_its_norms_follow_it() {
-    let plan = plan_of(vec![unit(0, Decision::Blend, Some(0.25)), unit(1, Decision::Blend, None), unit(2, Decision::Safety, Some(0.9))]);
+    let plan = plan_of(vec![
+        unit(0, Decision::Blend, Some(0.25)),
+        unit(1, Decision::Blend, None),
+        unit(2, Decision::Safety, Some(0.9)),
+    ]);
     plan.check().unwrap();
-    let at = |layer, part| plan.decision_at(Place::Layer { layer, part, target: false });
+    let at = |layer, part| {
+        plan.decision_at(Place::Layer {
+            layer,
+            part,
+            target: false,
+        })
+    };
     assert_eq!(at(0, Part::Attention), (Decision::Blend, 0.25));
     assert_eq!(at(0, Part::Norm), (Decision::Blend, 0.25));
     assert_eq!(at(1, Part::Mlp), (Decision::Blend, 0.5));
@@ -75,27 +97,49 @@ fn a_unit_blends_with_its_own_weight_and_its_norms_follow_it() {
 
 #[test]
 fn a_plan_from_elsewhere_is_checked() {
-    assert!(plan_of(vec![unit(0, Decision::Blend, Some(1.5))]).check().is_err());
-    assert!(plan_of(vec![unit(0, Decision::Blend, Some(f64::NAN))]).check().is_err());
-    let mut short = plan_of(vec![unit(0, Decision::Expert, None), unit(1, Decision::Expert, None)]);
+    assert!(plan_of(vec![unit(0, Decision::Blend, Some(1.5))])
+        .check()
+        .is_err());
+    assert!(plan_of(vec![unit(0, Decision::Blend, Some(f64::NAN))])
+        .check()
+        .is_err());
+    let mut short = plan_of(vec![
+        unit(0, Decision::Expert, None),
+        unit(1, Decision::Expert, None),
+    ]);
     short.n_layers = 3;
     assert!(short.check().is_err());
-    let swapped = plan_of(vec![unit(1, Decision::Expert, None), unit(0, Decision::Expert, None)]);
+    let swapped = plan_of(vec![
+        unit(1, Decision::Expert, None),
+        unit(0, Decision::Expert, None),
+    ]);
     assert!(swapped.check().is_err());
 }
 
 #[test]
 fn in_module_granularity_a_layers_norms_keep_the_runs_weight() {
     let mut attention = unit(0, Decision::Blend, Some(0.25));
-    attention.unit = Unit { layer: 0, part: Some(Part::Attention) };
+    attention.unit = Unit {
+        layer: 0,
+        part: Some(Part::Attention),
+    };
     let mut mlp = unit(0, Decision::Blend, Some(0.75));
-    mlp.unit = Unit { layer: 0, part: Some(Part::Mlp) };
+    mlp.unit = Unit {
+        layer: 0,
+        part: Some(Part::Mlp),
+    };
     let mut plan = plan_of(vec![attention, mlp]);
     plan.n_layers = 1;
     plan.options.granularity = layerswap_fast::Granularity::Module;
     plan.options.norms = Decision::Blend;
     plan.check().unwrap();
-    let at = |part| plan.decision_at(Place::Layer { layer: 0, part, target: true });
+    let at = |part| {
+        plan.decision_at(Place::Layer {
+            layer: 0,
+            part,
+            target: true,
+        })
+    };
     assert_eq!(at(Part::Attention), (Decision::Blend, 0.25));
     assert_eq!(at(Part::Mlp), (Decision::Blend, 0.75));
     assert_eq!(at(Part::Norm), (Decision::Blend, 0.5));

@@ -1,8 +1,8 @@
+use layerswap_fast::analyze::sums::{compute, kernels};
 use layerswap_fast::budget::{Budget, BufferPool};
 use layerswap_fast::dtype::{AlignedBuf, Dtype};
 use layerswap_fast::io::Model;
 use layerswap_fast::progress::Progress;
-use layerswap_fast::analyze::sums::{compute, kernels};
 use layerswap_fast::Numerics;
 
 use crate::common::{values, write_file};
@@ -22,9 +22,18 @@ fn kernels_match_naive_sums_for_odd_lengths() {
             let (xb, lx) = aligned(crate::common::encode(&x, dtype));
             let (bb, xb) = (bb.bytes(lb), xb.bytes(lx));
             let naive_b: f64 = b.iter().map(|v| (*v as f64).powi(2)).sum();
-            let naive_d: f64 = b.iter().zip(&x).map(|(b, x)| (*x as f64 - *b as f64).powi(2)).sum();
-            assert!((kernels::sum_sq(dtype, Numerics::Exact, bb) - naive_b).abs() <= 1e-12 * naive_b.max(1.0));
-            assert!((kernels::sum_sq_diff(dtype, Numerics::Exact, bb, xb) - naive_d).abs() <= 1e-12 * naive_d.max(1.0));
+            let naive_d: f64 = b
+                .iter()
+                .zip(&x)
+                .map(|(b, x)| (*x as f64 - *b as f64).powi(2))
+                .sum();
+            assert!(
+                (kernels::sum_sq(dtype, Numerics::Exact, bb) - naive_b).abs() <= 1e-12 * naive_b.max(1.0)
+            );
+            assert!(
+                (kernels::sum_sq_diff(dtype, Numerics::Exact, bb, xb) - naive_d).abs()
+                    <= 1e-12 * naive_d.max(1.0)
+            );
         }
     }
 }
@@ -34,7 +43,9 @@ fn statistics_are_independent_of_chunk_size_and_threads() {
     let dir = tempfile::tempdir().unwrap();
     let n = 3 * 65_536 + 123;
     let t = |seed| vec![("w".to_string(), vec![n as u64], values(n, seed, 0.1))];
-    let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("{i}.safetensors"))).collect();
+    let paths: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("{i}.safetensors")))
+        .collect();
     for (i, p) in paths.iter().enumerate() {
         write_file(p, &t(i as u64 + 1), Dtype::BF16);
     }
@@ -43,9 +54,22 @@ fn statistics_are_independent_of_chunk_size_and_threads() {
     for (mem, threads) in [(1u64 << 30, 1usize), (66 << 20, 2), (80 << 20, 3)] {
         let budget = Budget::plan(mem, threads, 3, 2).unwrap();
         let pool = BufferPool::new(&budget);
-        let rayon = rayon::ThreadPoolBuilder::new().num_threads(budget.workers).build().unwrap();
+        let rayon = rayon::ThreadPoolBuilder::new()
+            .num_threads(budget.workers)
+            .build()
+            .unwrap();
         let stats = rayon
-            .install(|| compute(&["w"], &models[0], &[&models[1], &models[2]], Numerics::Exact, budget.chunk_elems, &pool, &Progress::default()))
+            .install(|| {
+                compute(
+                    &["w"],
+                    &models[0],
+                    &[&models[1], &models[2]],
+                    Numerics::Exact,
+                    budget.chunk_elems,
+                    &pool,
+                    &Progress::default(),
+                )
+            })
             .unwrap();
         results.push((budget.chunk_elems, stats));
     }
@@ -73,10 +97,17 @@ fn block_sums_for_any_number_of_experts_equal_the_separate_kernels_bit_for_bit()
                 let refs: Vec<&[u8]> = xs[..k].iter().map(|x| x.bytes(len)).collect();
                 let mut out = vec![0f64; k + 1];
                 kernels::block_sums(dtype, Numerics::Exact, b.bytes(len), &refs, &mut out);
-                assert_eq!(out[0].to_bits(), kernels::sum_sq(dtype, Numerics::Exact, b.bytes(len)).to_bits());
+                assert_eq!(
+                    out[0].to_bits(),
+                    kernels::sum_sq(dtype, Numerics::Exact, b.bytes(len)).to_bits()
+                );
                 for (i, x) in refs.iter().enumerate() {
                     let want = kernels::sum_sq_diff(dtype, Numerics::Exact, b.bytes(len), x);
-                    assert_eq!(out[i + 1].to_bits(), want.to_bits(), "{dtype} n={n} k={k} expert {i}");
+                    assert_eq!(
+                        out[i + 1].to_bits(),
+                        want.to_bits(),
+                        "{dtype} n={n} k={k} expert {i}"
+                    );
                 }
             }
         }
