@@ -60,8 +60,8 @@ fn encode(v: &[f32], dtype: Dtype) -> AlignedBuf {
         Dtype::F64 => bytes
             .chunks_exact_mut(8)
             .zip(v)
-            .for_each(|(d, x)| d.copy_from_slice(&(*x as f64).to_le_bytes())),
-        other => unreachable!("the benchmarks use float dtypes, not {other}"),
+            .for_each(|(d, x)| d.copy_from_slice(&f64::from(*x).to_le_bytes())),
+        other @ Dtype::Opaque(_) => unreachable!("the benchmarks use float dtypes, not {other}"),
     }
     buf
 }
@@ -104,15 +104,15 @@ fn stats(c: &mut Criterion) {
         let mut out = Vec::new();
         g.throughput(Throughput::Bytes(3 * n as u64));
         g.bench_function(format!("chunk_B_S_M/{dtype}"), |bch| {
-            bch.iter(|| chunk_sums(dtype, black_box(b), &[black_box(s), black_box(m)], &mut out))
+            bch.iter(|| chunk_sums(dtype, black_box(b), &[black_box(s), black_box(m)], &mut out));
         });
         g.throughput(Throughput::Bytes(2 * n as u64));
         g.bench_function(format!("sum_sq_diff/{dtype}"), |bch| {
-            bch.iter(|| sum_sq_diff(dtype, Numerics::Exact, black_box(b), black_box(s)))
+            bch.iter(|| sum_sq_diff(dtype, Numerics::Exact, black_box(b), black_box(s)));
         });
         g.throughput(Throughput::Bytes(n as u64));
         g.bench_function(format!("sum_sq/{dtype}"), |bch| {
-            bch.iter(|| sum_sq(dtype, Numerics::Exact, black_box(b)))
+            bch.iter(|| sum_sq(dtype, Numerics::Exact, black_box(b)));
         });
     }
     g.finish();
@@ -136,8 +136,8 @@ fn blends(c: &mut Criterion) {
                     o.bytes_mut(n),
                     0.5,
                     Numerics::Exact,
-                )
-            })
+                );
+            });
         });
     }
     let [_, s, _] = trio(CHUNK, Dtype::BF16);
@@ -152,8 +152,8 @@ fn blends(c: &mut Criterion) {
                 Dtype::F32,
                 o.bytes_mut(CHUNK * 4),
                 Numerics::Exact,
-            )
-        })
+            );
+        });
     });
     g.finish();
 }
@@ -185,7 +185,7 @@ fn stats_threads(c: &mut Criterion) {
                         })
                         .collect::<Vec<_>>()
                 })
-            })
+            });
         });
     }
     g.finish();
@@ -218,7 +218,7 @@ fn stats_threads_cached(c: &mut Criterion) {
                         })
                         .collect::<Vec<_>>()
                 })
-            })
+            });
         });
     }
     g.finish();

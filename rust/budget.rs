@@ -114,7 +114,10 @@ impl BufferPool {
 
     /// Borrows one worker's set of buffers until the guard drops.
     pub fn take(&self) -> PoolGuard<'_> {
-        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sets = self
+            .sets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             if let Some(set) = sets.pop() {
                 return PoolGuard {
@@ -122,7 +125,10 @@ impl BufferPool {
                     set: Some(set),
                 };
             }
-            sets = self.ready.wait(sets).unwrap_or_else(|e| e.into_inner());
+            sets = self
+                .ready
+                .wait(sets)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 }
@@ -149,7 +155,11 @@ impl std::ops::DerefMut for PoolGuard<'_> {
 impl Drop for PoolGuard<'_> {
     fn drop(&mut self) {
         if let Some(set) = self.set.take() {
-            self.pool.sets.lock().unwrap_or_else(|e| e.into_inner()).push(set);
+            self.pool
+                .sets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(set);
             self.pool.ready.notify_one();
         }
     }

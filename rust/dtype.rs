@@ -137,7 +137,7 @@ impl std::fmt::Display for Dtype {
 /// bf16 bits to f32 (exact).
 #[inline(always)]
 pub fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
+    f32::from_bits(u32::from(b) << 16)
 }
 
 /// f32 to bf16 bits, round to nearest even; NaN stays NaN (quiet).
@@ -214,21 +214,20 @@ pub fn encode_f32(src: &[f32], dtype: Dtype, dst: &mut [u8]) {
         Dtype::F64 => src
             .iter()
             .zip(cast_mut::<f64>(dst))
-            .for_each(|(s, d)| *d = *s as f64),
+            .for_each(|(s, d)| *d = f64::from(*s)),
         Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
     }
 }
 
 /// Decodes raw elements to f64 (exact), at most [`BATCH`] at a time.
 pub fn decode_f64(dtype: Dtype, src: &[u8], dst: &mut [f64]) {
-    match dtype {
-        Dtype::F64 => dst.copy_from_slice(cast::<f64>(src)),
-        _ => {
-            let mut tmp = [0f32; BATCH];
-            let tmp = &mut tmp[..dst.len()];
-            decode_f32(dtype, src, tmp);
-            tmp.iter().zip(dst).for_each(|(s, d)| *d = *s as f64);
-        }
+    if dtype == Dtype::F64 {
+        dst.copy_from_slice(cast::<f64>(src));
+    } else {
+        let mut tmp = [0f32; BATCH];
+        let tmp = &mut tmp[..dst.len()];
+        decode_f32(dtype, src, tmp);
+        tmp.iter().zip(dst).for_each(|(s, d)| *d = f64::from(*s));
     }
 }
 
@@ -255,18 +254,18 @@ pub fn encode_f64(src: &[f64], dtype: Dtype, dst: &mut [u8]) {
     }
 }
 
-/// f64 to f32 rounded to odd: exact values unchanged, inexact ones to the neighbour whose last bit is
-/// 1. With 24 bits against bf16's 8 and f16's 11 (at least 2 more), a later rounding to nearest even
+/// f64 to f32 rounded to odd: exact values unchanged, inexact ones to the neighbour whose last
+/// bit is 1. With 24 bits against bf16's 8 and f16's 11 (at least 2 more), a later rounding to nearest even
 /// is then the same as rounding the f64 once.
 #[inline(always)]
 fn f64_to_f32_odd(x: f64) -> f32 {
     let y = x as f32;
     let bits = y.to_bits();
-    if x.is_nan() || y as f64 == x || bits & 1 == 1 {
+    if x.is_nan() || f64::from(y) == x || bits & 1 == 1 {
         return y;
     }
     // y is the even neighbour of x; step one ulp towards x (an overflow to inf steps back to MAX).
-    f32::from_bits(if x.abs() > (y as f64).abs() {
+    f32::from_bits(if x.abs() > f64::from(y).abs() {
         bits + 1
     } else {
         bits - 1
@@ -297,14 +296,14 @@ impl AlignedBuf {
         assert!(len <= self.capacity());
         // SAFETY: u64 storage reinterpreted as bytes; u8 has no alignment or validity requirements and
         // the length stays within the allocation.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, len) }
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), len) }
     }
 
     /// The first `len` bytes.
     pub fn bytes(&self, len: usize) -> &[u8] {
         assert!(len <= self.capacity());
         // SAFETY: as in `bytes_mut`, read-only.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, len) }
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), len) }
     }
 }
 
@@ -321,7 +320,7 @@ pub fn cast<T: Pod>(bytes: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     assert!(bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0);
     // SAFETY: alignment and length checked above; T is Pod so every bit pattern is a valid value.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) }
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) }
 }
 
 /// Mutable variant of [`cast`].
@@ -330,7 +329,7 @@ pub fn cast_mut<T: Pod>(bytes: &mut [u8]) -> &mut [T] {
     let size = std::mem::size_of::<T>();
     assert!(bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0);
     // SAFETY: as in `cast`; the mutable borrow is unique.
-    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, bytes.len() / size) }
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), bytes.len() / size) }
 }
 
 #[cfg(test)]

@@ -13,6 +13,10 @@ use crate::lora::{is_adapter, Adapter, LoraModule};
 
 /// A safety or language expert.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per opened model: a few per run, never in a collection that matters"
+)]
 pub enum Expert {
     /// A full model folder or file.
     Full(Model),

@@ -169,7 +169,7 @@ impl LayoutDef {
         Ok(c)
     }
 
-    fn err(&self, message: String) -> Error {
+    fn err(&self, message: impl std::fmt::Display) -> Error {
         Error::Layout {
             message: format!("layout '{}': {message}", self.name),
         }
@@ -251,7 +251,7 @@ impl LayoutDef {
                 measured.resize(layer + 1, [0, 0]);
             }
             if target {
-                measured[layer][(part == Part::Mlp) as usize] += 1;
+                measured[layer][usize::from(part == Part::Mlp)] += 1;
             }
             places.push((name.to_string(), Place::Layer { layer, part, target }));
         }
@@ -264,7 +264,7 @@ impl LayoutDef {
             )));
         }
         if prefixes.len() > 1 {
-            let list: Vec<&str> = prefixes.iter().map(|s| s.as_str()).collect();
+            let list: Vec<&str> = prefixes.iter().map(std::string::String::as_str).collect();
             return Err(self.err(format!(
                 "layer tensors under more than one prefix ({}); add an 'exclude' pattern for the ones that are not units",
                 list.join(", ")
@@ -404,7 +404,7 @@ mod tests {
     }
 
     fn detect(names: &[String], arch: Option<&str>) -> Result<Layout> {
-        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        let refs: Vec<&str> = names.iter().map(std::string::String::as_str).collect();
         Layout::detect(&refs, arch, None)
     }
 
@@ -499,7 +499,7 @@ mod tests {
         }
         let err = detect(&names, None).unwrap_err().to_string();
         assert!(err.contains("unknown model layout"), "{err}");
-        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        let refs: Vec<&str> = names.iter().map(std::string::String::as_str).collect();
         let err = LayoutDef::builtins()[0].resolve(refs).unwrap_err().to_string();
         assert!(err.contains("no measured MLP tensors"), "{err}");
     }

@@ -118,8 +118,8 @@ impl LoraConfig {
         let present = |k: &str| {
             obj.get(k).is_some_and(|x| {
                 !(x.is_null()
-                    || x.as_array().is_some_and(|a| a.is_empty())
-                    || x.as_object().is_some_and(|o| o.is_empty()))
+                    || x.as_array().is_some_and(std::vec::Vec::is_empty)
+                    || x.as_object().is_some_and(serde_json::Map::is_empty))
             })
         };
         if truthy("use_dora") {
@@ -144,7 +144,7 @@ impl LoraConfig {
                 return Err(unsupported(what));
             }
         }
-        let r = match obj.get("r").and_then(|x| x.as_u64()) {
+        let r = match obj.get("r").and_then(serde_json::Value::as_u64) {
             Some(r) if r > 0 => r,
             _ => {
                 return Err(Error::invalid(
@@ -381,38 +381,35 @@ impl Adapter {
                     ),
                 ));
             }
-            match split_factor(name) {
-                Some((module, f)) => {
-                    let slot = pairs.entry(module.to_string()).or_default();
-                    slot[matches!(f, Factor::B | Factor::EmbB) as usize] = Some(saved.clone());
-                    embedding.insert(module.to_string(), matches!(f, Factor::EmbA | Factor::EmbB));
+            if let Some((module, f)) = split_factor(name) {
+                let slot = pairs.entry(module.to_string()).or_default();
+                slot[usize::from(matches!(f, Factor::B | Factor::EmbB))] = Some(saved.clone());
+                embedding.insert(module.to_string(), matches!(f, Factor::EmbA | Factor::EmbB));
+            } else {
+                if name.contains(".lora_") {
+                    return Err(Error::invalid(
+                        wpath,
+                        format!("tensor '{saved}' is a LoRA tensor of a kind this tool does not know"),
+                    ));
                 }
-                None => {
-                    if name.contains(".lora_") {
-                        return Err(Error::invalid(
-                            wpath,
-                            format!("tensor '{saved}' is a LoRA tensor of a kind this tool does not know"),
-                        ));
+                // A layer PEFT wrapped keeps its own weights under `base_layer`.
+                let name = name.replace(".base_layer.", ".");
+                let name = name.as_str();
+                match base.tensor(name) {
+                    Some(bt) if bt.shape != t.shape => {
+                        return Err(Error::Incompatible {
+                            message: format!(
+                                "tensor '{saved}' of the adapter {} has shape {:?} but '{name}' of the base model ({}) has {:?}",
+                                wpath.display(),
+                                t.shape,
+                                base.path.display(),
+                                bt.shape
+                            ),
+                        })
                     }
-                    // A layer PEFT wrapped keeps its own weights under `base_layer`.
-                    let name = name.replace(".base_layer.", ".");
-                    let name = name.as_str();
-                    match base.tensor(name) {
-                        Some(bt) if bt.shape != t.shape => {
-                            return Err(Error::Incompatible {
-                                message: format!(
-                                    "tensor '{saved}' of the adapter {} has shape {:?} but '{name}' of the base model ({}) has {:?}",
-                                    wpath.display(),
-                                    t.shape,
-                                    base.path.display(),
-                                    bt.shape
-                                ),
-                            })
-                        }
-                        _ => {}
-                    }
-                    full.insert(name.to_string(), saved.clone());
+                    _ => {}
                 }
+                full.insert(name.to_string(), saved.clone());
             }
         }
         let mut modules = BTreeMap::new();
@@ -698,15 +695,15 @@ pub fn decode_f64(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
     match dtype {
         Dtype::BF16 => bytes
             .chunks_exact(2)
-            .map(|c| crate::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64)
+            .map(|c| f64::from(crate::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
             .collect(),
         Dtype::F16 => bytes
             .chunks_exact(2)
-            .map(|c| crate::dtype::f16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64)
+            .map(|c| f64::from(crate::dtype::f16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
             .collect(),
         Dtype::F32 => bytes
             .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             .collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
@@ -762,7 +759,7 @@ fn gram_rows(x: &[f64], r: usize, n: usize) -> Vec<f64> {
 mod kernel {
     #[inline(always)]
     fn generic(p: &[f64], q: &[f64], cols: usize, j0: usize, acc: &mut [f64]) {
-        acc.iter_mut().for_each(|a| *a = 0.0);
+        acc.fill(0.0);
         for (k, &pk) in p.iter().enumerate() {
             let qk = &q[k * cols + j0..k * cols + j0 + acc.len()];
             for (a, &v) in acc.iter_mut().zip(qk) {
@@ -774,7 +771,7 @@ mod kernel {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn avx2(p: &[f64], q: &[f64], cols: usize, j0: usize, acc: &mut [f64]) {
-        generic(p, q, cols, j0, acc)
+        generic(p, q, cols, j0, acc);
     }
 
     /// acc[j − j0] = Σ_k p[k] · q[k, j] for j in `[j0, j0 + acc.len())`.
@@ -784,7 +781,7 @@ mod kernel {
             // SAFETY: AVX2 was just detected.
             return unsafe { avx2(p, q, cols, j0, acc) };
         }
-        generic(p, q, cols, j0, acc)
+        generic(p, q, cols, j0, acc);
     }
 }
 

@@ -189,10 +189,10 @@ pub fn sums(
                 start += len as u64;
             }
             Ok(Sums {
-                name: name.to_string(),
+                name: (*name).to_string(),
                 numel,
-                base_ss: acc_b.finish() as f64,
-                diff_ss: acc_x.iter().map(|a| a.finish() as f64).collect(),
+                base_ss: f64::from(acc_b.finish()),
+                diff_ss: acc_x.iter().map(|a| f64::from(a.finish())).collect(),
             })
         })
         .collect()

@@ -88,16 +88,15 @@ fn check_lenient(
     architecture: Option<&str>,
     layout: Option<&LayoutDef>,
 ) -> Result<(Session, Vec<Result<usize>>)> {
-    let first = match opened.iter().position(|m| m.is_ok()) {
-        Some(i) => i,
-        None => return Err(opened.remove(0).unwrap_err()),
+    let Some(first) = opened.iter().position(std::result::Result::is_ok) else {
+        return Err(opened.remove(0).unwrap_err());
     };
     let host_names: Vec<&str> = opened[first]
         .as_ref()
         .unwrap()
         .tensors()
         .keys()
-        .map(|s| s.as_str())
+        .map(std::string::String::as_str)
         .collect();
     let host = opened[first].as_ref().unwrap().path();
     let layout = Layout::detect(&host_names, architecture, layout).map_err(|e| e.in_model(host))?;
@@ -119,7 +118,7 @@ fn check_lenient(
     if session.experts.is_empty() {
         let err = outcomes
             .into_iter()
-            .find_map(|o| o.err())
+            .find_map(std::result::Result::err)
             .expect("no expert opened");
         return Err(err);
     }
@@ -165,7 +164,7 @@ impl Session {
             let l = self
                 .layout
                 .def
-                .resolve(m.tensors().keys().map(|s| s.as_str()))
+                .resolve(m.tensors().keys().map(std::string::String::as_str))
                 .map_err(|e| Error::Incompatible {
                     message: format!(
                         "the {} does not have the language expert's layout: {e}",
@@ -196,7 +195,10 @@ impl Session {
     /// exists in B too; the expert has the same number of layers.
     fn check_expert(&self, m: &Expert) -> Result<()> {
         self.layer_mismatch(&[("language expert", m)])?;
-        let own = self.layout.def.resolve(m.tensors().keys().map(|s| s.as_str()))?;
+        let own = self
+            .layout
+            .def
+            .resolve(m.tensors().keys().map(std::string::String::as_str))?;
         own.check_assigned()?;
         measured_are_floats(m, &own)?;
         for name in m.tensors().keys() {
@@ -211,9 +213,9 @@ impl Session {
             }
             match (place, self.safety.tensor(name), m.tensor(name)) {
                 // Only the host has it, outside the layers: copied from the host (see WriteSummary).
-                (Place::Outside | Place::Vocab, None, _) => continue,
+                (Place::Outside | Place::Vocab, None, _) => {}
                 // Vocabulary shapes may differ; whether that is allowed depends on the options (check_vocab).
-                (Place::Vocab, Some(s), Some(t)) if s.shape != t.shape => continue,
+                (Place::Vocab, Some(s), Some(t)) if s.shape != t.shape => {}
                 _ => same_tensor(name, ("language expert", m), ("safety expert", &self.safety))?,
             }
         }
@@ -225,7 +227,7 @@ impl Session {
             if let Ok(l) = self
                 .layout
                 .def
-                .resolve(other.tensors().keys().map(|s| s.as_str()))
+                .resolve(other.tensors().keys().map(std::string::String::as_str))
             {
                 if let Some(name) = l.targets().into_iter().find(|n| m.tensor(n).is_none()) {
                     return Err(Error::Incompatible {
@@ -287,7 +289,7 @@ impl Session {
             .map(|t| t.dtype.size())
             .max()
             .unwrap_or(2);
-        inputs.max(options.out_dtype.map(Dtype::size).unwrap_or(0))
+        inputs.max(options.out_dtype.map_or(0, Dtype::size))
     }
 }
 

@@ -87,7 +87,7 @@ impl Default for MergeOptions {
             out_dtype: None,
             allow_non_finite: false,
             max_memory: 1 << 30,
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            threads: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             shard_size: 5_000_000_000,
         }
     }

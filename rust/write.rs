@@ -279,14 +279,11 @@ pub fn write(
             [None, Some(Term::Bytes(m, _))] => Some((m, m, true)),
             _ => None,
         };
-        let (safety, expert) = match plain {
-            Some((s, m, true)) => (s, m),
-            _ => {
-                let read = write_f64(job, terms, c.start, c.len, &mut bufs, writer, dst)?;
-                progress.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
-                progress.advance(out_bytes as u64);
-                return Ok(());
-            }
+        let Some((safety, expert, true)) = plain else {
+            let read = write_f64(job, terms, c.start, c.len, &mut bufs, writer, dst)?;
+            progress.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+            progress.advance(out_bytes as u64);
+            return Ok(());
         };
         let [a, b, o] = &mut bufs[..3] else {
             unreachable!("write pass needs three buffers")
@@ -299,9 +296,8 @@ pub fn write(
                     expert
                 };
                 // The term's tensor, not a lookup by name: an adapter saves tensors under PEFT's names.
-                let t = match terms {
-                    [Some(Term::Bytes(_, t)), None] | [None, Some(Term::Bytes(_, t))] => t,
-                    _ => unreachable!("a copy has one byte source"),
+                let ([Some(Term::Bytes(_, t)), None] | [None, Some(Term::Bytes(_, t))]) = terms else {
+                    unreachable!("a copy has one byte source")
                 };
                 let verbatim = t.dtype == out.dtype
                     && (numerics == Numerics::Exact || t.dtype == Dtype::BF16 || !t.dtype.is_float());
@@ -360,7 +356,7 @@ pub fn write(
                 let s = read_elems(safety, ts, c.start, c.len, a)?;
                 let m = read_elems(expert, tm, c.start, c.len, b)?;
                 if job.check_finite {
-                    for (src, t, bytes) in [(safety, ts, &*s), (expert, tm, &*m)] {
+                    for (src, t, bytes) in [(safety, ts, s), (expert, tm, m)] {
                         if !all_finite(t.dtype, bytes) {
                             return Err(Error::NonFinite {
                                 path: src.shard_of(t).path.clone(),
@@ -536,7 +532,9 @@ pub fn convert(src_dtype: Dtype, src: &[u8], out_dtype: Dtype, out: &mut [u8], n
         let v = &mut v[..hi - lo];
         decode_f32(src_dtype, &src[lo * si..hi * si], v);
         if numerics == Numerics::Official {
-            v.iter_mut().for_each(|x| *x = official::load(*x));
+            for x in v.iter_mut() {
+                *x = official::load(*x);
+            }
         }
         encode_f32(v, out_dtype, &mut out[lo * so..hi * so]);
     }

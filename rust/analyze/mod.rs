@@ -252,7 +252,7 @@ impl Session {
                     )));
                 }
                 stats.push(TensorStats {
-                    name: n.to_string(),
+                    name: (*n).to_string(),
                     numel: self.base.tensor(n).unwrap().numel(),
                     base_ss: s[i].0,
                     safety_ss: s[i].1,

@@ -34,7 +34,7 @@ impl Unit {
     pub fn index(layer: usize, part: Part, granularity: Granularity) -> usize {
         match granularity {
             Granularity::Layer => layer,
-            Granularity::Module => 2 * layer + (part == Part::Mlp) as usize,
+            Granularity::Module => 2 * layer + usize::from(part == Part::Mlp),
         }
     }
 }
@@ -88,7 +88,9 @@ pub fn unit_scores(
         }
     }
     if granularity == Granularity::Module {
-        acc.iter_mut().for_each(|a| *a = a.sqrt());
+        for a in &mut acc {
+            *a = a.sqrt();
+        }
     }
     acc
 }

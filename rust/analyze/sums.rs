@@ -108,7 +108,7 @@ pub fn compute_allowing(
         .iter()
         .zip(&numels)
         .map(|(n, &numel)| Sums {
-            name: n.to_string(),
+            name: (*n).to_string(),
             numel,
             base_ss: 0.0,
             diff_ss: vec![0.0; k],
@@ -249,7 +249,7 @@ fn chunk_sums(
 /// Inner loops, compiled twice on x86-64 (baseline and AVX2) and chosen at run time. Neither build
 /// fuses multiply and add, so both give identical sums.
 pub mod kernels {
-    use super::*;
+    use super::{bf16_to_f32, cast, f16_to_f32, Dtype, Numerics, Pod, NOT_FLOAT};
     use crate::official;
 
     #[inline(always)]
@@ -274,15 +274,15 @@ pub mod kernels {
     /// the slow masked path).
     pub fn value(dtype: Dtype, numerics: Numerics, bytes: &[u8], i: usize) -> f64 {
         let v = match dtype {
-            Dtype::BF16 => bf16_to_f32(cast::<u16>(bytes)[i]) as f64,
-            Dtype::F16 => f16_to_f32(cast::<u16>(bytes)[i]) as f64,
-            Dtype::F32 => cast::<f32>(bytes)[i] as f64,
+            Dtype::BF16 => f64::from(bf16_to_f32(cast::<u16>(bytes)[i])),
+            Dtype::F16 => f64::from(f16_to_f32(cast::<u16>(bytes)[i])),
+            Dtype::F32 => f64::from(cast::<f32>(bytes)[i]),
             Dtype::F64 => cast::<f64>(bytes)[i],
             Dtype::Opaque(_) => unreachable!("{}", NOT_FLOAT),
         };
         match numerics {
             Numerics::Exact => v,
-            Numerics::Official => official::load(v as f32) as f64,
+            Numerics::Official => f64::from(official::load(v as f32)),
         }
     }
 
@@ -290,7 +290,7 @@ pub mod kernels {
     pub fn diff(numerics: Numerics, b: f64, x: f64) -> f64 {
         match numerics {
             Numerics::Exact => x - b,
-            Numerics::Official => official::sub(b as f32, x as f32) as f64,
+            Numerics::Official => f64::from(official::sub(b as f32, x as f32)),
         }
     }
 
@@ -299,20 +299,20 @@ pub mod kernels {
     #[inline(always)]
     fn generic_sum_sq(dtype: Dtype, numerics: Numerics, b: &[u8]) -> f64 {
         match (dtype, numerics) {
-            (Dtype::BF16, _) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| bf16_to_f32(v) as f64),
+            (Dtype::BF16, _) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| f64::from(bf16_to_f32(v))),
             (Dtype::F16, Numerics::Exact) => {
-                lanes(cast::<u16>(b), cast::<u16>(b), |v, _| f16_to_f32(v) as f64)
+                lanes(cast::<u16>(b), cast::<u16>(b), |v, _| f64::from(f16_to_f32(v)))
             }
             (Dtype::F16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(b), |v, _| {
-                official::load(f16_to_f32(v)) as f64
+                f64::from(official::load(f16_to_f32(v)))
             }),
-            (Dtype::F32, Numerics::Exact) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| v as f64),
-            (Dtype::F32, Numerics::Official) => {
-                lanes(cast::<f32>(b), cast::<f32>(b), |v, _| official::load(v) as f64)
-            }
+            (Dtype::F32, Numerics::Exact) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| f64::from(v)),
+            (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(b), |v, _| {
+                f64::from(official::load(v))
+            }),
             (Dtype::F64, Numerics::Exact) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| v),
             (Dtype::F64, Numerics::Official) => lanes(cast::<f64>(b), cast::<f64>(b), |v, _| {
-                official::load(v as f32) as f64
+                f64::from(official::load(v as f32))
             }),
             (Dtype::Opaque(_), _) => unreachable!("{}", NOT_FLOAT),
         }
@@ -322,24 +322,24 @@ pub mod kernels {
     /// computed in float32 and rounded to bf16, as torch does for bf16 tensors.
     #[inline(always)]
     fn generic_sum_sq_diff(dtype: Dtype, numerics: Numerics, b: &[u8], x: &[u8]) -> f64 {
-        let off = |bv: f32, xv: f32| official::sub(official::load(bv), official::load(xv)) as f64;
+        let off = |bv: f32, xv: f32| f64::from(official::sub(official::load(bv), official::load(xv)));
         match (dtype, numerics) {
             (Dtype::BF16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| {
-                bf16_to_f32(xv) as f64 - bf16_to_f32(bv) as f64
+                f64::from(bf16_to_f32(xv)) - f64::from(bf16_to_f32(bv))
             }),
             (Dtype::BF16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| {
                 off(bf16_to_f32(bv), bf16_to_f32(xv))
             }),
             (Dtype::F16, Numerics::Exact) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| {
-                f16_to_f32(xv) as f64 - f16_to_f32(bv) as f64
+                f64::from(f16_to_f32(xv)) - f64::from(f16_to_f32(bv))
             }),
             (Dtype::F16, Numerics::Official) => lanes(cast::<u16>(b), cast::<u16>(x), |bv, xv| {
                 off(f16_to_f32(bv), f16_to_f32(xv))
             }),
-            (Dtype::F32, Numerics::Exact) => {
-                lanes(cast::<f32>(b), cast::<f32>(x), |bv, xv| xv as f64 - bv as f64)
-            }
-            (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(x), |bv, xv| off(bv, xv)),
+            (Dtype::F32, Numerics::Exact) => lanes(cast::<f32>(b), cast::<f32>(x), |bv, xv| {
+                f64::from(xv) - f64::from(bv)
+            }),
+            (Dtype::F32, Numerics::Official) => lanes(cast::<f32>(b), cast::<f32>(x), off),
             (Dtype::F64, Numerics::Exact) => lanes(cast::<f64>(b), cast::<f64>(x), |bv, xv| xv - bv),
             (Dtype::F64, Numerics::Official) => {
                 lanes(cast::<f64>(b), cast::<f64>(x), |bv, xv| off(bv as f32, xv as f32))
@@ -385,7 +385,11 @@ pub mod kernels {
     /// every result is bit-identical to the baseline build.
     #[cfg(target_arch = "x86_64")]
     mod x86 {
-        use std::arch::x86_64::*;
+        use std::arch::x86_64::{
+            __m256d, _mm256_add_pd, _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cvtepu16_epi32,
+            _mm256_cvtph_ps, _mm256_cvtps_pd, _mm256_extractf128_ps, _mm256_mul_pd, _mm256_setzero_pd,
+            _mm256_slli_epi32, _mm256_storeu_pd, _mm256_sub_pd, _mm_loadu_si128,
+        };
 
         use crate::dtype::{bf16_to_f32, f16_to_f32};
 
@@ -413,9 +417,9 @@ pub mod kernels {
         #[inline(always)]
         fn scalar<const F16: bool>(v: u16) -> f64 {
             if F16 {
-                f16_to_f32(v) as f64
+                f64::from(f16_to_f32(v))
             } else {
-                bf16_to_f32(v) as f64
+                f64::from(bf16_to_f32(v))
             }
         }
 
@@ -667,7 +671,7 @@ pub mod kernels {
                     }
                 };
                 *base_sum = sums[0];
-                o.copy_from_slice(&sums[1..1 + o.len()]);
+                o.copy_from_slice(&sums[1..=o.len()]);
             }
             return;
         }

@@ -148,7 +148,7 @@ fn parse_entry(name: &str, value: &serde_json::Value) -> Result<TensorInfo, Stri
         .and_then(|v| v.as_array())
         .ok_or_else(|| format!("tensor '{name}': missing or non-array 'shape'"))?
         .iter()
-        .map(|d| d.as_u64())
+        .map(serde_json::Value::as_u64)
         .collect::<Option<Vec<u64>>>()
         .ok_or_else(|| format!("tensor '{name}': shape must be a list of non-negative integers"))?;
     let offsets = obj

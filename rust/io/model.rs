@@ -53,7 +53,7 @@ impl Model {
     pub fn open(path: &Path) -> Result<Model> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_file() {
-            return Self::from_files(path, vec![path.to_path_buf()], None);
+            return Self::from_files(path, &[path.to_path_buf()], None);
         }
         let index = path.join(INDEX_FILE);
         let single = path.join(SINGLE_FILE);
@@ -66,10 +66,10 @@ impl Model {
                     format!("{SINGLE_FILE} and {INDEX_FILE} disagree: the index names other shards; which one is the model? Remove one of them"),
                 ));
             }
-            return Self::from_files(path, files, Some((index, map)));
+            return Self::from_files(path, &files, Some((index, map)));
         }
         if single.is_file() {
-            return Self::from_files(path, vec![single], None);
+            return Self::from_files(path, &[single], None);
         }
         // Without an index, only Hugging Face shard names are the model: other .safetensors files
         // beside them (consolidated.safetensors, adapter_model.safetensors) are someone else's.
@@ -95,12 +95,16 @@ impl Model {
         if files.len() != total as usize {
             return Err(Error::invalid(path, format!("only {} of the {total} shards model-*-of-{total:05}.safetensors are here, and there is no index", files.len())));
         }
-        Self::from_files(path, files.into_iter().map(|(_, _, p)| p).collect(), None)
+        Self::from_files(
+            path,
+            &files.into_iter().map(|(_, _, p)| p).collect::<Vec<_>>(),
+            None,
+        )
     }
 
     fn from_files(
         path: &Path,
-        files: Vec<PathBuf>,
+        files: &[PathBuf],
         index: Option<(PathBuf, HashMap<String, String>)>,
     ) -> Result<Model> {
         let mut shards = Vec::with_capacity(files.len());
@@ -247,6 +251,10 @@ pub fn shard_number(path: &Path) -> Option<(u32, u32)> {
 
 /// Reads an index file: the distinct shard files in first-seen order and the name -> file map.
 fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
+    #[derive(serde::Deserialize)]
+    struct IndexFile {
+        weight_map: Option<Entries>,
+    }
     // Real indexes are well under a megabyte; a hostile (say sparse, terabyte) one must not be read
     // into memory whole. The header limit is generous enough.
     let len = std::fs::metadata(index).map_err(|e| Error::io(index, e))?.len();
@@ -257,10 +265,6 @@ fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
         ));
     }
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    #[derive(serde::Deserialize)]
-    struct IndexFile {
-        weight_map: Option<Entries>,
-    }
     let parsed: IndexFile = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(index, format!("index is not valid JSON: {e}")))?;
     let weight_map = parsed

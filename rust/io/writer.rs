@@ -96,7 +96,12 @@ impl ShardMap {
             if shard.header.tensors.is_empty() {
                 continue;
             }
-            let data: u64 = shard.header.tensors.iter().map(|t| t.nbytes()).sum();
+            let data: u64 = shard
+                .header
+                .tensors
+                .iter()
+                .map(super::header::TensorInfo::nbytes)
+                .sum();
             if data > max_shard_bytes {
                 return Ok(None);
             }
@@ -289,6 +294,10 @@ impl OutputWriter {
     }
 
     /// Bytes `[offset, offset + len)` of output buffer `shard`, when the output is in memory.
+    #[allow(
+        clippy::mut_from_ref,
+        reason = "each chunk of each tensor owns a disjoint byte range of the buffer (SAFETY below)"
+    )]
     fn memory_range(&self, shard: usize, offset: u64, len: usize) -> Option<Result<&mut [u8]>> {
         let region = self.memory.get(shard)?;
         // SAFETY: the write pass gives every chunk of every tensor its own byte range, so no two
@@ -392,7 +401,7 @@ impl OutputWriter {
             return false;
         };
         let range = libc::file_clone_range {
-            src_fd: src_file.as_raw_fd() as i64,
+            src_fd: i64::from(src_file.as_raw_fd()),
             src_offset,
             src_length: len,
             dest_offset: offset,
@@ -405,7 +414,7 @@ impl OutputWriter {
                 return true;
             }
             match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::EINTR) => continue,
+                Some(libc::EINTR) => {}
                 // Not a copy-on-write file system, or source and output on different ones: never.
                 Some(
                     libc::EOPNOTSUPP | libc::EXDEV | libc::ENOTTY | libc::ENOSYS | libc::EBADF | libc::EPERM,

@@ -158,5 +158,5 @@ pub(crate) fn region(
     }
     // SAFETY: DLPack says the elements start `byte_offset` bytes after `data` and, being contiguous
     // (checked above), fill `len` bytes; the caller keeps the capsule, and so the memory, alive.
-    Ok(unsafe { MemoryRegion::new((tensor.data as *mut u8).add(tensor.byte_offset as usize), len) })
+    Ok(unsafe { MemoryRegion::new(tensor.data.cast::<u8>().add(tensor.byte_offset as usize), len) })
 }

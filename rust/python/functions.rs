@@ -64,7 +64,7 @@ fn inspect(
     let custom = parse_layout(layout_json)?;
     run(py, None, move |_| {
         let m = Model::open(&model)?;
-        let names: Vec<&str> = m.tensors.keys().map(|s| s.as_str()).collect();
+        let names: Vec<&str> = m.tensors.keys().map(std::string::String::as_str).collect();
         let layout = Layout::detect(&names, architecture.as_deref(), custom.as_ref())
             .map_err(|e| e.in_model(&model))?;
         open::measured_are_floats(&m, &layout)?;
@@ -137,12 +137,12 @@ fn analyze(
         .transpose()
         .map_err(|e| to_py(Error::argument(format!("saved statistics are not valid: {e}"))))?;
     run(py, progress, move |p| {
-        let refs: Vec<&std::path::Path> = experts.iter().map(|e| e.as_path()).collect();
+        let refs: Vec<&std::path::Path> = experts.iter().map(std::path::PathBuf::as_path).collect();
         let (session, outcomes) =
             open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
         let mut failures = vec![];
         let mut kept_options = vec![];
-        let mut kept_info = session.experts.iter().map(|e| e.info());
+        let mut kept_info = session.experts.iter().map(super::super::expert::Expert::info);
         for (i, o) in outcomes.into_iter().enumerate() {
             match o {
                 Ok(_) => kept_options.push(options[if options.len() == 1 { 0 } else { i }].clone()),
@@ -277,7 +277,7 @@ fn plans_from_sums(
         .map(|t| parse(t))
         .collect::<PyResult<Vec<_>>>()?;
     run(py, None, move |_| {
-        let refs: Vec<&std::path::Path> = experts.iter().map(|e| e.as_path()).collect();
+        let refs: Vec<&std::path::Path> = experts.iter().map(std::path::PathBuf::as_path).collect();
         let (session, outcomes) =
             open::open_lenient(&base, &safety, &refs, architecture.as_deref(), custom.as_ref())?;
         let (mut failures, mut kept_options, mut kept_sums) = (vec![], vec![], vec![]);
@@ -299,7 +299,7 @@ fn plans_from_sums(
         let all: Vec<Option<crate::analyze::Plan>> = (0..experts.len() as u64)
             .map(|i| if failed.contains(&i) { None } else { it.next() })
             .collect();
-        let mut kept_info = session.experts.iter().map(|e| e.info());
+        let mut kept_info = session.experts.iter().map(super::super::expert::Expert::info);
         let info: Vec<Option<crate::expert::ExpertInfo>> = (0..experts.len() as u64)
             .map(|i| {
                 if failed.contains(&i) {
@@ -442,7 +442,7 @@ fn merge(
 fn builtin_layouts() -> Vec<(String, String)> {
     BUILTIN_LAYOUTS
         .iter()
-        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .map(|(n, t)| ((*n).to_string(), (*t).to_string()))
         .collect()
 }
 

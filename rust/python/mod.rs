@@ -3,6 +3,11 @@
 //! through the one table in [`errors`]. Results cross back as JSON strings, which the Python package
 //! turns into its own typed objects.
 
+#![allow(
+    clippy::needless_pass_by_value,
+    reason = "pyo3 hands #[pyfunction]s owned arguments (Vec, PathBuf, Py) extracted from Python"
+)]
+
 use pyo3::prelude::*;
 
 mod dlpack;

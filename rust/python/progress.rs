@@ -44,11 +44,8 @@ pub(crate) fn run<T: Send>(
                     }
                 }
             };
-            loop {
-                match rx.recv_timeout(TICK) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => Python::attach(&mut tick),
-                    _ => break,
-                }
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(TICK) {
+                Python::attach(&mut tick);
             }
             Python::attach(&mut tick);
             (worker.join().expect("worker panics are caught"), py_err)
@@ -63,7 +60,7 @@ pub(crate) fn run<T: Send>(
             let what = panic
                 .downcast_ref::<String>()
                 .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
                 .unwrap_or_else(|| "unknown".into());
             Err(PyRuntimeError::new_err(format!(
                 "internal error in the layerswap-fast engine (please report): {what}"

@@ -18,7 +18,7 @@ pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
             .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
             .collect(),
         Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F64 => values.iter().flat_map(|v| (*v as f64).to_le_bytes()).collect(),
+        Dtype::F64 => values.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect(),
         Dtype::Opaque(_) => values
             .iter()
             .flat_map(|v| (*v as i64).to_le_bytes()[..dtype.size()].to_vec())
@@ -48,7 +48,7 @@ pub fn write_file(path: &Path, tensors: &[(String, Vec<u64>, Vec<f32>)], dtype: 
 
 /// Deterministic pseudo-random values (xorshift), roughly uniform in [-scale, scale].
 pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
             s ^= s << 13;

@@ -108,7 +108,10 @@ fn non_float_dtypes_parse_with_their_sizes() {
             ("BF16".into(), true, 2)
         ]
     );
-    assert_eq!(Dtype::parse("f8_e4m3").map(|d| d.size()), Some(1));
+    assert_eq!(
+        Dtype::parse("f8_e4m3").map(layerswap_fast::dtype::Dtype::size),
+        Some(1)
+    );
     // Serialised as the safetensors name, both ways.
     assert_eq!(
         serde_json::to_string(&Dtype::parse("I64").unwrap()).unwrap(),

@@ -189,7 +189,7 @@ proptest! {
         }
         // The whole model path too: folder discovery and layout detection on whatever opened.
         if let Ok(model) = Model::open(dir.path()) {
-            let names: Vec<&str> = model.tensors.keys().map(|s| s.as_str()).collect();
+            let names: Vec<&str> = model.tensors.keys().map(std::string::String::as_str).collect();
             let _ = Layout::detect(&names, None, None);
         }
     }
@@ -217,7 +217,7 @@ proptest! {
         match Model::open(dir.path()) {
             Ok(model) => {
                 // Opened: the index named exactly the tensors of the shards it lists.
-                let names: Vec<&str> = model.tensors.keys().map(|s| s.as_str()).collect();
+                let names: Vec<&str> = model.tensors.keys().map(std::string::String::as_str).collect();
                 prop_assert!(names == ["a", "b"] || names == ["c", "d"] || names == ["a", "b", "c", "d"], "{names:?}");
             }
             Err(e) => prop_assert!(e.to_string().contains("safetensors"), "{e}"),
@@ -232,7 +232,7 @@ fn layer_index_far_beyond_the_tensor_count_is_an_error_not_an_abort() {
             format!("model.layers.{index}.self_attn.q_proj.weight"),
             format!("model.layers.{index}.mlp.up_proj.weight"),
         ];
-        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        let refs: Vec<&str> = names.iter().map(std::string::String::as_str).collect();
         assert!(Layout::detect(&refs, None, None).is_err());
         assert!(Layout::detect(&refs, Some("LlamaForCausalLM"), None).is_err());
     }
@@ -337,7 +337,11 @@ fn non_finite_values_are_refused_or_left_out_of_the_sums() {
         assert!(s.base_ss.is_finite() && s.diff_ss.iter().all(|v| v.is_finite()));
         let b = values(3017, 1, 0.1);
         let x = [values(3017, 2, 0.1), values(3017, 3, 0.1)];
-        let bf = |v: f32| layerswap_fast::dtype::bf16_to_f32(layerswap_fast::dtype::f32_to_bf16(v)) as f64;
+        let bf = |v: f32| {
+            f64::from(layerswap_fast::dtype::bf16_to_f32(
+                layerswap_fast::dtype::f32_to_bf16(v),
+            ))
+        };
         let (b0, x0) = (bf(b[1234]), [bf(x[0][1234]), bf(x[1][1234])]);
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1e-300);
         if model == 0 {
@@ -387,7 +391,7 @@ fn files_that_change_after_opening_are_detected() {
             &path,
             &[("w".to_string(), vec![64], values(64, 1, 1.0))],
             Dtype::F32,
-        )
+        );
     };
     write();
     let model = Model::open(&path).unwrap();
@@ -539,7 +543,11 @@ fn only_hugging_face_shard_names_are_the_model_without_an_index() {
     );
     let model = Model::open(d).unwrap();
     assert_eq!(
-        model.tensors.keys().map(|s| s.as_str()).collect::<Vec<_>>(),
+        model
+            .tensors
+            .keys()
+            .map(std::string::String::as_str)
+            .collect::<Vec<_>>(),
         ["a", "b"]
     );
     // One shard of the set missing: an error naming the set, not a model with half its tensors.

@@ -87,9 +87,9 @@ fn explicit_delta(adapter: &Adapter, target: &str) -> Vec<f64> {
         for j in 0..a_cols {
             let v: f64 = (0..r).map(|k| b[i * r + k] * a[k * a_cols + j]).sum::<f64>() * m.scale;
             if m.transposed {
-                out[j * cols + i] = v
+                out[j * cols + i] = v;
             } else {
-                out[i * cols + j] = v
+                out[i * cols + j] = v;
             }
         }
     }

@@ -20,7 +20,7 @@ fn load(model: &Model, offset: usize) -> Vec<(String, Dtype, Vec<u64>, Vec<u64>)
             let mut words = vec![0u64; (t.nbytes as usize + offset).div_ceil(8)];
             // SAFETY: u64 storage viewed as bytes, within its length.
             let bytes = unsafe {
-                std::slice::from_raw_parts_mut((words.as_mut_ptr() as *mut u8).add(offset), t.nbytes as usize)
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>().add(offset), t.nbytes as usize)
             };
             model.shard_of(t).read_at(t.offset, bytes).unwrap();
             (name.clone(), t.dtype, t.shape.clone(), words)
@@ -42,7 +42,7 @@ fn in_memory(label: &str, tensors: &mut [(String, Dtype, Vec<u64>, Vec<u64>)], o
             let len = shape.iter().product::<u64>() as usize * dtype.size();
             // SAFETY: the buffers outlive the model (they live until the end of the test) and are
             // not written meanwhile; `offset` stays within the allocation (len + offset <= 8 * words).
-            let region = unsafe { MemoryRegion::new((words.as_mut_ptr() as *mut u8).add(offset), len) };
+            let region = unsafe { MemoryRegion::new(words.as_mut_ptr().cast::<u8>().add(offset), len) };
             (name.clone(), *dtype, shape.clone(), region)
         })
         .collect();
@@ -149,7 +149,7 @@ fn memory_models_refuse_what_files_refuse() {
     // SAFETY: one byte short of the tensor, inside the buffer.
     let region = unsafe {
         MemoryRegion::new(
-            words.as_mut_ptr() as *mut u8,
+            words.as_mut_ptr().cast::<u8>(),
             shape.iter().product::<u64>() as usize * dtype.size() - 1,
         )
     };

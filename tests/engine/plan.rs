@@ -14,7 +14,7 @@ fn relative_change_falls_back_to_absolute_for_zero_base() {
 #[test]
 fn official_norm_is_rounded_to_bf16() {
     let n = norm(2.0, Numerics::Official);
-    assert_eq!(n, 1.4140625); // sqrt(2) in bf16
+    assert_eq!(n, 1.414_062_5); // sqrt(2) in bf16
     assert_eq!(norm(2.0, Numerics::Exact), 2f64.sqrt());
 }
 

@@ -21,11 +21,11 @@ fn kernels_match_naive_sums_for_odd_lengths() {
             let (bb, lb) = aligned(crate::common::encode(&b, dtype));
             let (xb, lx) = aligned(crate::common::encode(&x, dtype));
             let (bb, xb) = (bb.bytes(lb), xb.bytes(lx));
-            let naive_b: f64 = b.iter().map(|v| (*v as f64).powi(2)).sum();
+            let naive_b: f64 = b.iter().map(|v| f64::from(*v).powi(2)).sum();
             let naive_d: f64 = b
                 .iter()
                 .zip(&x)
-                .map(|(b, x)| (*x as f64 - *b as f64).powi(2))
+                .map(|(b, x)| (f64::from(*x) - f64::from(*b)).powi(2))
                 .sum();
             assert!(
                 (kernels::sum_sq(dtype, Numerics::Exact, bb) - naive_b).abs() <= 1e-12 * naive_b.max(1.0)
