@@ -443,8 +443,9 @@ def verify(ctx: click.Context, out: Path, base: Optional[Path], safety: Path, ex
     folder (index, shard headers, side files, the dtype config.json states) is complete. The
     reference finds each family's units in its own table, not in the engine's layout files.
     Overrides, bands and decisions files are applied to the reference's decisions as the merge
-    applied them, and each unit's source and alpha must match the report's. Prints a table and every
-    mismatch; exits 1 on any.
+    applied them, and each unit's source and alpha must match the report's. -s/-m may be PEFT LoRA
+    adapters (with -b): the reference builds B + ΔW from their files; an output of --emit adapter is
+    checked module by module. Prints a table and every mismatch; exits 1 on any.
     """
     from layerswap_fast.verify import verify as run_verify
 
