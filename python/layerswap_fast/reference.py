@@ -232,6 +232,15 @@ class AdapterCheckpoint:
         """Tensor names of B + ΔW, sorted."""
         return self._names
 
+    def raw(self, key: str) -> "torch.Tensor":
+        """A tensor of the adapter file by its saved name (a factor, say), as stored."""
+        return self._file.get_tensor(key)
+
+    def raw_info(self, key: str) -> tuple[str, list[int]]:
+        """(safetensors dtype name, shape) of a tensor of the adapter file, from its header."""
+        sl = self._file.get_slice(key)
+        return sl.get_dtype(), list(sl.get_shape())
+
     def __contains__(self, name: str) -> bool:
         return name in self.base or name in self.saved
 

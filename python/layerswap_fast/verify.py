@@ -451,7 +451,7 @@ def verify(
 
     handles: dict[Path, Any] = {}
     seen = set()
-    opened = {}
+    opened: dict[str, Any] = {}
     if lora:
         B = reference.Checkpoint(base_p)  # type: ignore[arg-type]
         opened = {"safety": reference.open_model(safety_p, B), "expert": reference.open_model(expert_p, B)}
@@ -543,14 +543,14 @@ def _check_emitted_adapter(result: VerifyResult, out: Path, base: Path, safety: 
             result.tensors.append(TensorCheck(name, source, "missing", detail="no LoRA factors for it in the emitted adapter"))
             continue
         eu = E.updates[name]
-        a_shape = E._file.get_slice(eu.a).get_shape()
+        a_shape = E.raw_info(eu.a)[1]
         if a_shape[0] != eu.rank:
             result.tensors.append(TensorCheck(name, source, "shape", detail=f"lora_A has {a_shape[0]} rows but the config gives rank {eu.rank}"))
             continue
         if len(updates) == 1 and updates[0][1] == 1.0:
             X = updates[0][0]
             xu = X.updates[name]
-            same = all(torch.equal(E._file.get_tensor(getattr(eu, f)), X._file.get_tensor(getattr(xu, f))) for f in ("a", "b"))
+            same = all(torch.equal(E.raw(getattr(eu, f)), X.raw(getattr(xu, f))) for f in ("a", "b"))
             if not same or eu.rank != xu.rank or not math.isclose(eu.scale, xu.scale, rel_tol=4 * 2.0**-52):
                 result.tensors.append(TensorCheck(name, source, "bytes", detail=f"not the factors (rank {xu.rank}, scale {xu.scale!r}) of {X.path}: "
                                                   f"rank {eu.rank}, scale {eu.scale!r}"))
@@ -561,10 +561,10 @@ def _check_emitted_adapter(result: VerifyResult, out: Path, base: Path, safety: 
         bound = 0.0
         for X, w in updates:
             xu = X.updates[name]
-            a, b = (X._file.get_tensor(xu.a).to(torch.float64).abs(), X._file.get_tensor(xu.b).to(torch.float64).abs())
+            a, b = X.raw(xu.a).to(torch.float64).abs(), X.raw(xu.b).to(torch.float64).abs()
             p_, q_ = (a.T, b.T) if xu.transposed else (b, a)
             bound = bound + abs(w * xu.scale) * (p_ @ q_)
-        u = _UNIT_ROUNDOFF[E._file.get_slice(eu.b).get_dtype()]
+        u = _UNIT_ROUNDOFF[E.raw_info(eu.b)[0]]
         tol = (u + 4 * eu.rank * 2.0**-53) * bound
         err = (E.delta(name) - want).abs()
         over = int((err > tol).sum())
