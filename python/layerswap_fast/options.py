@@ -11,6 +11,7 @@ import json
 import numbers
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -30,7 +31,7 @@ MAX_THREADS = 4096
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
-def parse_size(value: int | str) -> int:
+def parse_size(value: int | float | str) -> int:
     """Parses a byte size: ``1073741824``, ``512MiB``, ``1GiB``, ``5GB`` (decimal), ``2g`` (binary).
 
     Raises:
@@ -316,10 +317,10 @@ def options_arg(value: Any) -> None:
 def toml() -> Any:
     """The TOML parser: ``tomllib`` (Python 3.11+) or ``tomli`` (3.10, a dependency there). Every
     reader of TOML (layouts, plan files, the reference) gets it here."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:
-        import tomli as tomllib  # type: ignore[no-redef]
+    else:
+        import tomli as tomllib
     return tomllib
 
 
