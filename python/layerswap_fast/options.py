@@ -7,11 +7,11 @@ phrased in terms of the option they typed.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import numbers
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -317,11 +317,12 @@ def options_arg(value: Any) -> None:
 def toml() -> Any:
     """The TOML parser: ``tomllib`` (Python 3.11+) or ``tomli`` (3.10, a dependency there). Every
     reader of TOML (layouts, plan files, the reference) gets it here."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-    return tomllib
+    # Looked up by name, not by version, so that the fallback can be tested on 3.11+ too; typed as
+    # modules either way (the two parsers have the same API).
+    try:
+        return importlib.import_module("tomllib")
+    except ImportError:
+        return importlib.import_module("tomli")
 
 
 def cli_args(params: dict[str, Any]) -> list[str]:
