@@ -306,6 +306,7 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
     if plan_file is None and ((base is None and decisions_file is None) or safety is None or not experts):
         raise click.UsageError("give -b/--base, -s/--safety and -m/--expert, or --plan FILE")
     if plan_file is None and not named and len(experts) == 1 and executor == "local" and saved_stats is None:
+        assert safety is not None  # checked just above (without --plan)
         if out is None:
             raise click.UsageError("give -o/--out")
         bar = ProgressBar(enabled=False if quiet else None)
@@ -329,6 +330,7 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
         specs = [bulk.ExpertSpec(n, p, options) for n, p in experts]
     if out is None:
         raise click.UsageError("give -o/--out (or 'out' in the --plan file)")
+    assert base is not None and safety is not None  # given (checked above), or from the --plan file (required there)
     if config_from is not None:
         # Side files for every expert given as a bare .safetensors file (one with its own config_from keeps it).
         bare = [e.name for e in specs if e.config_from is None and e.path.is_file()]

@@ -195,17 +195,17 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
         raise ValueError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
     spans = []
-    for name, e in header.items():
-        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            raise ValueError(f"{path}: tensor '{name}': malformed entry {e!r}")
-        if e["dtype"] not in _ALL_DTYPES:
-            raise ValueError(f"{path}: tensor '{name}': unknown dtype {e['dtype']!r}")
-        shape, (lo, hi) = e["shape"], e["data_offsets"]
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"{path}: tensor '{name}': malformed entry {entry!r}")
+        if entry["dtype"] not in _ALL_DTYPES:
+            raise ValueError(f"{path}: tensor '{name}': unknown dtype {entry['dtype']!r}")
+        shape, (lo, hi) = entry["shape"], entry["data_offsets"]
         if not all(isinstance(x, int) and x >= 0 for x in shape):
             raise ValueError(f"{path}: tensor '{name}': bad shape {shape!r}")
-        want = math.prod(shape) * _ELEM.get(e["dtype"], 1)
-        if e["dtype"] in _ELEM and hi - lo != want:
-            raise ValueError(f"{path}: tensor '{name}': {hi - lo} bytes for shape {shape} {e['dtype']} ({want} expected)")
+        want = math.prod(shape) * _ELEM.get(entry["dtype"], 1)
+        if entry["dtype"] in _ELEM and hi - lo != want:
+            raise ValueError(f"{path}: tensor '{name}': {hi - lo} bytes for shape {shape} {entry['dtype']} ({want} expected)")
         spans.append((lo, hi, name))
     spans.sort()
     pos = 0
@@ -259,7 +259,7 @@ def check_folder(out: Path) -> tuple[dict[str, Path], list[str]]:
     return where, problems
 
 
-def _side_files(out: Path, expert: Path, tokenizer_source: Optional[Path], out_dtype: Optional[str]) -> list[str]:
+def _side_files(out: Path, expert: Optional[Path], tokenizer_source: Optional[Path], out_dtype: Optional[str]) -> list[str]:
     """Every side file of the sources is in the output; config.json states the output dtype."""
     problems = []
     for src, names, config_name in ((expert, CONFIG_FILES + PROCESSOR_FILES, "config.json"),
@@ -557,8 +557,10 @@ def _check_emitted_adapter(result: VerifyResult, out: Path, base: Path, safety: 
             else:
                 result.tensors.append(TensorCheck(name, source, "identical", 0, 0))
             continue
-        want = sum(w * X.delta(name) for X, w in updates)
-        bound = 0.0
+        want = updates[0][1] * updates[0][0].delta(name)
+        for X, w in updates[1:]:
+            want = want + w * X.delta(name)
+        bound = torch.zeros_like(want)
         for X, w in updates:
             xu = X.updates[name]
             a, b = X.raw(xu.a).to(torch.float64).abs(), X.raw(xu.b).to(torch.float64).abs()
