@@ -292,7 +292,7 @@ fn write_budget_counts_factor_scratch_and_stays_within() {
     assert!(Budget::plan(buffers_only, 1, BUFFERS_LORA, 8).is_ok());
     match Budget::plan_with_scratch(buffers_only, 1, BUFFERS_LORA, 8, scratch) {
         Err(layerswap_fast::Error::Budget { message }) => {
-            assert!(message.contains("LoRA factor scratch"), "{message}")
+            assert!(message.contains("LoRA factor scratch"), "{message}");
         }
         other => panic!("{other:?}"),
     }
