@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"waiting for {args.disk_lock} ...", file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         # (TemporaryDirectory removes every file, also on failure or Ctrl-C.)
-        with tempfile.TemporaryDirectory(prefix="lsf-lora-8b-", dir=args.root.parent) as tmp:
+        args.root.mkdir(parents=True, exist_ok=True)  # (bench-data/ is git-ignored: a work folder there stays out of git's way)
+        with tempfile.TemporaryDirectory(prefix="lsf-lora-8b-", dir=args.root) as tmp:
             print(f"free: {shutil.disk_usage(tmp).free / 2**30:.1f} GiB", file=sys.stderr, flush=True)
             res = bench_8b(args, Path(tmp))
         res["machine"] = machine()
@@ -299,7 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         (out / f"lora-8b-{stamp}.json").write_text(json.dumps(res, indent=2))
         (out / f"lora-8b-{stamp}.md").write_text(md + "\n")
         return
-    with tempfile.TemporaryDirectory(prefix="lsf-lora-bench-", dir=None if args.smoke else args.root.parent) as tmp:
+    if not args.smoke:
+        args.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lsf-lora-bench-", dir=None if args.smoke else args.root) as tmp:
         if args.smoke:
             args.size, args.rank, args.repeat, args.root = "tiny", 4, 1, Path(tmp) / "data"
         work = Path(tmp) / "work"

@@ -257,14 +257,28 @@ pub fn encode_f64(src: &[f64], dtype: Dtype, dst: &mut [u8]) {
 /// f64 to f32 rounded to odd: exact values unchanged, inexact ones to the neighbour whose last
 /// bit is 1. With 24 bits against bf16's 8 and f16's 11 (at least 2 more), a later rounding to nearest even
 /// is then the same as rounding the f64 once.
+///
+/// Branch-free (so that the loops over a chunk vectorise): an inexact, even result y steps one ulp
+/// of magnitude towards x (away from zero when |x| > |y|, else towards it; an overflow to inf steps
+/// back to MAX); NaN, exact and odd results are kept.
 #[inline(always)]
 fn f64_to_f32_odd(x: f64) -> f32 {
+    let y = x as f32;
+    let bits = y.to_bits();
+    let back = f64::from(y);
+    let adjust = u32::from(!x.is_nan()) & u32::from(back != x) & (!bits & 1);
+    let away = u32::from(x.abs() > back.abs());
+    f32::from_bits(bits.wrapping_add((adjust & away) << 1).wrapping_sub(adjust))
+}
+
+/// [`f64_to_f32_odd`] written with branches, as the definition the branch-free one is tested against.
+#[cfg(test)]
+fn f64_to_f32_odd_reference(x: f64) -> f32 {
     let y = x as f32;
     let bits = y.to_bits();
     if x.is_nan() || f64::from(y) == x || bits & 1 == 1 {
         return y;
     }
-    // y is the even neighbour of x; step one ulp towards x (an overflow to inf steps back to MAX).
     f32::from_bits(if x.abs() > f64::from(y).abs() {
         bits + 1
     } else {
@@ -353,6 +367,45 @@ mod tests {
     fn f16_round_trip() {
         for bits in [0u16, 0x3c00, 0xbc00, 0x7bff, 0x0001] {
             assert_eq!(f32_to_f16(f16_to_f32(bits)), bits);
+        }
+    }
+
+    #[test]
+    fn branch_free_round_to_odd_equals_the_branching_definition() {
+        // Random bit patterns (every exponent, NaN, inf, subnormals) and values at and around f32
+        // ulp midpoints, where the rounding decides.
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut xs: Vec<f64> = vec![
+            0.0,
+            -0.0,
+            f64::INFINITY,
+            -f64::INFINITY,
+            f64::NAN,
+            1e300,
+            -1e300,
+            1e-50,
+            -1e-50,
+            f64::from(f32::MAX),
+            f64::from(f32::MIN_POSITIVE) / 3.0,
+        ];
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            xs.push(f64::from_bits(s));
+            let y = f64::from(f32::from_bits((s >> 32) as u32));
+            let half_ulp = f64::from(f32::from_bits((s >> 32) as u32 & 0x7f80_0000)) * 2f64.powi(-24);
+            for d in [-1.0, 0.0, 1.0] {
+                xs.push(y + half_ulp + d * half_ulp * 2f64.powi(-20));
+                xs.push(y - half_ulp * d);
+            }
+        }
+        for x in xs {
+            let (got, want) = (f64_to_f32_odd(x), f64_to_f32_odd_reference(x));
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x:e}: {got:e} vs {want:e}"
+            );
         }
     }
 
