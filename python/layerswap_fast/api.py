@@ -47,7 +47,7 @@ def read_layout(layout: Optional[PathLike]) -> Optional[dict[str, Any]]:
     if p.suffix.lower() == ".toml":
         tomllib = toml()
         try:
-            return tomllib.loads(p.read_text())  # type: ignore[no-any-return]
+            return tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
     try:
