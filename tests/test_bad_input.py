@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from click.testing import CliRunner
 
 import layerswap_fast as lsf
-from conftest import REPORT_FILES, tree_digest
+from conftest import REPORT_FILES, merge_args, run_cli, tree_digest
 from layerswap_fast import cli
 from layerswap_fast.errors import InvalidModelError, LayerswapError
 
@@ -36,19 +35,6 @@ def corpus_untouched() -> Iterator[None]:
     before = tree_digest(HOSTILE)
     yield
     assert tree_digest(HOSTILE) == before, "an input file was modified"
-
-
-def merge_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["merge", "-b", str(paths["base"]), "-s", str(paths["safety"]), "-m", str(paths["expert"]), "-o", str(out), "-q", *extra]
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """The CLI in-process (fast): exit status, stdout, stderr. An exception other than SystemExit is a
-    traceback the user would have seen, so it fails the test."""
-    result = CliRunner().invoke(cli.main, args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"uncaught {type(result.exception).__name__}: {result.exception}") from result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def assert_refused(code: int, out: str, err: str, fragments: list[str], target: Path) -> None:
