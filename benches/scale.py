@@ -126,13 +126,15 @@ print(json.dumps({"phases": phases, "seconds": time.perf_counter() - t0, "io": {
 
 
 def cold7b(args: argparse.Namespace) -> None:
-    need = 4 * 13.5e9 + 5e9
+    size = args.size or "7b"
+    need = 4 * 13.5e9 + 5e9 if size == "7b" else 0
     free = shutil.disk_usage(args.data.parent if not args.data.exists() else args.data).free
-    if free < need and not (args.data / "7b" / ".complete").exists():
-        raise SystemExit(f"7b needs {need / GB:.0f} GB free (three inputs, one output, margin); {free / GB:.0f} GB free")
-    p = gen("7b", args.data)
+    if free < need and not (args.data / size / ".complete").exists():
+        raise SystemExit(f"{size} needs {need / GB:.0f} GB free (three inputs, one output, margin); {free / GB:.0f} GB free")
+    p = gen(size, args.data)
     files = [f for r in generate.ROLES for f in model_files(p[r])]
     out = args.data / "cold7b-out"
+    in_bytes, out_bytes = nbytes(files), nbytes(model_files(p["expert"]))  # before the trio is deleted
     rows: dict[str, Any] = {}
     try:
         shutil.rmtree(out, ignore_errors=True)
@@ -149,7 +151,7 @@ def cold7b(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
         if not args.keep:
-            shutil.rmtree(args.data / "7b", ignore_errors=True)
+            shutil.rmtree(args.data / size, ignore_errors=True)
     m = rows["merge"]
     floor = rows["read-floor"]["wall_s"] + rows["write-floor"]["wall_s"]
     ph = m["phases"]
@@ -157,7 +159,7 @@ def cold7b(args: argparse.Namespace) -> None:
     write_s = ph.get("sync", m["seconds"]) - ph.get("write", 0.0)
     sync_s = m["seconds"] - ph.get("sync", m["seconds"])
     text = "\n".join([
-        f"Llama-2-7B shape, BF16, inputs {nbytes(files) / GB:.1f} GB, output {nbytes(model_files(p['expert'])) / GB:.1f} GB; caches emptied before each run ({how})",
+        f"{size} (Llama-2-7B shape for 7b), BF16, inputs {in_bytes / GB:.1f} GB, output {out_bytes / GB:.1f} GB; caches emptied before each run ({how})",
         "",
         "| run | wall (s) | CPU (s) | peak RSS (MiB) | read from disk (GB) | written (GB) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -169,7 +171,7 @@ def cold7b(args: argparse.Namespace) -> None:
         f"merge / floor: **{m['wall_s'] / floor:.2f}** (target <= 1.3). Inside the merge: analyze pass {analyze_s:.1f} s, write pass {write_s:.1f} s, "
         f"final sync {sync_s:.1f} s; engine bytes read {m['bytes_read'] / GB:.1f} GB (from disk: {m['io']['read_bytes'] / GB:.1f} GB, /proc/self/io).",
     ])
-    write_results("cold7b", text, {"rows": rows, "floor_s": floor}, args.results)
+    write_results("cold7b", text, {"rows": rows, "floor_s": floor, "load": os.getloadavg()}, args.results)
 
 
 # --- copy-on-write file system -------------------------------------------------------------------------------
@@ -230,6 +232,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=HERE / "results")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="cold7b: keep the 40 GB trio afterwards")
+    ap.add_argument("--size", help="cold7b: another trio size instead of 7b (a smoke run of the script: tiny)")
     args = ap.parse_args()
     {"sparse70b": sparse70b, "cold7b": cold7b, "xfs": xfs}[args.what](args)
 
