@@ -123,12 +123,19 @@ impl Session {
         progress.start(Phase::Analyze, total);
         let sums = run_pool(budget.workers, || -> Result<Vec<sums::Sums>> {
             let pool = BufferPool::new(&budget);
-            let full = sums::compute_allowing(
+            // B's pages are of no use to the write pass of full models: dropped as they are summed
+            // when the inputs do not fit in memory anyway.
+            let drop_base = self.bigger_than_memory()
+                && std::iter::once(&self.safety)
+                    .chain(&self.experts)
+                    .all(|e| e.adapter().is_none());
+            let full = sums::compute_streaming(
                 &targets,
                 &self.base,
                 &models,
                 options.numerics,
                 options.allow_non_finite,
+                drop_base,
                 budget.chunk_elems,
                 &pool,
                 progress,
