@@ -114,13 +114,16 @@ MERGE_CHILD = r"""
 import json, sys, time
 import layerswap_fast as lsf
 b, s, m, out = sys.argv[1:5]
+def io():
+    return {k: int(v) for k, v in (line.split(": ") for line in open("/proc/self/io").read().splitlines())}
 t0 = time.perf_counter()
-phases = {}
+phases, phase_io = {}, {}
 def progress(phase, done, total):
-    phases.setdefault(phase, time.perf_counter() - t0)
+    if phase not in phases:
+        phases[phase] = time.perf_counter() - t0
+        phase_io[phase] = io()  # disk bytes read and written up to the start of each phase
 report = lsf.merge(b, s, m, out, progress=progress)
-io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-print(json.dumps({"phases": phases, "seconds": time.perf_counter() - t0, "io": {k: int(v) for k, v in io.items()},
+print(json.dumps({"phases": phases, "phase_io": phase_io, "seconds": time.perf_counter() - t0, "io": io(),
                   "bytes_read": report["bytes_read"], "bytes_written": report["output"]["bytes_written"]}))
 """
 
@@ -141,9 +144,10 @@ def cold7b(args: argparse.Namespace) -> None:
         how = drop_caches(files)
         r = run_child([sys.executable, "-c", MERGE_CHILD, str(p["base"]), str(p["safety"]), str(p["expert"]), str(out)])
         rows["merge"] = {**{k: v for k, v in r.items() if k != "stdout"}, **json.loads(r["stdout"])}
+        print(json.dumps({"merge": rows["merge"]}), file=sys.stderr, flush=True)  # kept even if a floor run fails
         shutil.rmtree(out, ignore_errors=True)
         drop_caches(files)
-        rows["read-floor"] = {k: v for k, v in run_child(["cat", *map(str, files)]).items() if k != "stdout"}
+        rows["read-floor"] = {k: v for k, v in run_child(["sh", "-c", "cat \"$@\" > /dev/null", "cat", *map(str, files)]).items() if k != "stdout"}
         out.mkdir()
         dd = [f"dd if={f} of={out / f.name} bs=16M conv=fsync status=none" for f in model_files(p["expert"])]
         drop_caches(files)
@@ -171,6 +175,15 @@ def cold7b(args: argparse.Namespace) -> None:
         f"merge / floor: **{m['wall_s'] / floor:.2f}** (target <= 1.3). Inside the merge: analyze pass {analyze_s:.1f} s, write pass {write_s:.1f} s, "
         f"final sync {sync_s:.1f} s; engine bytes read {m['bytes_read'] / GB:.1f} GB (from disk: {m['io']['read_bytes'] / GB:.1f} GB, /proc/self/io).",
     ])
+    pio = m.get("phase_io", {})
+    if "write" in pio:
+        a_read = pio["write"]["read_bytes"] - pio.get("analyze", {"read_bytes": 0})["read_bytes"]
+        w_read = pio.get("sync", m["io"])["read_bytes"] - pio["write"]["read_bytes"]
+        w_written = pio.get("sync", m["io"])["write_bytes"] - pio["write"]["write_bytes"]
+        text += (f"\nFrom disk by phase (/proc/self/io): analyze pass read {a_read / GB:.1f} GB ({a_read / GB / max(analyze_s, 1e-9):.2f} GB/s); "
+                 f"write pass read {w_read / GB:.1f} GB and wrote {w_written / GB:.1f} GB in {write_s:.1f} s; "
+                 f"floor rates: read {rows['read-floor']['disk_read_bytes'] / GB / rows['read-floor']['wall_s']:.2f} GB/s, "
+                 f"write {out_bytes / GB / rows['write-floor']['wall_s']:.2f} GB/s. Load average at the end: {os.getloadavg()[0]:.1f}.")
     write_results("cold7b", text, {"rows": rows, "floor_s": floor, "load": os.getloadavg()}, args.results)
 
 
