@@ -101,7 +101,7 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
     text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
         try:
-            import yaml  # type: ignore[import-untyped]
+            import yaml
         except ImportError:
             raise InvalidOptionError(f"{p}: YAML bulk files need PyYAML (pip install pyyaml); TOML needs nothing") from None
         data = yaml.safe_load(text)
@@ -522,7 +522,7 @@ def _connect_ray() -> Any:
     if not address or host in ("127.0.0.1", "localhost", "::1", "[::1]"):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
-        import ray  # type: ignore[import-not-found]
+        import ray
     except ImportError:
         raise InvalidOptionError("--executor ray needs Ray: pip install 'layerswap-fast[ray]'") from None
     if not ray.is_initialized():
@@ -537,7 +537,7 @@ def _placer(ray: Any) -> Callable[[Any, int], Any]:
     """Task i goes to node i mod N of the cluster's live nodes with CPUs (soft affinity: elsewhere if
     that node goes away). Every task reads or writes whole models, so spreading them evenly uses
     every node's disk and link; Ray's own policies pack small tasks onto the first node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # type: ignore[import-not-found]
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
     if not nodes:
@@ -547,7 +547,7 @@ def _placer(ray: Any) -> Callable[[Any, int], Any]:
 
 def _node() -> str:
     """The Ray node this task runs on (recorded in the summary: which node did what)."""
-    import ray  # type: ignore[import-not-found]
+    import ray
 
     return str(ray.get_runtime_context().get_node_id())
 

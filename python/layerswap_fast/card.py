@@ -62,7 +62,7 @@ def parse_front_matter(text: str) -> dict[str, Any]:
         return {}
     block = "\n".join(lines[1:end])
     try:
-        import yaml  # type: ignore[import-untyped]
+        import yaml
     except ImportError:
         return _simple_yaml(block)
     try:

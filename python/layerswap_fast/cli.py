@@ -304,6 +304,7 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
     if plan_file is None and ((base is None and decisions_file is None) or safety is None or not experts):
         raise click.UsageError("give -b/--base, -s/--safety and -m/--expert, or --plan FILE")
     if plan_file is None and not named and len(experts) == 1 and executor == "local" and saved_stats is None:
+        assert safety is not None  # checked just above (without --plan)
         if out is None:
             raise click.UsageError("give -o/--out")
         bar = ProgressBar(enabled=False if quiet else None)
@@ -327,6 +328,7 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
         specs = [bulk.ExpertSpec(n, p, options) for n, p in experts]
     if out is None:
         raise click.UsageError("give -o/--out (or 'out' in the --plan file)")
+    assert base is not None and safety is not None  # given (checked above), or from the --plan file (required there)
     if config_from is not None:
         raise click.UsageError("--config-from applies to a merge of one expert (without --plan, NAME=PATH or --stats)")
     check_not_input(out, [plan_file])

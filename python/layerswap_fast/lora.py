@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from layerswap_fast.errors import InvalidModelError
 from layerswap_fast.folder import TOKENIZER_FILES
@@ -49,7 +49,7 @@ def _read_config(adapter: Path) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def write_adapter_config(stage: Path, emitted: dict[str, Any], base: Path, safety: Path, expert: Path) -> str:
+def write_adapter_config(stage: Path, emitted: dict[str, Any], base: Optional[Path], safety: Path, expert: Path) -> str:
     """Writes the ``adapter_config.json`` of an adapter the engine emitted into ``stage``: every module
     by its exact name, with its own rank and alpha through ``rank_pattern`` / ``alpha_pattern`` (the
     scale is alpha / r: rsLoRA scales were turned into plain ones by the engine). Returns the file name."""
@@ -61,7 +61,7 @@ def write_adapter_config(stage: Path, emitted: dict[str, Any], base: Path, safet
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": m_cfg.get("task_type") or s_cfg.get("task_type"),
-        "base_model_name_or_path": m_cfg.get("base_model_name_or_path") or s_cfg.get("base_model_name_or_path") or str(base),
+        "base_model_name_or_path": m_cfg.get("base_model_name_or_path") or s_cfg.get("base_model_name_or_path") or (str(base) if base is not None else None),
         "r": first["rank"],
         "lora_alpha": first["alpha"],
         "rank_pattern": {key(m["module"]): m["rank"] for m in modules},

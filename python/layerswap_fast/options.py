@@ -7,6 +7,7 @@ phrased in terms of the option they typed.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import numbers
 import os
@@ -30,7 +31,7 @@ MAX_THREADS = 4096
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
-def parse_size(value: int | str) -> int:
+def parse_size(value: int | float | str) -> int:
     """Parses a byte size: ``1073741824``, ``512MiB``, ``1GiB``, ``5GB`` (decimal), ``2g`` (binary).
 
     Raises:
@@ -316,11 +317,12 @@ def options_arg(value: Any) -> None:
 def toml() -> Any:
     """The TOML parser: ``tomllib`` (Python 3.11+) or ``tomli`` (3.10, a dependency there). Every
     reader of TOML (layouts, plan files, the reference) gets it here."""
+    # Looked up by name, not by version, so that the fallback can be tested on 3.11+ too; typed as
+    # modules either way (the two parsers have the same API).
     try:
-        import tomllib
+        return importlib.import_module("tomllib")
     except ImportError:
-        import tomli as tomllib  # type: ignore[no-redef]
-    return tomllib
+        return importlib.import_module("tomli")
 
 
 def cli_args(params: dict[str, Any]) -> list[str]:

@@ -429,16 +429,16 @@ def compute_plan(
         raise ValueError(f"granularity must be layer|module and numerics exact|official; got {granularity!r}, {numerics!r}")
     patterns = Patterns.from_layout(layout)
     B, S, M = Checkpoint(base), Checkpoint(safety), Checkpoint(expert)
-    measured = [(n, patterns.place(n)) for n in M.names()]
-    measured = [(n, p) for n, p in measured if p.target]
+    # (name, layer, part) of every measured tensor: a measured tensor always sits in a layer.
+    measured = [(n, p.layer, p.part) for n in M.names() if (p := patterns.place(n)).target and p.layer is not None]
     if not measured:
         raise ValueError(f"{expert}: no measured tensors (attention / MLP projections of model.layers.N)")
-    n_layers = max(p.layer for _, p in measured) + 1  # type: ignore[type-var]
+    n_layers = max(layer for _, layer, _ in measured) + 1
     keys = unit_keys(n_layers, granularity)
     acc: dict[tuple[int, Optional[str]], list[float]] = {k: [0.0, 0.0] for k in keys}
     norms = []
     # Layer by layer, then in name order: only the last bits of the sums depend on this order.
-    for name, place in sorted(measured, key=lambda np_: (np_[1].layer, np_[0])):
+    for name, layer, part in sorted(measured, key=lambda m_: (m_[1], m_[0])):
         b = _as_numerics(B.get(name), numerics)
         s = _as_numerics(S.get(name), numerics)
         m = _as_numerics(M.get(name), numerics)
@@ -449,13 +449,13 @@ def compute_plan(
         nm = _norm(m - b, numerics)
         r_s, r_m = (ns / nb, nm / nb) if nb > BASE_NORM_EPS else (ns, nm)
         norms.append(RefTensorNorms(name, nb, ns, nm, r_s, r_m))
-        key = (place.layer, None) if granularity == "layer" else (place.layer, place.part)
+        key = (layer, None) if granularity == "layer" else (layer, part)
         if granularity == "layer":
-            acc[key][0] += r_s  # type: ignore[index]
-            acc[key][1] += r_m  # type: ignore[index]
+            acc[key][0] += r_s
+            acc[key][1] += r_m
         else:
-            acc[key][0] += r_s * r_s  # type: ignore[index]
-            acc[key][1] += r_m * r_m  # type: ignore[index]
+            acc[key][0] += r_s * r_s
+            acc[key][1] += r_m * r_m
     if granularity == "module":
         acc = {k: [math.sqrt(v[0]), math.sqrt(v[1])] for k, v in acc.items()}
     a_s = [acc[k][0] for k in keys]

@@ -53,7 +53,7 @@ class LlamaConfig:
         """(name, shape) of every tensor, in a Hugging Face-like order."""
         head_dim = self.hidden // self.heads
         kv = self.kv_heads * head_dim
-        out = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
         for i in range(self.n_layers):
             p = f"model.layers.{i}."
             out.append((p + "input_layernorm.weight", (self.hidden,)))

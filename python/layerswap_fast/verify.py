@@ -189,17 +189,17 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
         raise ValueError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
     spans = []
-    for name, e in header.items():
-        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            raise ValueError(f"{path}: tensor '{name}': malformed entry {e!r}")
-        if e["dtype"] not in _ALL_DTYPES:
-            raise ValueError(f"{path}: tensor '{name}': unknown dtype {e['dtype']!r}")
-        shape, (lo, hi) = e["shape"], e["data_offsets"]
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"{path}: tensor '{name}': malformed entry {entry!r}")
+        if entry["dtype"] not in _ALL_DTYPES:
+            raise ValueError(f"{path}: tensor '{name}': unknown dtype {entry['dtype']!r}")
+        shape, (lo, hi) = entry["shape"], entry["data_offsets"]
         if not all(isinstance(x, int) and x >= 0 for x in shape):
             raise ValueError(f"{path}: tensor '{name}': bad shape {shape!r}")
-        want = math.prod(shape) * _ELEM.get(e["dtype"], 1)
-        if e["dtype"] in _ELEM and hi - lo != want:
-            raise ValueError(f"{path}: tensor '{name}': {hi - lo} bytes for shape {shape} {e['dtype']} ({want} expected)")
+        want = math.prod(shape) * _ELEM.get(entry["dtype"], 1)
+        if entry["dtype"] in _ELEM and hi - lo != want:
+            raise ValueError(f"{path}: tensor '{name}': {hi - lo} bytes for shape {shape} {entry['dtype']} ({want} expected)")
         spans.append((lo, hi, name))
     spans.sort()
     pos = 0
