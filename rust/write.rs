@@ -23,6 +23,7 @@ use crate::expert::{Expert, Term};
 use crate::io::writer::OutputTensor;
 use crate::io::{MemoryRegion, Model, OutputWriter, ShardMap};
 use crate::layout::Place;
+use crate::lora::Adapter;
 use crate::official;
 use crate::open::Session;
 use crate::options::Numerics;
@@ -193,7 +194,11 @@ impl Session {
         // A tensor made from LoRA factors is computed in float64 in two more chunk-sized buffers.
         let lora = self.safety.adapter().is_some() || host.adapter().is_some();
         let budget = if lora {
-            Budget::plan(options.max_memory, options.threads, BUFFERS_LORA, 8)?
+            // Each worker also reads the factors a chunk needs: counted as scratch.
+            let adapters = [self.safety.adapter(), host.adapter()];
+            Budget::plan_with_scratch(options.max_memory, options.threads, BUFFERS_LORA, 8, |chunk| {
+                Adapter::write_scratch(adapters.iter().flatten().copied(), chunk)
+            })?
         } else {
             Budget::plan(options.max_memory, options.threads, 3, self.widest(options))?
         };

@@ -1,16 +1,20 @@
-"""Shared fixtures: synthetic Hugging Face trios built on the fly (no hub), cached per session."""
+"""Shared fixtures: synthetic Hugging Face trios built on the fly (no hub), cached per session; the one
+merge-then-check fixture; the CLI helpers every CLI test uses."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import settings
 
-from layerswap_fast import synth
+import layerswap_fast as lsf
+from layerswap_fast import cli, synth
+from models import check_output
 
 # Every merge any test makes is also checked by `verify` against the torch reference (needs torch).
 pytest_plugins = ["verify_all"]
@@ -56,3 +60,58 @@ def tree_digest(path: Path) -> dict[str, str]:
         if p.is_file():
             out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+# --- merge, then check ---------------------------------------------------------------------------------
+
+#: The options of a merge that verify needs to recompute it.
+METHOD_OPTIONS = ("granularity", "tau", "alpha", "numerics", "outside", "norms", "out_dtype")
+
+
+class Checked(NamedTuple):
+    report: dict[str, Any]
+    verified: Optional["lsf.VerifyResult"]
+
+
+@pytest.fixture(scope="session")
+def merge_checked() -> Callable[..., Checked]:
+    """``merge_checked(paths, out, units=..., source=..., verify=False, **options)``: merges B, S and M of
+    ``paths`` into ``out`` with ``lsf.merge(**options)``, proves the inputs unchanged, then checks the
+    output against numpy (:func:`models.check_output` with ``units`` and ``source``) and/or against the
+    torch reference (``verify``: ``lsf.verify`` with the same method options, which must pass). Returns
+    the report and the verify result. Session-scoped, so hypothesis tests can use it too."""
+
+    def run(paths: dict[str, Path], out: Path, *, units: Optional[dict[Any, dict[str, Any]]] = None,
+            source: Optional[Callable[[str], tuple[str, float]]] = None, verify: bool = False, **options: Any) -> Checked:
+        assert (units is None) == (source is None), "give both units and source, or neither"
+        assert units is not None or verify, "nothing to check"
+        before = {r: tree_digest(p) for r, p in paths.items()}
+        report = lsf.merge(paths["base"], paths["safety"], paths["expert"], out, **options)
+        assert {r: tree_digest(p) for r, p in paths.items()} == before, "inputs were modified"
+        if units is not None and source is not None:
+            check_output(paths, out, report, units, source, out_dtype=options.get("out_dtype"))
+        result = None
+        if verify:
+            method = {k: v for k, v in options.items() if k in METHOD_OPTIONS}
+            result = lsf.verify(out, paths["base"], paths["safety"], paths["expert"], **method)
+            assert result.ok, result.summary()
+        return Checked(report, result)
+
+    return run
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------
+
+
+def merge_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """``layerswap-fast merge`` of the trio ``paths`` into ``out``, quiet, then ``extra``."""
+    return ["merge", "-b", str(paths["base"]), "-s", str(paths["safety"]), "-m", str(paths["expert"]), "-o", str(out), "-q", *extra]
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """The CLI in-process (fast): exit status, stdout, stderr. An exception other than SystemExit is a
+    traceback the user would have seen, so it fails the test."""
+    result = CliRunner().invoke(cli.main, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"uncaught {type(result.exception).__name__}: {result.exception}") from result.exception
+    return result.exit_code, result.stdout, result.stderr

@@ -592,3 +592,20 @@ def tensor_source(tag: Tag, plan: dict[Any, dict[str, Any]], granularity: str, o
     if unit == "norm":
         return norms
     return plan[unit]["decision"]
+
+
+def numpy_expected(paths: dict[str, Path], specs: list[Spec], granularity: str, vocab_from: str = "outside",
+                   alpha: float = 0.5) -> dict[str, Any]:
+    """``units`` and ``source`` for ``models.check_output`` from :func:`numpy_plan`: every unit's
+    measured decision and scores, every tensor's source (the vocabulary tensors from the language
+    expert with ``vocab_from="expert"``) at ``alpha``."""
+    from models import numpy_units
+
+    ref = numpy_plan(paths, specs, granularity)
+    tags = {name: tag for name, _, tag in specs}
+
+    def source(name: str) -> tuple[str, float]:
+        tag = tags[name]
+        return ("expert" if tag == VOCAB and vocab_from == "expert" else tensor_source(tag, ref, granularity)), alpha
+
+    return {"units": numpy_units(ref), "source": source}

@@ -1,5 +1,6 @@
-"""Test helpers independent of the engine: a plain safetensors reader and a straightforward numpy
-computation of METHOD.md (Llama naming), used to check the engine's decisions and bytes.
+"""Test helpers independent of the engine: the tests' one safetensors reader, a straightforward numpy
+computation of METHOD.md (Llama naming), and the one check of a merge's output against it (decisions and
+bytes).
 """
 
 from __future__ import annotations
@@ -8,21 +9,44 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import pytest
 
 NP_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
 
 
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header of one .safetensors file as written (``__metadata__`` included, in file order) and the
+    absolute offset of its data section, from which every ``data_offsets`` counts."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(n)), 8 + n
+
+
+def shard_files(model: Path) -> list[Path]:
+    """The .safetensors files of a model folder (all of them, sorted), or the file itself."""
+    model = Path(model)
+    return [model] if model.is_file() else sorted(model.glob("*.safetensors"))
+
+
+def locate(model: Path, name: str) -> tuple[Path, int, int, str]:
+    """(file, absolute byte offset, size in bytes, dtype) of one tensor of a model folder or file."""
+    for f in shard_files(model):
+        header, start = read_header(f)
+        if name in header:
+            lo, hi = header[name]["data_offsets"]
+            return f, start + lo, hi - lo, header[name]["dtype"]
+    raise KeyError(name)
+
+
 def read_file(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
     """name -> (dtype, shape, raw bytes) of one .safetensors file."""
-    data = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
+    header, start = read_header(path)
     header.pop("__metadata__", None)
-    base = 8 + n
-    return {k: (v["dtype"], v["shape"], data[base + v["data_offsets"][0] : base + v["data_offsets"][1]]) for k, v in header.items()}
+    data = Path(path).read_bytes()
+    return {k: (v["dtype"], v["shape"], data[start + v["data_offsets"][0] : start + v["data_offsets"][1]]) for k, v in header.items()}
 
 
 def read_model(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
@@ -144,3 +168,45 @@ def tensor_decision(name: str, plan_units: dict[Any, Any], granularity: str, out
     if unit == "norm":
         return norms
     return plan_units[unit]["decision"] if isinstance(plan_units[unit], dict) else plan_units[unit].decision
+
+
+# --- the one check of a merge's output -------------------------------------------------------------------
+
+
+def unit_key(unit: dict[str, Any]) -> Any:
+    """A report unit's key, as :func:`numpy_plan` keys them: the layer, or (layer, part)."""
+    return unit["layer"] if unit["part"] is None else (unit["layer"], unit["part"])
+
+
+def numpy_units(ref: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """What the report must say of every unit, from a numpy plan: the decision, and the scores and d to
+    float64 rounding (d = p_s - p_m cancels, hence its looser relative tolerance)."""
+    return {key: {"decision": r["decision"], "score_safety": pytest.approx(r["A_s"], rel=1e-9),
+                  "score_expert": pytest.approx(r["A_m"], rel=1e-9), "d": pytest.approx(r["d"], rel=1e-7, abs=1e-12)}
+            for key, r in ref.items()}
+
+
+def numpy_expected(paths: dict[str, Path], granularity: str, alpha: float = 0.5, tau: float = 0.001) -> dict[str, Any]:
+    """``units`` and ``source`` for :func:`check_output` from :func:`numpy_plan` (Llama names, the
+    method's rule alone): every unit's measured decision and scores, every tensor's source at ``alpha``."""
+    ref = numpy_plan(paths["base"], paths["safety"], paths["expert"], granularity, tau=tau)
+    return {"units": numpy_units(ref), "source": lambda name: (tensor_decision(name, ref, granularity), alpha)}
+
+
+def check_output(paths: dict[str, Path], out: Path, report: dict[str, Any], units: dict[Any, dict[str, Any]],
+                 source: Callable[[str], tuple[str, float]], out_dtype: str | None = None) -> None:
+    """A merge's output against an independent expectation: the report has exactly the units of ``units``
+    and each has the values given there (any of its fields); the output has exactly the language expert's
+    tensors, each with its shape, its dtype (or ``out_dtype``) and the bytes of :func:`expected_bytes`
+    for ``source(name)`` = (decision, alpha)."""
+    got = {unit_key(u): u for u in report["units"]}
+    assert set(got) == set(units)
+    for key, want in units.items():
+        assert {field: got[key][field] for field in want} == want, key
+    S, M, O = read_model(paths["safety"]), read_model(paths["expert"]), read_model(out)
+    assert set(O) == set(M)
+    for name in M:
+        decision, alpha = source(name)
+        dtype = out_dtype.upper() if out_dtype else M[name][0]
+        assert O[name][:2] == (dtype, M[name][1]), name
+        assert O[name][2] == expected_bytes(name, decision, S, M, alpha, dtype), f"{name} ({decision} {alpha}) differs"

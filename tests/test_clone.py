@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +21,7 @@ import pytest
 import layerswap_fast as lsf
 from layerswap_fast import bulk, synth
 from conftest import model_digest
-from models import numpy_plan, read_model, tensor_decision
+from models import numpy_plan, read_header, read_model, shard_files, tensor_decision
 
 BLOCK = 4096
 # Big enough that most tensors span whole 4 KiB blocks (q/k/v/o 32 KiB, MLP 88 KiB, bf16), small
@@ -71,14 +70,12 @@ def used_bytes(path: Path) -> int:
 def headers(folder: Path) -> dict[str, tuple[str, int, int]]:
     """tensor -> (file, absolute offset, size), read from the files' own headers."""
     out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+    for f in shard_files(folder):
+        header, start = read_header(f)
         header.pop("__metadata__", None)
         for name, v in header.items():
             a, b = v["data_offsets"]
-            out[name] = (f.name, 8 + n + a, b - a)
+            out[name] = (f.name, start + a, b - a)
     return out
 
 

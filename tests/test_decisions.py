@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import layerswap_fast as lsf
 from layerswap_fast import decisions, synth
 from layerswap_fast.cli import main
-from models import expected_bytes, numpy_plan, read_model, unit_of
+from models import check_output, numpy_plan, read_model, unit_of
 
 EIGHT = synth.LlamaConfig(n_layers=8, hidden=32, intermediate=64, heads=2, kv_heads=1, vocab=64)
 SMALL = synth.LlamaConfig(n_layers=4, hidden=32, intermediate=48, heads=2, kv_heads=1, vocab=64)
@@ -83,23 +83,21 @@ def band_units(n_layers: int, bottom: int, top: int, t: int) -> dict[int, tuple[
     return out
 
 
-def check_output(paths: dict[str, Path], out: Path, report: dict[str, Any], want: dict[Key, tuple[str, Optional[float], str]],
-                 granularity: str, alpha: float = 0.5) -> None:
-    """Every unit's decision, alpha and source in the report; every output tensor's bytes."""
-    got = {(u["layer"] if u["part"] is None else (u["layer"], u["part"])): (u["decision"], u["alpha"], u["source"]) for u in report["units"]}
-    assert got == want
-    S, M, O = read_model(paths["safety"]), read_model(paths["expert"]), read_model(out)
-    assert set(O) == set(M)
-    for name in M:
+def expectation(want: dict[Key, tuple[str, Optional[float], str]], granularity: str, alpha: float = 0.5) -> dict[str, Any]:
+    """``units`` and ``source`` for ``models.check_output``: every unit's decision, alpha and source as
+    ``want`` says; every tensor's bytes from its unit's decision and alpha (outside the layers a blend
+    at the run's ``alpha``, a layer's own norms from the language expert)."""
+
+    def source(name: str) -> tuple[str, float]:
         unit = unit_of(name, granularity)
         if unit == "outside":
-            decision, a = "blend", alpha
-        elif unit == "norm":
-            decision, a = "expert", alpha
-        else:
-            decision, a_unit, _ = want[unit]
-            a = alpha if a_unit is None else a_unit
-        assert O[name][2] == expected_bytes(name, decision, S, M, a), f"{name} ({decision} {a})"
+            return "blend", alpha
+        if unit == "norm":
+            return "expert", alpha
+        decision, a_unit, _ = want[unit]
+        return decision, alpha if a_unit is None else a_unit
+
+    return {"units": {k: {"decision": d, "alpha": a, "source": src} for k, (d, a, src) in want.items()}, "source": source}
 
 
 @pytest.fixture(scope="module")
@@ -194,25 +192,22 @@ def test_sweep_values(text, taus):
     ("layer", [("3", "safety"), ("2", "blend:0.25"), ("6-7", "expert"), ("7", "blend")]),
     ("module", [("*.mlp", "safety"), ("1.attn", "blend:0.3"), ("5-6.mlp", "blend:0.125"), ("4", "expert"), ("0", "blend")]),
 ])
-def test_merge_follows_overrides(eight, tmp_path, granularity, overrides):
-    report = lsf.merge(eight["base"], eight["safety"], eight["expert"], tmp_path / "out", granularity=granularity,
-                       overrides=[f"{u}={d}" for u, d in overrides])
-    check_output(eight, tmp_path / "out", report, expected_units(eight, granularity, overrides), granularity)
+def test_merge_follows_overrides(eight, merge_checked, tmp_path, granularity, overrides):
+    merge_checked(eight, tmp_path / "out", granularity=granularity, overrides=[f"{u}={d}" for u, d in overrides],
+                  **expectation(expected_units(eight, granularity, overrides), granularity))
     assert json.loads((tmp_path / "out" / "layerswap_report.json").read_text())["parameters"]["overrides"] == [list(o) for o in overrides]
 
 
 @pytest.mark.parametrize("bands", [(2, 2, 1), (1, 2, 2), (3, 3, 0), (0, 0, 3)])
-def test_merge_follows_bands(eight, tmp_path, bands):
-    report = lsf.merge(eight["base"], eight["safety"], eight["expert"], tmp_path / "out", select="bands", bands=bands, alpha=0.3)
+def test_merge_follows_bands(eight, merge_checked, tmp_path, bands):
     want = expected_units(eight, "layer", [], alpha=0.3, bands=bands)
-    check_output(eight, tmp_path / "out", report, want, "layer", alpha=0.3)
+    merge_checked(eight, tmp_path / "out", select="bands", bands=bands, alpha=0.3, **expectation(want, "layer", alpha=0.3))
 
 
-def test_bands_then_overrides(eight, tmp_path):
+def test_bands_then_overrides(eight, merge_checked, tmp_path):
     overrides = [("4", "blend:0.75"), ("0", "safety")]
-    report = lsf.merge(eight["base"], eight["safety"], eight["expert"], tmp_path / "out", select="bands", bands="2,2,1",
-                       overrides=[f"{u}={d}" for u, d in overrides])
-    check_output(eight, tmp_path / "out", report, expected_units(eight, "layer", overrides, bands=(2, 2, 1)), "layer")
+    merge_checked(eight, tmp_path / "out", select="bands", bands="2,2,1", overrides=[f"{u}={d}" for u, d in overrides],
+                  **expectation(expected_units(eight, "layer", overrides, bands=(2, 2, 1)), "layer"))
 
 
 def run(*args: Any) -> Any:
@@ -237,7 +232,7 @@ def test_review_edit_merge_without_the_base(eight, tmp_path):
     want = {k: (m["decision"], 0.5 if m["decision"] == "blend" else None, "file") for k, m in measured.items()}
     want.update({k: (d, 0.4 if a is None and d == "blend" else a, "file") for k, (d, a) in edits.items()})
     want[(7, "attention")] = ("expert", None, "override")
-    check_output(eight, out, report, want, "module", alpha=0.4)
+    check_output(eight, out, report, **expectation(want, "module", alpha=0.4))
     assert report["inputs"]["base"] is None
     # verify checks a file merge without the base as well, and catches a different file.
     r = run("verify", out, "-s", eight["safety"], "-m", eight["expert"], "--decisions", tmp_path / "plan.json",
@@ -351,7 +346,7 @@ bands = [2, 2, 1]
     for name, want in (("ko", expected_units(eight, "layer", [("3", "safety"), ("2", "blend:0.25")])),
                        ("sw", expected_units(eight, "layer", [], bands=(2, 2, 1)))):
         out = tmp_path / "out" / name
-        check_output(eight, out, json.loads((out / "layerswap_report.json").read_text()), want, "layer")
+        check_output(eight, out, json.loads((out / "layerswap_report.json").read_text()), **expectation(want, "layer"))
 
 
 # --- conformance with the torch reference under any overrides -----------------------------------------

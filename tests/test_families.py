@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 import layerswap_fast as lsf
-from families import BY_ID, FAMILIES, VOCAB, Family, make_trio_from_specs, numpy_plan, tensor_source
+from families import BY_ID, FAMILIES, Family, make_trio_from_specs, numpy_expected
 from layerswap_fast.cli import main
 from layerswap_fast.errors import IncompatibleModelsError, InvalidModelError, InvalidOptionError, LayerswapError
-from models import expected_bytes, read_model
+from models import read_model
 
 LAYOUTS = Path(__file__).resolve().parent.parent / "rust" / "layouts"
 
@@ -47,32 +47,8 @@ def expected_place(tag: tuple) -> Any:
     return {"Layer": {"layer": tag[1], "part": tag[0], "target": tag[2]}}
 
 
-def report_units(report: dict) -> dict:
-    return {(u["layer"] if u["part"] is None else (u["layer"], u["part"])): u for u in report["units"]}
-
-
-def check_against_numpy(paths: dict[str, Path], out: Path, specs: list, granularity: str, report: dict,
-                        outside: str = "blend", vocab_from: str = "outside") -> dict:
-    ref = numpy_plan(paths, specs, granularity)
-    units = report_units(report)
-    assert set(units) == set(ref)
-    for key, r in ref.items():
-        assert units[key]["decision"] == r["decision"], key
-        assert units[key]["score_safety"] == pytest.approx(r["A_s"], rel=1e-9)
-        assert units[key]["score_expert"] == pytest.approx(r["A_m"], rel=1e-9)
-    S, M, O = read_model(paths["safety"]), read_model(paths["expert"]), read_model(out)
-    assert set(O) == set(M)
-    for name, _, tag in specs:
-        source = tensor_source(tag, ref, granularity, outside=outside)
-        if tag == VOCAB and vocab_from == "expert":
-            source = "expert"
-        assert O[name][:2] == M[name][:2], name
-        assert O[name][2] == expected_bytes(name, source, S, M, 0.5), f"{name} ({source}) differs"
-    return ref
-
-
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
-def test_family_inspect_and_merge_match_numpy(fam: Family, family_trio, tmp_path):
+def test_family_inspect_and_merge_match_numpy(fam: Family, family_trio, merge_checked, tmp_path):
     paths = family_trio(fam)
     specs = fam.specs()
     n_layers = 1 + max(t[1] for _, _, t in specs if t[0] in ("attention", "mlp", "norm"))
@@ -82,10 +58,10 @@ def test_family_inspect_and_merge_match_numpy(fam: Family, family_trio, tmp_path
     assert places == {name: expected_place(tag) for name, _, tag in specs}
     decisions = set()
     for granularity in ("layer", "module"):
-        report = lsf.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / granularity, granularity=granularity)
+        expected = numpy_expected(paths, specs, granularity)
+        report = merge_checked(paths, tmp_path / granularity, granularity=granularity, **expected).report
         assert report["layout"] == fam.layout and report["warnings"] == []
-        ref = check_against_numpy(paths, tmp_path / granularity, specs, granularity, report)
-        decisions |= {r["decision"] for r in ref.values()}
+        decisions |= {u["decision"] for u in expected["units"].values()}
     assert {"safety", "expert"} <= decisions, "the planted structure should give both decisions"
 
 
@@ -153,13 +129,13 @@ def trio_with(tmp_path: Path, fam: Family, edit) -> dict[str, Path]:
     return make_trio_from_specs(tmp_path / "in", fam.specs(), fam.config, dtype=fam.dtype, edit=edit)
 
 
-def test_tied_embeddings_have_no_lm_head_and_blend_the_embedding(family_trio, tmp_path):
+def test_tied_embeddings_have_no_lm_head_and_blend_the_embedding(family_trio, merge_checked, tmp_path):
     paths = family_trio(LLAMA)
     assert "lm_head.weight" not in read_model(paths["expert"])
-    lsf.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / "out")
-    O, S, M = read_model(tmp_path / "out"), read_model(paths["safety"]), read_model(paths["expert"])
-    assert "lm_head.weight" not in O
-    assert O["model.embed_tokens.weight"][2] == expected_bytes("model.embed_tokens.weight", "blend", S, M, 0.5)
+    expected = numpy_expected(paths, LLAMA.specs(), "layer")
+    assert expected["source"]("model.embed_tokens.weight")[0] == "blend"
+    merge_checked(paths, tmp_path / "out", **expected)
+    assert "lm_head.weight" not in read_model(tmp_path / "out")
 
 
 def _extend_vocab(extra: int):
@@ -191,12 +167,11 @@ def test_extended_vocabulary_is_an_error_naming_both_shapes(tmp_path):
 
 
 @pytest.mark.parametrize("granularity", ["layer", "module"])
-def test_vocab_from_expert_takes_the_extended_tensors_from_the_language_expert(tmp_path, granularity):
+def test_vocab_from_expert_takes_the_extended_tensors_from_the_language_expert(tmp_path, merge_checked, granularity):
     paths = trio_with(tmp_path, MISTRAL, _extend_vocab(64))
-    report = lsf.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / "out", granularity=granularity, vocab_from="expert")
+    report = merge_checked(paths, tmp_path / "out", granularity=granularity, vocab_from="expert",
+                           **numpy_expected(paths, MISTRAL.specs(), granularity, vocab_from="expert")).report
     assert report["parameters"]["vocab_from"] == "expert" and report["parameters"]["tokenizer_from"] == "expert"
-    specs = [(n, s, t) for n, s, t in MISTRAL.specs()]
-    check_against_numpy(paths, tmp_path / "out", specs, granularity, report, vocab_from="expert")
     assert read_model(tmp_path / "out")["lm_head.weight"][1] == [320, 96]
 
 
@@ -303,7 +278,7 @@ def test_unknown_tensor_inside_a_layer_is_shown_by_inspect_and_refused_by_merge(
     assert report["n_layers"] == 4
 
 
-def test_unknown_family_is_a_clear_error(tmp_path):
+def test_unknown_family_is_a_clear_error(tmp_path, merge_checked):
     # Starcoder2 naming: Llama attention but mlp.c_fc / mlp.c_proj. No built-in layout may half-fit it.
     specs = [(n.replace("mlp.gate_proj", "mlp.c_fc").replace("mlp.down_proj", "mlp.c_proj"), s, t)
              for n, s, t in MISTRAL.specs() if "mlp.up_proj" not in n]
@@ -323,8 +298,7 @@ def test_unknown_family_is_a_clear_error(tmp_path):
         "vocab = '^(model\\.embed_tokens|lm_head)\\.weight$'\n"
     )
     assert lsf.inspect(paths["expert"], layout=toml)["layout"] == "starcoder2"
-    report = lsf.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / "out", layout=toml, granularity="module")
-    check_against_numpy(paths, tmp_path / "out", specs, "module", report)
+    merge_checked(paths, tmp_path / "out", layout=toml, granularity="module", **numpy_expected(paths, specs, "module"))
 
 
 def test_invalid_custom_layout_is_a_clear_error(tmp_path, family_trio):

@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 import layerswap_fast as lsf
-from conftest import tree_digest
+from conftest import merge_args, tree_digest
 from layerswap_fast import cli, synth
 from layerswap_fast.errors import InvalidModelError
 
@@ -72,10 +72,6 @@ def small(trio: dict[str, Path]) -> Iterator[dict[str, Path]]:
     before = {r: tree_digest(p) for r, p in trio.items()}
     yield trio
     assert {r: tree_digest(p) for r, p in trio.items()} == before, "an input was modified"
-
-
-def merge_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["merge", "-b", str(paths["base"]), "-s", str(paths["safety"]), "-m", str(paths["expert"]), "-o", str(out), "-q", *extra]
 
 
 def leftovers(out: Path) -> list[str]:

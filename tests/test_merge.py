@@ -4,55 +4,32 @@ independent numpy computation of METHOD.md in ``models.py``."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 import layerswap_fast as lsf
 from layerswap_fast import synth
-from models import expected_bytes, numpy_plan, read_model, tensor_decision
-from conftest import model_digest, tree_digest
+from models import numpy_expected
+from conftest import model_digest
 
 # Tensors of 96 x 1001 elements straddle the 65 536-element chunks a 66 MiB budget forces.
 ODD = synth.LlamaConfig(n_layers=3, hidden=96, intermediate=1001, heads=4, kv_heads=2, vocab=777)
 
 
-def check_merge(paths: dict[str, Path], out: Path, granularity: str, alpha: float = 0.5, **kw: object) -> dict:
-    before = {r: tree_digest(p) for r, p in paths.items()}
-    report = lsf.merge(paths["base"], paths["safety"], paths["expert"], out, granularity=granularity, alpha=alpha, **kw)
-    assert {r: tree_digest(p) for r, p in paths.items()} == before, "inputs were modified"
-    ref = numpy_plan(paths["base"], paths["safety"], paths["expert"], granularity, tau=float(kw.get("tau", 0.001)))  # type: ignore[arg-type]
-    units = {(u["layer"] if u["part"] is None else (u["layer"], u["part"])): u for u in report["units"]}
-    assert set(units) == set(ref)
-    for key, r in ref.items():
-        u = units[key]
-        assert u["decision"] == r["decision"], key
-        assert u["score_safety"] == pytest.approx(r["A_s"], rel=1e-9)
-        assert u["score_expert"] == pytest.approx(r["A_m"], rel=1e-9)
-        assert u["d"] == pytest.approx(r["d"], rel=1e-7, abs=1e-12)
-    S, M, O = read_model(paths["safety"]), read_model(paths["expert"]), read_model(out)
-    assert set(O) == set(M)
-    for name in M:
-        decision = tensor_decision(name, ref, granularity)
-        want = expected_bytes(name, decision, S, M, alpha)
-        assert O[name][0] == M[name][0] and O[name][1] == M[name][1], name
-        assert O[name][2] == want, f"{name} ({decision}) differs"
-    return report
-
-
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
 @pytest.mark.parametrize("granularity", ["layer", "module"])
-def test_merge_matches_numpy(make_trio, tmp_path, dtype, granularity):
+def test_merge_matches_numpy(make_trio, merge_checked, tmp_path, dtype, granularity):
     paths = make_trio(dtype=dtype)
-    report = check_merge(paths, tmp_path / "out", granularity)
+    report = merge_checked(paths, tmp_path / "out", granularity=granularity, **numpy_expected(paths, granularity)).report
     c = report["counts"]
     assert c["safety"] > 0 and c["expert"] > 0
 
 
 @pytest.mark.parametrize("granularity", ["layer", "module"])
-def test_sharded_inputs_split_differently_and_chunk_boundaries(make_trio, tmp_path, granularity):
+def test_sharded_inputs_split_differently_and_chunk_boundaries(make_trio, merge_checked, tmp_path, granularity):
     paths = make_trio(config=ODD, dtype="bf16", shard_bytes={"base": 150_000, "safety": None, "expert": 400_000})
-    report = check_merge(paths, tmp_path / "out", granularity, alpha=0.3, max_memory="66MiB", shard_size=300_000)
+    report = merge_checked(paths, tmp_path / "out", granularity=granularity, alpha=0.3, max_memory="66MiB", shard_size=300_000,
+                           **numpy_expected(paths, granularity, alpha=0.3)).report
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert report["output"]["tensors"] == len(index["weight_map"])
@@ -70,10 +47,10 @@ def test_threads_do_not_change_bytes(make_trio, tmp_path):
     assert outs[0] == outs[1]
 
 
-def test_f64_and_single_file_inputs(make_trio, tmp_path):
+def test_f64_and_single_file_inputs(make_trio, merge_checked, tmp_path):
     paths = make_trio(dtype="f64", single_file=True)
     files = {r: p / "model.safetensors" for r, p in paths.items()}
-    check_merge(files, tmp_path / "out", "layer")
+    merge_checked(files, tmp_path / "out", granularity="layer", **numpy_expected(files, "layer"))
 
 
 def test_blend_everything_when_experts_equal_base(tmp_path):
@@ -85,19 +62,14 @@ def test_blend_everything_when_experts_equal_base(tmp_path):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_alpha_extremes_blend_to_one_source(make_trio, tmp_path, alpha):
+def test_alpha_extremes_blend_to_one_source(make_trio, merge_checked, tmp_path, alpha):
     paths = make_trio()
-    check_merge(paths, tmp_path / "out", "layer", alpha=alpha, tau=1.0)
+    merge_checked(paths, tmp_path / "out", granularity="layer", alpha=alpha, tau=1.0, **numpy_expected(paths, "layer", alpha=alpha, tau=1.0))
 
 
-def test_out_dtype_conversion(make_trio, tmp_path):
+def test_out_dtype_conversion(make_trio, merge_checked, tmp_path):
     paths = make_trio(dtype="f32")
-    lsf.merge(paths["base"], paths["safety"], paths["expert"], tmp_path / "out", out_dtype="bf16")
-    ref = numpy_plan(paths["base"], paths["safety"], paths["expert"], "layer")
-    S, M, O = read_model(paths["safety"]), read_model(paths["expert"]), read_model(tmp_path / "out")
-    for name in M:
-        assert O[name][0] == "BF16"
-        assert O[name][2] == expected_bytes(name, tensor_decision(name, ref, "layer"), S, M, 0.5, "BF16"), name
+    merge_checked(paths, tmp_path / "out", out_dtype="bf16", **numpy_expected(paths, "layer"))
 
 
 def test_output_folder_contents(trio, tmp_path):

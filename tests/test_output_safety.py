@@ -16,26 +16,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from click.testing import CliRunner
 
 import layerswap_fast as lsf
-from conftest import tree_digest
+from conftest import merge_args, run_cli, tree_digest
 from layerswap_fast import bulk, cli
 from test_faults import tmpfs
 
 HOSTILE = Path(__file__).parent / "hostile"
 GOOD = {r: HOSTILE / "good" / r for r in ("base", "safety", "expert")}
-
-
-def merge_args(out: Path, *extra: str, paths: dict[str, Path] = GOOD) -> list[str]:
-    return ["merge", "-b", str(paths["base"]), "-s", str(paths["safety"]), "-m", str(paths["expert"]), "-o", str(out), "-q", *extra]
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli.main, args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"uncaught {type(result.exception).__name__}: {result.exception}") from result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def hidden(parent: Path) -> list[str]:
@@ -97,7 +85,7 @@ def _foreign(root: Path, kind: str) -> Path:
 def test_force_refuses_a_folder_this_tool_did_not_write(tmp_path: Path, kind: str) -> None:
     out = _foreign(tmp_path, kind)
     before = tree_digest(out), hidden(out)
-    code, _, err = run_cli(merge_args(out, "--force"))
+    code, _, err = run_cli(merge_args(GOOD, out, "--force"))
     one_error(code, err, str(out), "not an output of layerswap-fast")
     assert (tree_digest(out), hidden(out)) == before
     assert hidden(tmp_path) == [], "a staging folder was made for a refused run"
@@ -109,10 +97,10 @@ def test_force_refuses_a_folder_this_tool_did_not_write(tmp_path: Path, kind: st
 def test_force_replaces_an_empty_folder_and_a_previous_output(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     out.mkdir()
-    code, _, err = run_cli(merge_args(out, "--force"))
+    code, _, err = run_cli(merge_args(GOOD, out, "--force"))
     assert code == 0, err
     first = tree_digest(out)
-    code, _, err = run_cli(merge_args(out, "--force", "--alpha", "0.25"))
+    code, _, err = run_cli(merge_args(GOOD, out, "--force", "--alpha", "0.25"))
     assert code == 0, err
     assert tree_digest(out) != first and json.loads((out / "layerswap_report.json").read_text())["parameters"]["alpha"] == 0.25
     assert hidden(tmp_path) == []
@@ -151,7 +139,7 @@ def test_current_directory_as_output_is_refused_before_any_work(tmp_path: Path, 
     for target in (".", str(work), str(tmp_path)):
         if target == str(tmp_path):
             (tmp_path / "layerswap_report.json").write_text("{}\n")
-        code, _, err = run_cli(merge_args(Path(target), "--force"))
+        code, _, err = run_cli(merge_args(GOOD, Path(target), "--force"))
         one_error(code, err, "current directory")
         assert hidden(work) == [] and hidden(tmp_path) == []
     assert sorted(p.name for p in work.iterdir()) == ["layerswap_report.json"]
@@ -162,11 +150,11 @@ def test_mount_point_as_output_is_refused_before_any_work(tmp_path: Path) -> Non
     resource busy'; it is refused up front and nothing is left in the parent or the mount."""
     with tmpfs(tmp_path / "volume", 1 << 20) as volume:
         (volume / "layerswap_report.json").write_text("{}\n")
-        code, _, err = run_cli(merge_args(volume, "--force"))
+        code, _, err = run_cli(merge_args(GOOD, volume, "--force"))
         one_error(code, err, str(volume), "mount point", str(volume / "merged"))
         assert hidden(tmp_path) == [] and sorted(p.name for p in volume.iterdir()) == ["layerswap_report.json"]
         # The suggested folder inside it works.
-        code, _, err = run_cli(merge_args(volume / "merged"))
+        code, _, err = run_cli(merge_args(GOOD, volume / "merged"))
         assert code == 0, err
 
 
@@ -195,7 +183,7 @@ def test_stale_leftovers_of_a_killed_run_are_removed_with_a_warning(tmp_path: Pa
     out = tmp_path / "merged"
     _killed_run(out, "partial")
     assert len(hidden(tmp_path)) == 1 and hidden(tmp_path)[0].startswith(".merged.partial-")
-    code, _, err = run_cli(merge_args(out))
+    code, _, err = run_cli(merge_args(GOOD, out))
     assert code == 0, err
     assert "warning" in err and "removed the leftover of an earlier run that was killed" in err, err
     assert hidden(tmp_path) == [] and (out / "model.safetensors").is_file()
@@ -209,7 +197,7 @@ def test_a_moved_aside_previous_output_is_kept_and_named(tmp_path: Path) -> None
     previous = tree_digest(out)
     _killed_run(out, "old")
     assert not out.exists()
-    code, _, err = run_cli(merge_args(out, "--alpha", "0.3"))
+    code, _, err = run_cli(merge_args(GOOD, out, "--alpha", "0.3"))
     assert code == 0, err
     kept = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.old-")]
     assert len(kept) == 1 and tree_digest(kept[0] / "merged") == previous
@@ -223,7 +211,7 @@ def test_a_live_runs_staging_folder_is_left_alone(tmp_path: Path) -> None:
 
     live = folder.new_stage(out)  # this process is alive: another run may be writing it
     try:
-        code, _, err = run_cli(merge_args(out))
+        code, _, err = run_cli(merge_args(GOOD, out))
         assert code == 0 and "still going" in err and live.name in err, err
         assert live.is_dir()
     finally:
@@ -288,7 +276,7 @@ def test_output_overlapping_the_layout_file_is_refused(tmp_path: Path) -> None:
     out.mkdir()
     layout = out / "layout.json"
     layout.write_text(dict(lsf._core.builtin_layouts())["llama"])
-    code, _, err = run_cli(merge_args(out, "--force", "--layout", str(layout)))
+    code, _, err = run_cli(merge_args(GOOD, out, "--force", "--layout", str(layout)))
     one_error(code, err, "overlaps the input", "layout.json")
     assert layout.is_file()
 

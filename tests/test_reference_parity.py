@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import json
 import math
-import struct
 import tempfile
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import layerswap_fast as lsf  # noqa: E402
 from layerswap_fast import reference, synth  # noqa: E402
-from layerswap_fast.verify import verify  # noqa: E402
+from models import locate  # noqa: E402
 
 # 72 x 1001 = 72 072 elements: straddles the 65 536-element chunks a 66 MiB budget forces, and leaves
 # 8 elements for the scalar tail of torch's 16-element bf16 steps.
@@ -39,32 +37,17 @@ STRADDLE = synth.LlamaConfig(n_layers=3, hidden=72, intermediate=1001, heads=4, 
 
 def overwrite_tensor(model: Path, name: str, raw_for: Callable[[int], bytes]) -> None:
     """Overwrites one tensor of a model folder in place with ``raw_for(nbytes)``."""
-    for f in reference.shard_files(model):
-        data = f.read_bytes()
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        if name in header:
-            lo, hi = header[name]["data_offsets"]
-            raw = raw_for(hi - lo)
-            assert len(raw) == hi - lo
-            with open(f, "r+b") as fh:
-                fh.seek(8 + n + lo)
-                fh.write(raw)
-            return
-    raise KeyError(name)
+    f, offset, nbytes, _ = locate(model, name)
+    raw = raw_for(nbytes)
+    assert len(raw) == nbytes
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(raw)
 
 
 def zero_tensor(model: Path, name: str) -> None:
     """Overwrites one tensor of a model folder with zeros, in place (a zero-norm base tensor)."""
     overwrite_tensor(model, name, lambda nbytes: b"\0" * nbytes)
-
-
-def merge_and_verify(paths: dict[str, Path], out: Path, **options: object) -> tuple[dict, "lsf.VerifyResult"]:
-    report = lsf.merge(paths["base"], paths["safety"], paths["expert"], out, **options)
-    method = {k: v for k, v in options.items() if k in ("granularity", "tau", "alpha", "numerics", "outside", "norms", "out_dtype")}
-    result = verify(out, paths["base"], paths["safety"], paths["expert"], **method)
-    assert result.ok, result.summary()
-    return report, result
 
 
 def assert_bit_exact(result: "lsf.VerifyResult", report: dict, plan: reference.RefPlan) -> None:
@@ -129,14 +112,14 @@ def cases(draw: st.DrawFn) -> dict:
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases())
-def test_engine_matches_reference(case: dict) -> None:
+def test_engine_matches_reference(case: dict, merge_checked) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = synth.make_trio(root / "in", case["config"], dtype=case["dtype"], planting=case["planting"], shard_bytes=case["shard_bytes"])
         if case["zero_base"]:
             zero_tensor(paths["base"], "model.layers.0.self_attn.k_proj.weight")
         opts = case["options"]
-        report, result = merge_and_verify(paths, root / "out", **opts)
+        report, result = merge_checked(paths, root / "out", **opts, verify=True)
         plan = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], granularity=opts["granularity"],
                                       tau=opts["tau"], numerics=opts["numerics"])
         assert [u["decision"] for u in report["units"]] == [u.decision for u in plan.units]
@@ -152,10 +135,11 @@ def test_engine_matches_reference(case: dict) -> None:
 
 @pytest.mark.parametrize("granularity", ["layer", "module"])
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
-def test_official_numerics_bit_exact(make_trio, tmp_path, granularity, dtype):
+def test_official_numerics_bit_exact(make_trio, merge_checked, tmp_path, granularity, dtype):
     """The authors' bf16 arithmetic, bit for bit, on tensors that straddle chunks and leave a tail."""
     paths = make_trio(config=STRADDLE, dtype=dtype, shard_bytes={"base": 150_000, "safety": None, "expert": 400_000})
-    report, result = merge_and_verify(paths, tmp_path / "out", granularity=granularity, numerics="official", alpha=0.3, max_memory="66MiB")
+    report, result = merge_checked(paths, tmp_path / "out", granularity=granularity, numerics="official", alpha=0.3, max_memory="66MiB",
+                                   verify=True)
     plan = reference.compute_plan(paths["base"], paths["safety"], paths["expert"], granularity=granularity, numerics="official")
     assert_bit_exact(result, report, plan)
     assert report["counts"]["safety"] > 0 and report["counts"]["expert"] > 0
@@ -213,23 +197,24 @@ def test_official_norm_where_float32_and_float64_sums_round_apart(tmp_path):
     assert [(u.score_safety, u.score_expert) for u in plan.units] == [(u.score_safety, u.score_expert) for u in ref.units]
 
 
-def test_exact_numerics_identical_bytes_on_straddling_tensors(make_trio, tmp_path):
+def test_exact_numerics_identical_bytes_on_straddling_tensors(make_trio, merge_checked, tmp_path):
     """exact numerics: float32 blends rounded once are what torch computes too, byte for byte."""
     paths = make_trio(config=STRADDLE, dtype="bf16", shard_bytes={"base": 150_000, "safety": None, "expert": 400_000})
-    _, result = merge_and_verify(paths, tmp_path / "out", granularity="module", alpha=0.3, max_memory="66MiB", shard_size=300_000)
+    _, result = merge_checked(paths, tmp_path / "out", granularity="module", alpha=0.3, max_memory="66MiB", shard_size=300_000,
+                              verify=True)
     assert all(t.status == "identical" for t in result.tensors)
 
 
 @pytest.mark.parametrize("out_dtype", ["bf16", "f32", "f64"])
-def test_out_dtype_conversions(make_trio, tmp_path, out_dtype):
+def test_out_dtype_conversions(make_trio, merge_checked, tmp_path, out_dtype):
     paths = make_trio(dtype="f32")
-    merge_and_verify(paths, tmp_path / "out", out_dtype=out_dtype)
+    merge_checked(paths, tmp_path / "out", out_dtype=out_dtype, verify=True)
 
 
-def test_f64_checkpoints_both_numerics(make_trio, tmp_path):
+def test_f64_checkpoints_both_numerics(make_trio, merge_checked, tmp_path):
     paths = make_trio(dtype="f64")
-    merge_and_verify(paths, tmp_path / "exact", granularity="module")
-    merge_and_verify(paths, tmp_path / "official", granularity="module", numerics="official")
+    merge_checked(paths, tmp_path / "exact", granularity="module", verify=True)
+    merge_checked(paths, tmp_path / "official", granularity="module", numerics="official", verify=True)
 
 
 def test_reference_plan_matches_the_numpy_one_in_models_py(make_trio):
@@ -259,7 +244,7 @@ def test_reference_official_reproduces_the_authors_operations(make_trio):
     assert torch.equal(blended, 0.3 * s + (1 - 0.3) * b)
 
 
-def test_zero_norm_base_uses_the_unnormalised_change(make_trio, tmp_path):
+def test_zero_norm_base_uses_the_unnormalised_change(make_trio, merge_checked, tmp_path):
     paths = make_trio(config=STRADDLE)
     base = tmp_path / "base"
     base.mkdir()
@@ -272,14 +257,14 @@ def test_zero_norm_base_uses_the_unnormalised_change(make_trio, tmp_path):
         plan = reference.compute_plan(base, paths["safety"], paths["expert"], numerics=numerics)
         n = next(x for x in plan.norms if x.name == name)
         assert n.base == 0 and n.r_safety == n.safety > 0
-        merge_and_verify(trio, tmp_path / f"out-{numerics}", numerics=numerics)
+        merge_checked(trio, tmp_path / f"out-{numerics}", numerics=numerics, verify=True)
 
 
-def test_tau_zero_and_identical_experts(tmp_path):
+def test_tau_zero_and_identical_experts(merge_checked, tmp_path):
     """tau = 0 with experts equal to the base: d is exactly 0 everywhere, and |d| <= tau blends."""
     paths = synth.make_trio(tmp_path / "in", synth.LlamaConfig(n_layers=3), planting=synth.Planting(strong=0.0, weak=0.0, outside=0.0))
     for numerics in ("exact", "official"):
-        report, _ = merge_and_verify(paths, tmp_path / numerics, tau=0.0, numerics=numerics, granularity="module")
+        report, _ = merge_checked(paths, tmp_path / numerics, tau=0.0, numerics=numerics, granularity="module", verify=True)
         assert report["counts"] == {"safety": 0, "expert": 0, "blend": 6}
 
 

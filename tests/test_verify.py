@@ -19,6 +19,7 @@ pytest.importorskip("safetensors", reason="verify needs safetensors: pip install
 import layerswap_fast as lsf  # noqa: E402
 from layerswap_fast import synth  # noqa: E402
 from layerswap_fast.cli import main  # noqa: E402
+from models import locate  # noqa: E402
 
 ODD = synth.LlamaConfig(n_layers=3, hidden=72, intermediate=1001, heads=4, kv_heads=2, vocab=301)
 
@@ -44,20 +45,9 @@ def run_verify(merged: dict[str, Path], out: Path, **kw: object) -> "lsf.VerifyR
     return lsf.verify(out, merged["base"], merged["safety"], merged["expert"], **opts)
 
 
-def locate(out: Path, name: str) -> tuple[Path, int, str]:
-    """(shard, absolute byte offset, dtype) of a tensor in an output folder."""
-    for f in sorted(out.glob("*.safetensors")):
-        data = f.read_bytes()
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        if name in header:
-            return f, 8 + n + header[name]["data_offsets"][0], header[name]["dtype"]
-    raise KeyError(name)
-
-
 def bump(out: Path, name: str, element: int = 5, ulps: int = 1) -> None:
     """Moves one element of one output tensor by ``ulps`` units in the last place (bf16)."""
-    f, off, dtype = locate(out, name)
+    f, off, _, dtype = locate(out, name)
     assert dtype == "BF16"
     with open(f, "r+b") as fh:
         fh.seek(off + 2 * element)

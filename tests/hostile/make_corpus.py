@@ -30,6 +30,10 @@ import numpy as np
 from layerswap_fast import synth
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))  # tests/, when run as a script: the tests' safetensors reader
+from models import read_header  # noqa: E402
+
 CONFIG = synth.LlamaConfig(n_layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, vocab=16)
 Q = "model.layers.0.self_attn.q_proj.weight"  # a measured tensor
 UP = "model.layers.1.mlp.up_proj.weight"  # another measured tensor
@@ -38,9 +42,8 @@ Entry = dict[str, Any]
 
 def read_st(path: Path) -> tuple[dict[str, Entry], bytes]:
     """Header entries (``__metadata__`` included, in file order) and the data section."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header, start = read_header(path)
+    return header, path.read_bytes()[start:]
 
 
 def header_text(entries: dict[str, Entry]) -> bytes:
