@@ -55,11 +55,14 @@ Job = tuple[int, "ExpertSpec", Plan, dict[str, Any]]
 
 @dataclass(frozen=True)
 class ExpertSpec:
-    """One language expert of a bulk run: its output name, its model, and its own options."""
+    """One language expert of a bulk run: its output name, its model, and its own options.
+    ``config_from`` is a model folder whose config, processor and tokenizer files its output takes (for
+    an expert given as a bare ``.safetensors`` file), as ``merge(config_from=)`` does."""
 
     name: str
     path: Path
     options: MergeOptions = field(default_factory=MergeOptions)
+    config_from: Optional[Path] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -68,6 +71,7 @@ class ExpertSpec:
         if self.name.lower() in reserved or self.name.lower().startswith("layerswap"):
             raise InvalidOptionError(f"expert name {self.name!r} is the name of a file layerswap-fast writes in the output folder; choose another")
         object.__setattr__(self, "path", path_arg(self.path, f"path of expert {self.name!r}"))
+        object.__setattr__(self, "config_from", path_arg(self.config_from, f"config_from of expert {self.name!r}", optional=True))
         if not isinstance(self.options, MergeOptions):
             raise InvalidOptionError(f"expert {self.name!r}: options must be MergeOptions, not {type(self.options).__name__}")
 
@@ -90,6 +94,7 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         base = "base/"
         safety = "safety/"
         out = "merged/"            # optional
+        config_from = "model/"     # optional: side files for every expert given as a bare .safetensors file
         [defaults]                 # optional: any MergeOptions field
         granularity = "module"
         [experts.ko]
@@ -102,6 +107,9 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         path = "expert-te/"
         select = "bands"
         bands = [2, 2, 1]
+        [experts.ar]
+        path = "ar.safetensors"
+        config_from = "ar-model/"  # this expert's side files (overrides the top-level one)
     """
     p = Path(path)
     text = p.read_text()
@@ -122,10 +130,11 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
     for key in ("base", "safety", "experts"):
         if key not in data:
             raise InvalidOptionError(f"{p}: missing '{key}'")
-    unknown = set(data) - {"base", "safety", "experts", "defaults", "out"}
+    unknown = set(data) - {"base", "safety", "experts", "defaults", "out", "config_from"}
     if unknown:
-        raise InvalidOptionError(f"{p}: unknown keys {sorted(unknown)} (allowed: base, safety, out, defaults, experts)")
+        raise InvalidOptionError(f"{p}: unknown keys {sorted(unknown)} (allowed: base, safety, out, config_from, defaults, experts)")
     root = p.parent
+    shared_config = root / str(data["config_from"]) if data.get("config_from") else None
     base_opts = defaults or MergeOptions()
     try:
         common = base_opts.replace(**data.get("defaults", {}))
@@ -135,7 +144,9 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
             if "path" not in spec:
                 raise InvalidOptionError(f"{p}: expert '{name}' has no path")
             epath = _bulk_path(root, spec.pop("path"))
-            experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common))
+            own = spec.pop("config_from", None)
+            config_from = root / str(own) if own else shared_config if epath.is_file() else None
+            experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common, config_from))
     except TypeError as e:
         raise InvalidOptionError(f"{p}: {e}") from None
     out = root / data["out"] if data.get("out") else None
@@ -198,8 +209,8 @@ def _write_stage(session: Session, shared: tuple[Path, Path], job: Job, target: 
     try:
         before = session.bytes_read
         write = session.write(index, plan, stage, sync=sync, progress=progress)
-        report = finish_output(stage, plan, write, session.bytes_read - before, e.options, (*shared, e.path), started, sources=sources,
-                               hub_inputs=hub_inputs, target=target, layout=layout)
+        report = finish_output(stage, plan, write, session.bytes_read - before, e.options, (*shared, e.path), started,
+                               config_from=e.config_from, sources=sources, hub_inputs=hub_inputs, target=target, layout=layout)
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -261,7 +272,8 @@ def bulk_merge(
     callback_arg(on_expert, "on_expert")
     hub_ids = _resolve(base_p, safety_p, specs)
     base_p, safety_p, specs = hub_ids.base, hub_ids.safety, hub_ids.specs
-    inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
+    inputs = [base_p, safety_p, *(e.path for e in specs), *(e.config_from for e in specs if e.config_from is not None),
+              path_arg(layout, "layout", optional=True),
               path_arg(saved_stats, "saved_stats", optional=True)]
     check_bulk_out(out_p, inputs)
     created = not out_p.exists()
@@ -370,7 +382,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
             _notify(on_expert, e.name, entries[e.name])
             continue
         try:  # a side file that is a FIFO or a dangling link fails this expert now, not after its merge
-            plan_side_files(model_of(e.path, base_p), _tokenizer_source(e.options, (base_p, safety_p, e.path)))
+            plan_side_files(model_of(e.path, base_p), _tokenizer_source(e.options, (base_p, safety_p, e.path)), e.config_from)
         except LayerswapError as err:
             entries[e.name] = _failure(err)
             _notify(on_expert, e.name, entries[e.name])
