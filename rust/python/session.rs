@@ -229,12 +229,7 @@ impl PySession {
         };
         self.run(py, progress, |s, p| {
             let sums = s.sums_of(which, &options, p)?;
-            let mut stamps = s.base.stamps();
-            stamps.extend(match which {
-                Measured::Safety => s.safety.stamps(),
-                Measured::Expert(k) => s.experts[k].stamps(),
-            });
-            Ok(PySums::new(which, sums, stamps))
+            Ok(PySums::new(which, sums, s.stamps_of(which)))
         })
     }
 
@@ -335,15 +330,6 @@ impl PySession {
     /// Refuses, before any work, an adapter output for expert ``expert`` unless S and it are both
     /// LoRA adapters.
     fn check_adapters(&self, expert: usize) -> PyResult<()> {
-        let slot = self.slot(expert)?;
-        for e in [&self.inner.safety, &self.inner.experts[slot]] {
-            if e.adapter().is_none() {
-                return Err(invalid_option(format!(
-                    "--emit adapter needs two LoRA adapter experts, but {} is a full model; write a full model instead",
-                    e.path().display()
-                )));
-            }
-        }
-        Ok(())
+        self.inner.check_adapters(self.slot(expert)?).map_err(to_py)
     }
 }

@@ -332,7 +332,7 @@ impl PyPlan {
 ///         systems only).
 ///     seconds: time spent.
 ///     expert_only: tensors outside the layers that only the language expert has, copied from it.
-#[pyclass(name = "WriteSummary", module = "layerswap_fast", frozen)]
+#[pyclass(name = "WriteSummary", module = "layerswap_fast._core", frozen)]
 pub(crate) struct PyWriteSummary(pub(crate) write::WriteSummary);
 
 #[pymethods]
