@@ -6,6 +6,17 @@ with PEFT (``merge_and_unload`` + ``save_pretrained``), then run a full merge of
     python benches/lora.py                       # 1b base, rank 16, one round
     python benches/lora.py --size 1b --rank 16 --repeat 3
     python benches/lora.py --smoke               # tiny base, one round: checks that everything runs
+    python benches/lora.py --size 8b             # memory: an 8B Llama-shaped base, --max-memory 1GiB and 256MiB
+
+``--size 8b`` is the memory benchmark: a Llama-3-8B-shaped BF16 base (32 layers, hidden 4096, MLP 14336,
+GQA 8 KV heads, vocabulary 128256: 8.03 B parameters, 16.1 GB) written as **sparse files with real
+headers** (four Hugging Face shards and their index, every tensor's data a hole that reads as zeros:
+no disk space, and reads cost no I/O, so the runs are compute- and write-bound), two rank-16 adapters
+on every projection (real random float32 factors, 168 MiB each), then: ``merge`` full output with
+``--max-memory 1GiB`` and with ``--max-memory 256MiB`` (16.1 GB written each, deleted right after),
+``merge --emit adapter`` and ``analyze``. Wall, CPU and peak RSS per run; the peak RSS is compared with
+the budget. It holds ``flock`` on the disk lock (``--disk-lock``, default /work/.disk.lock when it
+exists) for the whole run, checks free space first, and deletes every file it made, also on failure.
 
 The base comes from benches/generate.py (``bench-data/<size>/base``). The two adapters are written in
 PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's tensor names, float32
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -150,9 +162,107 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "adapter_bytes": {k: (v / "adapter_model.safetensors").stat().st_size for k, v in adapters.items()}, "runs": runs, "median": med}
 
 
+# --- the 8B-shaped memory benchmark (sparse base) --------------------------------------------------
+
+#: Llama-3-8B's shapes (config.json of meta-llama/Meta-Llama-3-8B).
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001}
+SHARD_BYTES = 5_000_000_000
+
+
+def llama_tensors(cfg: dict[str, Any]) -> list[tuple[str, list[int]]]:
+    """Tensor names and shapes of a LlamaForCausalLM, in Hugging Face's order."""
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    out = [("model.embed_tokens.weight", [v, h])]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", [h]), (p + "post_attention_layernorm.weight", [h]),
+                (p + "self_attn.q_proj.weight", [q, h]), (p + "self_attn.k_proj.weight", [kv, h]), (p + "self_attn.v_proj.weight", [kv, h]),
+                (p + "self_attn.o_proj.weight", [h, q]), (p + "mlp.gate_proj.weight", [inter, h]), (p + "mlp.up_proj.weight", [inter, h]),
+                (p + "mlp.down_proj.weight", [h, inter])]
+    return out + [("model.norm.weight", [h]), ("lm_head.weight", [v, h])]
+
+
+def write_sparse_model(folder: Path, cfg: dict[str, Any]) -> int:
+    """A BF16 model as Hugging Face shards whose headers are real and whose data are holes
+    (``truncate``): it occupies no disk space and reads as zeros. Returns the bytes of tensor data."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    shards: list[list[tuple[str, list[int]]]] = [[]]
+    size = 0
+    for name, shape in llama_tensors(cfg):
+        n = 2 * int(math.prod(shape))
+        if size and size + n > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += n
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for name, shape in tensors:
+            n = 2 * int(math.prod(shape))
+            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [pos, pos + n]}
+            pos += n
+            weight_map[name] = fname
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + pos)
+        total += pos
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def bench_8b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The memory benchmark of ``--size 8b`` in ``work`` (which the caller deletes)."""
+    base = work / "base-8b"
+    data_bytes = write_sparse_model(base, LLAMA_8B)
+    adapters = make_adapters(base, work / "adapters", args.rank)
+    lsf = lsf_exe()
+    need = data_bytes + (2 << 30)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, the full output needs {need / 2**30:.1f} GiB")
+    common = ["-b", str(base), "-s", str(adapters["safety"]), "-m", str(adapters["expert"])]
+    cmds = {
+        "lsf-full-1GiB": [lsf, "merge", "-q", *common, "-o", str(work / "out"), "--max-memory", "1GiB"],
+        "lsf-full-256MiB": [lsf, "merge", "-q", *common, "-o", str(work / "out"), "--max-memory", "256MiB"],
+        "lsf-adapter-1GiB": [lsf, "merge", "-q", *common, "-o", str(work / "out"), "--emit", "adapter", "--max-memory", "1GiB"],
+        "lsf-analyze-1GiB": [lsf, "analyze", "--json", *common, "--max-memory", "1GiB"],
+    }
+    budgets = {"lsf-full-1GiB": 1 << 30, "lsf-full-256MiB": 256 << 20, "lsf-adapter-1GiB": 1 << 30, "lsf-analyze-1GiB": 1 << 30}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name, cmd in cmds.items():
+        if args.only and name not in args.only:
+            continue
+        res = run_child(cmd)
+        res.pop("stdout")
+        report = work / "out" / "layerswap_report.json"
+        if report.is_file():
+            res["report_peak_rss_bytes"] = json.loads(report.read_text()).get("peak_rss_bytes")
+            res["bytes_written"] = sum(f.stat().st_size for f in (work / "out").glob("*.safetensors"))
+        res["budget_bytes"] = budgets[name]
+        res["within_budget"] = res["peak_rss_bytes"] <= budgets[name]
+        shutil.rmtree(work / "out", ignore_errors=True)
+        runs[name] = [res]
+        print(f"  {name}: {res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU, peak RSS {res['peak_rss_bytes'] / MIB:.0f} MiB "
+              f"(budget {budgets[name] / MIB:.0f} MiB)", file=sys.stderr, flush=True)
+    med = {name: {k: rs[0][k] for k in ("wall_s", "cpu_s", "peak_rss_bytes")} for name, rs in runs.items()}
+    return {"size": "8b", "rank": args.rank, "repeat": 1, "base_bytes": data_bytes, "base": "sparse (real headers, data as holes)",
+            "adapter_bytes": {k: (v / "adapter_model.safetensors").stat().st_size for k, v in adapters.items()}, "runs": runs, "median": med}
+
+
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"LoRA S + LoRA M (rank {res['rank']}) on the {res['size']} base ({res['base_bytes'] / 2**30:.2f} GiB), "
-             f"median of {res['repeat']}, warm cache", "", "| contender | wall | CPU | peak RSS |", "|---|---:|---:|---:|"]
+    lines = [f"LoRA S + LoRA M (rank {res['rank']}) on the {res['size']} base ({res['base_bytes'] / 2**30:.2f} GiB"
+             f"{', ' + res['base'] if 'base' in res else ''}), median of {res['repeat']}, warm cache", "",
+             "| contender | wall | CPU | peak RSS |", "|---|---:|---:|---:|"]
     for name, m in res["median"].items():
         lines.append(f"| {name} | {m['wall_s']:.2f} s | {m['cpu_s']:.2f} s | {m['peak_rss_bytes'] / MIB:,.0f} MiB |")
     return "\n".join(lines)
@@ -166,7 +276,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--root", type=Path, default=generate.ROOT)
     ap.add_argument("--smoke", action="store_true", help="tiny base in a temporary folder, one round")
+    ap.add_argument("--disk-lock", type=Path, default=Path("/work/.disk.lock") if Path("/work/.disk.lock").exists() else None,
+                    help="file to hold flock on for the whole --size 8b run (shared disk)")
     args = ap.parse_args(argv)
+    if args.size == "8b":
+        import fcntl
+
+        lock = open(args.disk_lock, "a") if args.disk_lock else None  # noqa: SIM115 (held until exit)
+        if lock is not None:
+            print(f"waiting for {args.disk_lock} ...", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        # (TemporaryDirectory removes every file, also on failure or Ctrl-C.)
+        with tempfile.TemporaryDirectory(prefix="lsf-lora-8b-", dir=args.root.parent) as tmp:
+            print(f"free: {shutil.disk_usage(tmp).free / 2**30:.1f} GiB", file=sys.stderr, flush=True)
+            res = bench_8b(args, Path(tmp))
+        res["machine"] = machine()
+        md = markdown(res)
+        print(md)
+        out = HERE / "results"
+        out.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (out / f"lora-8b-{stamp}.json").write_text(json.dumps(res, indent=2))
+        (out / f"lora-8b-{stamp}.md").write_text(md + "\n")
+        return
     with tempfile.TemporaryDirectory(prefix="lsf-lora-bench-", dir=None if args.smoke else args.root.parent) as tmp:
         if args.smoke:
             args.size, args.rank, args.repeat, args.root = "tiny", 4, 1, Path(tmp) / "data"

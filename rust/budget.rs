@@ -26,18 +26,38 @@ pub struct Budget {
     pub buffers: usize,
     /// Bytes per buffer.
     pub buffer_bytes: usize,
+    /// Bytes of scratch memory each worker may hold besides its buffers (LoRA factors read for a
+    /// chunk), at `chunk_elems`.
+    pub scratch_bytes: u64,
 }
 
 impl Budget {
     /// Fits `threads` workers, each holding `buffers` buffers of up to [`MAX_CHUNK`] elements of
     /// `elem_bytes` (the widest element involved), into `max_memory`. Shrinks chunks first, then workers.
     pub fn plan(max_memory: u64, threads: usize, buffers: usize, elem_bytes: usize) -> Result<Budget> {
+        Budget::plan_with_scratch(max_memory, threads, buffers, elem_bytes, |_| 0)
+    }
+
+    /// [`Budget::plan`] when each worker also holds up to `scratch(chunk_elems)` bytes of scratch
+    /// memory besides its buffers (non-decreasing in the chunk size): chunks and workers shrink until
+    /// `RESERVE + workers · (buffers · chunk · elem_bytes + scratch(chunk))` fits.
+    pub fn plan_with_scratch(
+        max_memory: u64,
+        threads: usize,
+        buffers: usize,
+        elem_bytes: usize,
+        scratch: impl Fn(usize) -> u64,
+    ) -> Result<Budget> {
         let per_elem = (buffers * elem_bytes) as u64;
-        let min_need = RESERVE + per_elem * BLOCK as u64;
+        let min_need = RESERVE + per_elem * BLOCK as u64 + scratch(BLOCK);
         if max_memory < min_need {
+            let extra = match scratch(BLOCK) {
+                0 => String::new(),
+                n => format!(" + {} of LoRA factor scratch", fmt_bytes(n)),
+            };
             return Err(Error::Budget {
                 message: format!(
-                    "memory budget of {} is too small: this merge needs at least {} ({} reserved + {} buffers of {} elements)",
+                    "memory budget of {} is too small: this merge needs at least {} ({} reserved + {} buffers of {} elements{extra})",
                     fmt_bytes(max_memory),
                     fmt_bytes(min_need),
                     fmt_bytes(RESERVE),
@@ -50,7 +70,7 @@ impl Budget {
         let mut chunk = MAX_CHUNK;
         let mut workers = threads.max(1);
         loop {
-            if per_elem * chunk as u64 * workers as u64 <= avail {
+            if (per_elem * chunk as u64 + scratch(chunk)) * workers as u64 <= avail {
                 break;
             }
             if chunk > BLOCK {
@@ -64,12 +84,18 @@ impl Budget {
             workers,
             buffers,
             buffer_bytes: chunk * elem_bytes,
+            scratch_bytes: scratch(chunk),
         })
     }
 
     /// Bytes the buffers take in total.
     pub fn buffer_total(&self) -> u64 {
         (self.workers * self.buffers * self.buffer_bytes) as u64
+    }
+
+    /// Bytes the budget accounts for at most: the reserve, every buffer and every worker's scratch.
+    pub fn accounted_peak(&self) -> u64 {
+        RESERVE + self.buffer_total() + self.workers as u64 * self.scratch_bytes
     }
 }
 

@@ -596,16 +596,56 @@ impl Adapter {
             .collect()
     }
 
-    /// Floats of scratch memory [`Adapter::delta_into`] needs for a chunk of `chunk_elems` elements of
-    /// module `m`: Q whole and the rows of P the chunk touches.
-    pub fn scratch_elems(m: &LoraModule, chunk_elems: usize) -> usize {
-        let rows = (chunk_elems as u64).div_ceil(m.cols).min(m.rows) as usize + 1;
-        m.rank as usize * (m.cols as usize + rows)
+    /// Bytes of heap memory [`Adapter::delta_into`] holds at most for a chunk of up to `chunk_elems`
+    /// elements of module `m`, counting every allocation live at once: Q (r × cols) as f64 with,
+    /// while it is read, its raw bytes or (transposed) the untransposed copy (16·r·cols); then Q and
+    /// the rows of P the chunk touches with their raw bytes or per-rank segments (16·rows·(r + 1)).
+    /// Factor dtypes are at most 8 bytes.
+    pub fn scratch_bytes(m: &LoraModule, chunk_elems: usize) -> u64 {
+        let rows = (chunk_elems as u64).div_ceil(m.cols).min(m.rows) + 1;
+        16 * m.rank * m.cols + 16 * rows * (m.rank + 1)
+    }
+
+    /// Bytes of heap memory the statistics of module `m` ([`Adapter::delta_sum_sq`]) hold at most:
+    /// both factors as f64 with their raw bytes while read, or their transposed copies
+    /// (24·r·(rows + cols)), and the two r × r Gram matrices.
+    pub fn stats_scratch_bytes(m: &LoraModule) -> u64 {
+        24 * m.rank * (m.rows + m.cols) + 16 * m.rank * m.rank
+    }
+
+    /// The scratch bound a worker of a write pass needs at `chunk_elems` for any module of `adapters`
+    /// (a worker computes one term at a time, so the largest, not the sum).
+    pub fn write_scratch<'a>(adapters: impl IntoIterator<Item = &'a Adapter>, chunk_elems: usize) -> u64 {
+        adapters
+            .into_iter()
+            .flat_map(|a| a.modules.values())
+            .map(|m| Adapter::scratch_bytes(m, chunk_elems))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The scratch bound a worker of the statistics pass ([`Adapter::diff_sum_sq`] over `names`) needs
+    /// for any of them: a module's factors, or a tensor saved whole (two chunks of f64 values and the
+    /// raw bytes of one).
+    pub fn stats_scratch(&self, names: &[&str], chunk_elems: usize) -> u64 {
+        names
+            .iter()
+            .map(|n| match self.modules.get(*n) {
+                Some(m) => Adapter::stats_scratch_bytes(m),
+                None if self.full.contains_key(*n) => 32 * chunk_elems as u64,
+                None => 0,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// ΔW of module `m` at flat elements `[start, start + out.len())`, in float64: for each element
-    /// (i, j), `scale · Σ_k P[i,k]·Q[k,j]`, the sum in k order. Products of factors stored in 32 bits
-    /// or less are exact in float64, so the only roundings are the r additions and the scale.
+    /// (i, j), `scale · Σ_k P[i,k]·Q[k,j]`, the sum in k order from 0. Products of factors stored in 32
+    /// bits or less are exact in float64, so the only roundings are the r additions and the scale.
+    ///
+    /// The work goes by blocks of [`COL_BLOCK`] columns, every row of the chunk within a block, so the
+    /// block of Q (r × `COL_BLOCK`) stays in the core's cache while the chunk's rows pass over it; the
+    /// order of each element's sum is the same whatever the blocking.
     pub fn delta_into(&self, m: &LoraModule, start: u64, out: &mut [f64]) -> Result<()> {
         if out.is_empty() {
             return Ok(());
@@ -615,19 +655,30 @@ impl Adapter {
         let nrows = (row1 - row0) as usize;
         let q = self.factor_q(m)?;
         let p = self.factor_p_rows(m, row0, nrows)?;
-        let mut e = 0usize;
-        let mut acc = vec![0f64; cols];
-        for (ri, i) in (row0..row1).enumerate() {
-            let j0 = if i == row0 { (start % m.cols) as usize } else { 0 };
-            let j1 = cols.min(j0 + out.len() - e);
-            let acc = &mut acc[..j1 - j0];
-            kernel::row(&p[ri * r..(ri + 1) * r], &q, cols, j0, acc);
-            for (o, a) in out[e..e + (j1 - j0)].iter_mut().zip(acc.iter()) {
-                *o = m.scale * *a;
+        let first = (start % m.cols) as usize;
+        for cb in (0..cols).step_by(COL_BLOCK) {
+            let ce = (cb + COL_BLOCK).min(cols);
+            // Row ri of the chunk holds columns [j0, j1) at out[e..].
+            let mut e = 0usize;
+            for ri in 0..nrows {
+                let j0 = if ri == 0 { first } else { 0 };
+                let j1 = cols.min(j0 + out.len() - e);
+                let (a, b) = (j0.max(cb), j1.min(ce));
+                if a < b {
+                    let o = e + (a - j0);
+                    kernel::row(
+                        &p[ri * r..(ri + 1) * r],
+                        &q,
+                        cols,
+                        a,
+                        &mut out[o..o + (b - a)],
+                        m.scale,
+                    );
+                }
+                e += j1 - j0;
             }
-            e += j1 - j0;
+            debug_assert_eq!(e, out.len());
         }
-        debug_assert_eq!(e, out.len());
         Ok(())
     }
 
@@ -754,34 +805,58 @@ fn gram_rows(x: &[f64], r: usize, n: usize) -> Vec<f64> {
     g
 }
 
+/// Columns of ΔW formed per pass over a chunk's rows: a block of Q is r × 256 float64 (32 KiB at rank
+/// 16), which stays in a core's L1/L2 cache while every row of the chunk uses it.
+pub const COL_BLOCK: usize = 256;
+
 /// The inner loop of [`Adapter::delta_into`], compiled twice on x86-64 (baseline and AVX2) and chosen
-/// at run time. Separate multiply and add in both: identical results.
+/// at run time. Separate multiply and add in both (no FMA): identical results.
 mod kernel {
+    /// Columns accumulated at once, in registers.
+    const TILE: usize = 16;
+
     #[inline(always)]
-    fn generic(p: &[f64], q: &[f64], cols: usize, j0: usize, acc: &mut [f64]) {
-        acc.fill(0.0);
-        for (k, &pk) in p.iter().enumerate() {
-            let qk = &q[k * cols + j0..k * cols + j0 + acc.len()];
-            for (a, &v) in acc.iter_mut().zip(qk) {
-                *a += pk * v;
+    fn generic(p: &[f64], q: &[f64], cols: usize, j0: usize, out: &mut [f64], scale: f64) {
+        let n = out.len();
+        let mut j = 0;
+        while j + TILE <= n {
+            let mut acc = [0f64; TILE];
+            for (k, &pk) in p.iter().enumerate() {
+                let at = k * cols + j0 + j;
+                let qk: &[f64; TILE] = q[at..at + TILE].try_into().expect("TILE elements");
+                for (a, &v) in acc.iter_mut().zip(qk) {
+                    *a += pk * v;
+                }
             }
+            for (o, a) in out[j..j + TILE].iter_mut().zip(acc) {
+                *o = scale * a;
+            }
+            j += TILE;
+        }
+        for (jj, o) in out.iter_mut().enumerate().skip(j) {
+            let mut a = 0f64;
+            for (k, &pk) in p.iter().enumerate() {
+                a += pk * q[k * cols + j0 + jj];
+            }
+            *o = scale * a;
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn avx2(p: &[f64], q: &[f64], cols: usize, j0: usize, acc: &mut [f64]) {
-        generic(p, q, cols, j0, acc);
+    fn avx2(p: &[f64], q: &[f64], cols: usize, j0: usize, out: &mut [f64], scale: f64) {
+        generic(p, q, cols, j0, out, scale);
     }
 
-    /// acc[j − j0] = Σ_k p[k] · q[k, j] for j in `[j0, j0 + acc.len())`.
-    pub(super) fn row(p: &[f64], q: &[f64], cols: usize, j0: usize, acc: &mut [f64]) {
+    /// out[j − j0] = scale · Σ_k p[k] · q[k, j] for j in `[j0, j0 + out.len())`, each sum in k order
+    /// from 0.
+    pub(super) fn row(p: &[f64], q: &[f64], cols: usize, j0: usize, out: &mut [f64], scale: f64) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 was just detected.
-            return unsafe { avx2(p, q, cols, j0, acc) };
+            return unsafe { avx2(p, q, cols, j0, out, scale) };
         }
-        generic(p, q, cols, j0, acc);
+        generic(p, q, cols, j0, out, scale);
     }
 }
 

@@ -281,6 +281,21 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the full models of this session (B, S and every M) are bigger than the machine's
+    /// memory, so that their passes run from disk: then the statistics pass drops B's pages as it
+    /// goes (the write pass of full models never reads B) and the write pass drops the output's
+    /// pages once written back, to keep in the page cache what the write pass reads first.
+    pub(crate) fn bigger_than_memory(&self) -> bool {
+        let size = |m: &Model| m.shards.iter().map(|s| s.len).sum::<u64>();
+        let mut total = size(&self.base);
+        for e in std::iter::once(&self.safety).chain(&self.experts) {
+            if let Expert::Full(m) = e {
+                total += size(m);
+            }
+        }
+        total > physical_memory()
+    }
+
     /// Widest element size in bytes among the inputs and the output dtype (sizes the buffers).
     pub(crate) fn widest(&self, options: &MergeOptions) -> usize {
         let inputs = self.experts[0]
@@ -307,4 +322,19 @@ pub fn measured_are_floats(m: &dyn TensorSet, layout: &Layout) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes of RAM of this machine (u64::MAX when unknown: never "bigger than memory").
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads configuration values.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(size as u64)
 }

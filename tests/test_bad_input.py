@@ -455,6 +455,39 @@ def test_single_file_expert_says_what_is_missing_and_config_from_supplies_it(tmp
     assert json.loads((out2 / "layerswap_report.json").read_text())["inputs"]["config_from"] == str(GOOD["expert"])
 
 
+
+def test_bulk_config_from_supplies_side_files_to_bare_file_experts(tmp_path: Path) -> None:
+    """Bulk runs take --config-from (for every expert given as a bare .safetensors file) and the plan
+    file's config_from (top level, or per expert); a folder expert keeps its own side files."""
+    side = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+    bare = GOOD["expert"] / "model.safetensors"
+    out = tmp_path / "cli"
+    code, stdout, err = run_cli(["merge", "-q", "-b", str(GOOD["base"]), "-s", str(GOOD["safety"]), "-m", f"bare={bare}",
+                                 "-m", f"folder={GOOD['safety']}", "-o", str(out), "--config-from", str(GOOD["expert"])])
+    assert code == 0, err
+    for name in side:
+        assert (out / "bare" / name).read_bytes() == (GOOD["expert"] / name).read_bytes(), name
+    assert json.loads((out / "bare" / "layerswap_report.json").read_text())["inputs"]["config_from"] == str(GOOD["expert"])
+    assert (out / "folder" / "config.json").read_bytes() == (GOOD["safety"] / "config.json").read_bytes()
+    assert "config_from" not in json.loads((out / "folder" / "layerswap_report.json").read_text())["inputs"]
+    # The plan file: a top-level config_from for bare files, and an expert's own.
+    own = tmp_path / "own-config"
+    own.mkdir()
+    (own / "config.json").write_text((GOOD["expert"] / "config.json").read_text())
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f"""base = "{GOOD['base']}"\nsafety = "{GOOD['safety']}"\nout = "planned"\nconfig_from = "{GOOD['expert']}"\n"""
+                    f"""[experts.a]\npath = "{bare}"\n[experts.b]\npath = "{bare}"\nconfig_from = "own-config"\n""")
+    code, stdout, err = run_cli(["merge", "-q", "--plan", str(plan)])
+    assert code == 0, err
+    for name in side:
+        assert (tmp_path / "planned" / "a" / name).read_bytes() == (GOOD["expert"] / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "planned" / "b").iterdir() if not p.name.startswith(("layerswap", "README", "model."))) \
+        == ["config.json"]
+    # With no bare-file expert, --config-from would do nothing: a usage error, not silence.
+    code, stdout, err = run_cli(["merge", "-q", "-b", str(GOOD["base"]), "-s", str(GOOD["safety"]), "-m", f"x={GOOD['expert']}",
+                                 "-o", str(tmp_path / "none"), "--config-from", str(GOOD["expert"])])
+    assert code == 2 and "bare .safetensors" in err and not (tmp_path / "none").exists(), err
+
 # --- numbers the tool must never invent --------------------------------------------------------------------
 
 

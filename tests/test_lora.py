@@ -296,3 +296,97 @@ def test_emit_adapter_refuses_what_an_adapter_cannot_express(lora: dict[str, Pat
     # A full expert cannot be written as an adapter.
     r = CliRunner().invoke(main, ["merge", "-b", str(base), "-s", str(s), "-m", str(base), "-o", str(tmp_path / "b"), "--emit", "adapter"])
     assert r.exit_code == 2 and "full model" in r.output and not (tmp_path / "b").exists(), r.output
+
+
+# --- verify: the torch reference reads the adapters itself and recomputes B + ΔW ----------------------------------
+
+
+def flip_bit(folder: Path, name: str, element: int, bit: int) -> None:
+    """Flips one bit of one element of tensor ``name`` in the .safetensors file of ``folder`` holding it."""
+    for f in sorted(folder.glob("*.safetensors")):
+        data = f.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        if name in header:
+            size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[header[name]["dtype"]]
+            at = 8 + n + header[name]["data_offsets"][0] + element * size + bit // 8
+            with open(f, "r+b") as fh:
+                fh.seek(at)
+                byte = fh.read(1)[0]
+                fh.seek(at)
+                fh.write(bytes([byte ^ (1 << (bit % 8))]))
+            return
+    raise KeyError(name)
+
+
+def verify_cli(out: Path, base: Path, s: Path, m: Path, *args: str) -> Any:
+    return CliRunner().invoke(main, ["verify", str(out), "-b", str(base), "-s", str(s), "-m", str(m), *args])
+
+
+@pytest.mark.parametrize("tag,tau,granularity", [("bf16", 0.001, "module"), ("bf16", 1.0, "layer"), ("f32", 0.001, "layer")])
+def test_verify_checks_a_lora_merge_and_catches_one_flipped_bit(lora: dict[str, Path], tmp_path: Path, tag: str, tau: float,
+                                                                granularity: str) -> None:
+    """verify recomputes B + ΔW from the adapters' files (its own reading of adapter_config.json: rsLoRA,
+    rank_pattern, alpha_pattern, an embedding LoRA, lm_head in modules_to_save) and requires every byte;
+    one flipped low bit of one element of a LoRA-derived tensor is a failure naming the tensor."""
+    base, s, m = lora[f"base-{tag}"], lora[f"s-{tag}"], lora[f"m-{tag}"]
+    out = tmp_path / "out"
+    opts = ["-g", granularity, "--tau", str(tau), "--alpha", "0.3"]
+    r = CliRunner().invoke(main, ["merge", "-q", "-b", str(base), "-s", str(s), "-m", str(m), "-o", str(out), "--max-memory", "80MiB", *opts])
+    assert r.exit_code == 0, r.output
+    r = verify_cli(out, base, s, m, *opts)
+    assert r.exit_code == 0 and "verified: output matches the reference" in r.output, r.output
+    assert "tensors from" in r.output and " 0\nverified" in r.output.replace("  ", " ")
+    # q_proj of layer 2 is updated by both adapters (whatever the decision, its value is B + ΔW); the
+    # embeddings by M's embedding LoRA.
+    for name in ("model.layers.2.self_attn.q_proj.weight", "model.embed_tokens.weight"):
+        flip_bit(out, name, 7, 0)
+        r = verify_cli(out, base, s, m, *opts)
+        assert r.exit_code == 1 and f"tensor '{name}'" in r.output and "1 element(s) differ" in r.output, r.output
+        flip_bit(out, name, 7, 0)
+    assert verify_cli(out, base, s, m, *opts).exit_code == 0
+
+
+def test_verify_checks_a_full_safety_expert_with_a_lora_language_expert(lora: dict[str, Path], tmp_path: Path) -> None:
+    base, s, m = lora["base-bf16"], lora["s-bf16"], lora["m-bf16"]
+    model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    full_s = tmp_path / "safety-full"
+    peft.PeftModel.from_pretrained(model, s).merge_and_unload().save_pretrained(full_s)
+    for tau in (0.001, 1.0):
+        out = tmp_path / f"out-{tau}"
+        lsf.merge(base, full_s, m, out, tau=tau, alpha=0.3, granularity="module")
+        res = lsf.verify(out, base, full_s, m, tau=tau, alpha=0.3, granularity="module")
+        assert res.ok, res.summary()
+        flip_bit(out, "model.layers.3.mlp.down_proj.weight", 0, 0)
+        res = lsf.verify(out, base, full_s, m, tau=tau, alpha=0.3, granularity="module")
+        assert [t.name for t in res.tensors if not t.ok] == ["model.layers.3.mlp.down_proj.weight"], res.summary()
+    # numerics official cannot describe a LoRA merge: said, not compared.
+    res = lsf.verify(out, base, full_s, m, tau=1.0, alpha=0.3, granularity="module", numerics="official")
+    assert not res.ok and any("exact numerics only" in p for p in res.problems)
+
+
+@pytest.mark.parametrize("tau,granularity", [(0.001, "module"), (1.0, "layer")])
+def test_verify_checks_an_emitted_adapter(lora: dict[str, Path], tmp_path: Path, tau: float, granularity: str) -> None:
+    """--emit adapter: verify reads the emitted adapter as PEFT would (rank/alpha per module from its
+    config) and checks each module against the reference's decision: swapped modules carry their
+    adapter's exact factors, blended ones α·ΔW_S + (1−α)·ΔW_M within the rounding of scaled factors."""
+    base, s, m = lora["base-f32"], lora["s-f32"], lora["m-f32"]
+    opts = ["-g", granularity, "--tau", str(tau), "--alpha", "0.3", "--outside", "expert"]
+    out = tmp_path / "adapter"
+    r = CliRunner().invoke(main, ["merge", "-q", "-b", str(base), "-s", str(s), "-m", str(m), "-o", str(out), "--emit", "adapter", *opts])
+    assert r.exit_code == 0, r.output
+    r = verify_cli(out, base, s, m, *opts)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "layerswap_report.json").read_text())
+    mod = next(x for x in report["output"]["modules"] if ".layers." in x["module"])
+    assert mod["source"] == ("blend" if tau == 1.0 else mod["source"])
+    b_name = f"base_model.model.{mod['module']}.lora_B.weight"
+    # A swapped module must hold its adapter's factor bytes: one low bit is a failure. A blended module is
+    # checked within the rounding of its scaled factors: a flipped high mantissa bit is far outside it.
+    flip_bit(out, b_name, 3, 0 if mod["source"] != "blend" else 22)
+    r = verify_cli(out, base, s, m, *opts)
+    assert r.exit_code == 1 and f"tensor '{mod['module']}.weight'" in r.output, r.output
+    flip_bit(out, b_name, 3, 0 if mod["source"] != "blend" else 22)
+    # A module the decisions do not take, added to the config and file, is extra; the wrong decisions fail.
+    r = verify_cli(out, base, s, m, *[o if o != "expert" else "safety" for o in opts])
+    assert r.exit_code == 1, r.output

@@ -49,11 +49,14 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 @dataclass(frozen=True)
 class ExpertSpec:
-    """One language expert of a bulk run: its output name, its model, and its own options."""
+    """One language expert of a bulk run: its output name, its model, and its own options.
+    ``config_from`` is a model folder whose config, processor and tokenizer files its output takes (for
+    an expert given as a bare ``.safetensors`` file), as ``merge(config_from=)`` does."""
 
     name: str
     path: Path
     options: MergeOptions = field(default_factory=MergeOptions)
+    config_from: Optional[Path] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -62,6 +65,7 @@ class ExpertSpec:
         if self.name.lower() in reserved or self.name.lower().startswith("layerswap"):
             raise InvalidOptionError(f"expert name {self.name!r} is the name of a file layerswap-fast writes in the output folder; choose another")
         object.__setattr__(self, "path", path_arg(self.path, f"path of expert {self.name!r}"))
+        object.__setattr__(self, "config_from", path_arg(self.config_from, f"config_from of expert {self.name!r}", optional=True))
         if not isinstance(self.options, MergeOptions):
             raise InvalidOptionError(f"expert {self.name!r}: options must be MergeOptions, not {type(self.options).__name__}")
 
@@ -84,6 +88,7 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         base = "base/"
         safety = "safety/"
         out = "merged/"            # optional
+        config_from = "model/"     # optional: side files for every expert given as a bare .safetensors file
         [defaults]                 # optional: any MergeOptions field
         granularity = "module"
         [experts.ko]
@@ -96,6 +101,9 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
         path = "expert-te/"
         select = "bands"
         bands = [2, 2, 1]
+        [experts.ar]
+        path = "ar.safetensors"
+        config_from = "ar-model/"  # this expert's side files (overrides the top-level one)
     """
     p = Path(path)
     text = p.read_text()
@@ -116,10 +124,11 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
     for key in ("base", "safety", "experts"):
         if key not in data:
             raise InvalidOptionError(f"{p}: missing '{key}'")
-    unknown = set(data) - {"base", "safety", "experts", "defaults", "out"}
+    unknown = set(data) - {"base", "safety", "experts", "defaults", "out", "config_from"}
     if unknown:
-        raise InvalidOptionError(f"{p}: unknown keys {sorted(unknown)} (allowed: base, safety, out, defaults, experts)")
+        raise InvalidOptionError(f"{p}: unknown keys {sorted(unknown)} (allowed: base, safety, out, config_from, defaults, experts)")
     root = p.parent
+    shared_config = root / str(data["config_from"]) if data.get("config_from") else None
     base_opts = defaults or MergeOptions()
     try:
         common = base_opts.replace(**data.get("defaults", {}))
@@ -129,7 +138,9 @@ def load_bulk_file(path: PathLike, defaults: Optional[MergeOptions] = None) -> B
             if "path" not in spec:
                 raise InvalidOptionError(f"{p}: expert '{name}' has no path")
             epath = _bulk_path(root, spec.pop("path"))
-            experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common))
+            own = spec.pop("config_from", None)
+            config_from = root / str(own) if own else shared_config if epath.is_file() else None
+            experts.append(ExpertSpec(name, epath, common.replace(**spec) if spec else common, config_from))
     except TypeError as e:
         raise InvalidOptionError(f"{p}: {e}") from None
     out = root / data["out"] if data.get("out") else None
@@ -183,7 +194,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: dict[str, Any], opts: MergeOptions,
                  layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback],
-                 hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> tuple[Path, dict[str, Any]]:
+                 hub_inputs: Optional[dict[str, dict[str, str]]] = None, config_from: Optional[Path] = None) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
     beside ``target``; returns the stage and the report. On any error the stage is removed."""
     started = time.perf_counter()
@@ -192,7 +203,8 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
         write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
                                             architecture(model_of(expert, Path(base))), layout_json, sync, progress))
         report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
-                               sources=plan_dict.get("sources"), hub_inputs=hub_inputs, target=target, layout_json=layout_json)
+                               config_from=config_from, sources=plan_dict.get("sources"), hub_inputs=hub_inputs, target=target,
+                               layout_json=layout_json)
         return stage, report
     except BaseException:
         discard_stage(stage)
@@ -200,9 +212,11 @@ def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: 
 
 
 def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-               layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
+               layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]] = None,
+               config_from: Optional[str] = None) -> dict[str, Any]:
     """One Ray task: an expert's write pass, then its checksums, sync and rename into place."""
-    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None, hub_inputs)
+    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None, hub_inputs,
+                                 Path(config_from) if config_from else None)
     return _publish(stage, Path(out), report)
 
 
@@ -261,7 +275,8 @@ def bulk_merge(
     callback_arg(on_expert, "on_expert")
     hub_ids = _resolve(base_p, safety_p, specs)
     base_p, safety_p, specs = hub_ids.base, hub_ids.safety, hub_ids.specs
-    inputs = [base_p, safety_p, *(e.path for e in specs), path_arg(layout, "layout", optional=True),
+    inputs = [base_p, safety_p, *(e.path for e in specs), *(e.config_from for e in specs if e.config_from is not None),
+              path_arg(layout, "layout", optional=True),
               path_arg(saved_stats, "saved_stats", optional=True)]
     check_bulk_out(out_p, inputs)
     created = not out_p.exists()
@@ -370,7 +385,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
             _notify(on_expert, e.name, entries[e.name])
             continue
         try:  # a side file that is a FIFO or a dangling link fails this expert now, not after its merge
-            plan_side_files(model_of(e.path, base_p), _tokenizer_source(e.options, (base_p, safety_p, e.path)))
+            plan_side_files(model_of(e.path, base_p), _tokenizer_source(e.options, (base_p, safety_p, e.path)), e.config_from)
         except LayerswapError as err:
             entries[e.name] = _failure(err)
             _notify(on_expert, e.name, entries[e.name])
@@ -491,7 +506,7 @@ def _run_local(jobs, base, safety, out: Path, layout_json, progress, record, hub
                 target = out / e.name
                 try:
                     stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress,
-                                                 hub_inputs.get(e.name))
+                                                 hub_inputs.get(e.name), e.config_from)
                 except (LayerswapError, OSError) as err:
                     record(e, _failure(err))
                     continue
@@ -564,11 +579,12 @@ def _sums_task(base: str, safety: str, expert: str, measured: str, options_json:
 
 
 def _write_task(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-                layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]]) -> tuple[dict[str, Any], str]:
+                layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]],
+                config_from: Optional[str] = None) -> tuple[dict[str, Any], str]:
     """One Ray task of the write passes: an expert's write pass, checksums, sync and rename (a bad
     model's failure comes back as data, as in ``_sums_task``)."""
     try:
-        return _write_one(base, safety, expert, out, plan_dict, opts, layout_json, hub_inputs), _node()
+        return _write_one(base, safety, expert, out, plan_dict, opts, layout_json, hub_inputs, config_from), _node()
     except (LayerswapError, OSError) as err:
         return _failure(err), _node()
 
@@ -637,7 +653,8 @@ def _run_ray(jobs, base, safety, out: Path, layout_json, record, nodes: dict[str
     ray = _connect_ray()
     place = _placer(ray)
     task = ray.remote(_write_task)
-    pending = {place(task, i).remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, hub_inputs.get(e.name)): e
+    pending = {place(task, i).remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, hub_inputs.get(e.name),
+                                     str(e.config_from) if e.config_from else None): e
                for i, (e, plan) in enumerate(jobs)}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -7,6 +7,7 @@ Exit status: 0 success; 2 bad input or options (one line on stderr naming the fi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import signal
@@ -262,7 +263,8 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
 @click.option("--force", is_flag=True, help="Replace an existing output folder that is empty or an earlier output of this tool (only once the new one is complete); "
                                             "anything else is refused untouched. In bulk runs, redo finished experts.")
 @click.option("--config-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Model folder whose config, processor and tokenizer files go to the output (for a language expert given as a bare .safetensors file).")
+              help="Model folder whose config, processor and tokenizer files go to the output (for a language expert given as a bare .safetensors file; "
+                   "in bulk runs, for every such expert).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--emit", type=click.Choice(("model", "adapter")), default="model", show_default=True,
               help="What to write: a full model, or (both experts PEFT LoRA adapters) the merge as an exact PEFT adapter for the base.")
@@ -330,7 +332,11 @@ def merge(ctx: click.Context, base: Optional[Path], safety: Optional[Path], expe
         raise click.UsageError("give -o/--out (or 'out' in the --plan file)")
     assert base is not None and safety is not None  # given (checked above), or from the --plan file (required there)
     if config_from is not None:
-        raise click.UsageError("--config-from applies to a merge of one expert (without --plan, NAME=PATH or --stats)")
+        # Side files for every expert given as a bare .safetensors file (one with its own config_from keeps it).
+        bare = [e.name for e in specs if e.config_from is None and e.path.is_file()]
+        if not bare:
+            raise click.UsageError("--config-from gives side files to experts given as bare .safetensors files, and this run has none")
+        specs = [dataclasses.replace(e, config_from=config_from) if e.name in bare else e for e in specs]
     check_not_input(out, [plan_file])
     bar = ProgressBar(enabled=False if quiet else None)
 
@@ -445,8 +451,9 @@ def verify(ctx: click.Context, out: Path, base: Optional[Path], safety: Path, ex
     folder (index, shard headers, side files, the dtype config.json states) is complete. The
     reference finds each family's units in its own table, not in the engine's layout files.
     Overrides, bands and decisions files are applied to the reference's decisions as the merge
-    applied them, and each unit's source and alpha must match the report's. Prints a table and every
-    mismatch; exits 1 on any.
+    applied them, and each unit's source and alpha must match the report's. -s/-m may be PEFT LoRA
+    adapters (with -b): the reference builds B + ΔW from their files; an output of --emit adapter is
+    checked module by module. Prints a table and every mismatch; exits 1 on any.
     """
     from layerswap_fast.verify import verify as run_verify
 

@@ -114,6 +114,186 @@ class Checkpoint:
         """The whole tensor, in its stored dtype."""
         return self._where[name].get_tensor(name)
 
+    def declared_dtype(self, name: str) -> "torch.dtype":
+        """The stored dtype of ``name`` (read from the header)."""
+        return torch_dtype(self._where[name].get_slice(name).get_dtype())
+
+    stored_dtype = declared_dtype
+
+    def updated(self, name: str) -> bool:
+        """False: a full model's tensors are stored bytes (see :class:`AdapterCheckpoint`)."""
+        return False
+
+    def diff(self, name: str, b64: "torch.Tensor") -> "torch.Tensor":
+        """X − B in float64."""
+        return self.get(name).to(_torch().float64) - b64
+
+
+# --- PEFT LoRA adapters (read here from PEFT's files, independently of the engine) -------------------------
+#
+# PEFT's format: ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
+# ``alpha_pattern``, ``fan_in_fan_out``, ``modules_to_save``, ``bias``) and ``adapter_model.safetensors``
+# whose names are the model's module names under ``base_model.model.``: ``<module>.lora_A.weight`` (r x in),
+# ``<module>.lora_B.weight`` (out x r), for embeddings ``<module>.lora_embedding_A`` (r x vocab) and
+# ``lora_embedding_B`` (dim x r), and any other tensor saved whole (``modules_to_save``, trained biases,
+# an embedding saved as ``<module>.base_layer.weight``). PEFT's update of a linear layer is
+# ``scale * (B @ A)``, transposed for embeddings and ``fan_in_fan_out`` (Conv1D) layers, with
+# ``scale = alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA); ``rank_pattern`` / ``alpha_pattern`` keys match a
+# module name as ``re.match(rf"(.*\.)?({key})$", name)``, the first key in file order winning.
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def is_adapter(path: PathLike) -> bool:
+    """True when ``path`` is a PEFT adapter folder (it has ``adapter_config.json``)."""
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first key (in file order) whose regex matches the module name
+    as a whole dotted suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """One base tensor updated by an adapter: ``scale * P @ Q`` with P (rows x r) and Q (r x cols) in the
+    base tensor's orientation (P = lora_B, Q = lora_A; transposed: P = lora_Aᵀ, Q = lora_Bᵀ)."""
+
+    a: str  # names in the adapter file
+    b: str
+    rank: int
+    alpha: float
+    scale: float
+    transposed: bool
+
+
+def lora_delta(p: "torch.Tensor", q: "torch.Tensor", scale: float) -> "torch.Tensor":
+    """``scale * (P @ Q)`` in float64 with a fixed order of operations: for every element, the rank
+    products ``P[i,k] * Q[k,j]`` (exact when the factors are stored in 32 bits or less) are summed in
+    k order starting from 0, and the sum is then multiplied by ``scale``. (A BLAS matmul sums in
+    another order, which moves the float64 value by an ulp or so and can move its final rounding.)"""
+    torch = _torch()
+    p, q = p.to(torch.float64), q.to(torch.float64)
+    acc = torch.zeros((p.shape[0], q.shape[1]), dtype=torch.float64)
+    for k in range(p.shape[1]):
+        acc += p[:, k : k + 1] * q[k : k + 1, :]
+    return scale * acc
+
+
+class AdapterCheckpoint:
+    """A PEFT LoRA adapter over the base model, presented like a :class:`Checkpoint` of the model it
+    stands for (B + ΔW): the base model's tensors, plus tensors only the adapter saves. ``get`` returns
+    B + ΔW in float64 for an updated tensor (B + ``lora_delta``, in that order), the saved tensor for
+    one saved whole, else the base tensor."""
+
+    def __init__(self, adapter: PathLike, base: Checkpoint) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(adapter)
+        self.base = base
+        cfg = json.loads((self.path / ADAPTER_CONFIG).read_text())
+        if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias"):
+            raise ValueError(f"{self.path / ADAPTER_CONFIG}: the reference reads plain LoRA adapters only "
+                             f"(peft_type {cfg.get('peft_type')!r}, use_dora {cfg.get('use_dora')!r})")
+        self.config = cfg
+        r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha") if cfg.get("lora_alpha") is not None else 8)
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        self._file = safe_open(str(self.path / ADAPTER_WEIGHTS), framework="pt")
+        factors: dict[str, dict[str, str]] = {}
+        self.saved: dict[str, str] = {}  # base tensor name -> name in the file
+        for key in self._file.keys():
+            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", name)
+            if m:
+                factors.setdefault(m.group(1), {})[m.group(2)] = key
+            else:
+                # PEFT keeps a wrapped layer's own weights under base_layer, and (older versions) a
+                # modules_to_save copy under modules_to_save.<adapter name>.
+                name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name.replace(".base_layer.", "."))
+                self.saved[name] = key
+        self.updates: dict[str, LoraUpdate] = {}
+        for module, f in factors.items():
+            embedding = "lora_embedding_A" in f
+            a, b = (f["lora_embedding_A"], f["lora_embedding_B"]) if embedding else (f["lora_A.weight"], f["lora_B.weight"])
+            rank = int(_pattern_value(rank_pattern, module, r))
+            mod_alpha = float(_pattern_value(alpha_pattern, module, alpha))
+            scale = mod_alpha / math.sqrt(rank) if cfg.get("use_rslora") else mod_alpha / rank
+            self.updates[f"{module}.weight"] = LoraUpdate(a, b, rank, mod_alpha, scale, embedding or bool(cfg.get("fan_in_fan_out")))
+        self._names = sorted(set(base.names()) | set(self.saved))
+
+    def names(self) -> list[str]:
+        """Tensor names of B + ΔW, sorted."""
+        return self._names
+
+    def raw(self, key: str) -> "torch.Tensor":
+        """A tensor of the adapter file by its saved name (a factor, say), as stored."""
+        return self._file.get_tensor(key)
+
+    def raw_info(self, key: str) -> tuple[str, list[int]]:
+        """(safetensors dtype name, shape) of a tensor of the adapter file, from its header."""
+        sl = self._file.get_slice(key)
+        return sl.get_dtype(), list(sl.get_shape())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base or name in self.saved
+
+    def _stored(self, name: str) -> "torch.Tensor":
+        return self._file.get_tensor(self.saved[name]) if name in self.saved else self.base.get(name)
+
+    def declared_dtype(self, name: str) -> "torch.dtype":
+        """The dtype the model B + ΔW has for ``name``: the base model's (a merge writes that), or the
+        saved tensor's for a tensor only the adapter has."""
+        if name in self.base:
+            return self.base.declared_dtype(name)
+        return torch_dtype(self._file.get_slice(self.saved[name]).get_dtype())
+
+    def stored_dtype(self, name: str) -> "torch.dtype":
+        """The dtype of the stored tensor ``name`` comes from: saved whole by the adapter, else B's."""
+        if name in self.saved:
+            return torch_dtype(self._file.get_slice(self.saved[name]).get_dtype())
+        return self.base.declared_dtype(name)
+
+    def updated(self, name: str) -> bool:
+        """True when ``name`` is B + ΔW (not stored bytes)."""
+        return name in self.updates
+
+    def delta(self, name: str) -> "torch.Tensor":
+        """ΔW of an updated tensor, float64, in the base tensor's shape."""
+        u = self.updates[name]
+        a, b = self._file.get_tensor(u.a), self._file.get_tensor(u.b)
+        p, q = (a.T, b.T) if u.transposed else (b, a)
+        return lora_delta(p, q, u.scale)
+
+    def get(self, name: str) -> "torch.Tensor":
+        """The tensor of B + ΔW: float64 when updated, else as stored."""
+        if name not in self.updates:
+            return self._stored(name)
+        torch = _torch()
+        return self.delta(name) + self._stored(name).to(torch.float64)
+
+    def diff(self, name: str, b64: "torch.Tensor") -> "torch.Tensor":
+        """X − B in float64 for the statistics: ΔW itself for an updated tensor (plus the saved tensor's
+        own difference if the adapter saved it whole too), saved − B, or zeros."""
+        torch = _torch()
+        d = self._stored(name).to(torch.float64) - b64 if name in self.saved else torch.zeros_like(b64)
+        return d + self.delta(name) if name in self.updates else d
+
+
+def open_model(model: PathLike, base: Optional[Checkpoint]) -> Union[Checkpoint, AdapterCheckpoint]:
+    """A model, or an adapter folder read over ``base``."""
+    if is_adapter(model):
+        if base is None:
+            raise ValueError(f"{model}: a LoRA adapter needs its base model")
+        return AdapterCheckpoint(model, base)
+    return Checkpoint(model)
+
 
 # --- units (the method §1, §3, §5) -------------------------------------------------------------------
 
@@ -416,7 +596,8 @@ def compute_plan(
     """Scores and decisions of every unit (the method §1–§4), tensor by tensor.
 
     Args:
-        base, safety, expert: model folders or ``.safetensors`` files of B, S and M.
+        base, safety, expert: model folders or ``.safetensors`` files of B, S and M; S and M may be
+            PEFT LoRA adapter folders over B (exact numerics only), whose X − B is ΔW from the factors.
         granularity: ``layer`` or ``module``.
         tau, alpha: the threshold and the blend weight (alpha is only recorded here).
         numerics: ``exact`` or ``official``.
@@ -428,7 +609,11 @@ def compute_plan(
     if granularity not in ("layer", "module") or numerics not in ("exact", "official"):
         raise ValueError(f"granularity must be layer|module and numerics exact|official; got {granularity!r}, {numerics!r}")
     patterns = Patterns.from_layout(layout)
-    B, S, M = Checkpoint(base), Checkpoint(safety), Checkpoint(expert)
+    B = Checkpoint(base)
+    S, M = open_model(safety, B), open_model(expert, B)
+    lora = any(isinstance(x, AdapterCheckpoint) for x in (S, M))
+    if lora and numerics == "official":
+        raise ValueError("a LoRA adapter expert has no official numerics (the authors' scripts take full models); use exact")
     # (name, layer, part) of every measured tensor: a measured tensor always sits in a layer.
     measured = [(n, p.layer, p.part) for n in M.names() if (p := patterns.place(n)).target and p.layer is not None]
     if not measured:
@@ -439,14 +624,19 @@ def compute_plan(
     norms = []
     # Layer by layer, then in name order: only the last bits of the sums depend on this order.
     for name, layer, part in sorted(measured, key=lambda m_: (m_[1], m_[0])):
-        b = _as_numerics(B.get(name), numerics)
-        s = _as_numerics(S.get(name), numerics)
-        m = _as_numerics(M.get(name), numerics)
-        if numerics == "exact":
-            b, s, m = (t.to(_torch().float64) for t in (b, s, m))
-        nb = _norm(b, numerics)
-        ns = _norm(s - b, numerics)
-        nm = _norm(m - b, numerics)
+        if lora:
+            # X − B from the adapter's factors (ΔW written out in float64), or from a full model's values.
+            b = B.get(name).to(_torch().float64)
+            nb, ns, nm = (_norm(t, numerics) for t in (b, S.diff(name, b), M.diff(name, b)))
+        else:
+            b = _as_numerics(B.get(name), numerics)
+            s = _as_numerics(S.get(name), numerics)
+            m = _as_numerics(M.get(name), numerics)
+            if numerics == "exact":
+                b, s, m = (t.to(_torch().float64) for t in (b, s, m))
+            nb = _norm(b, numerics)
+            ns = _norm(s - b, numerics)
+            nm = _norm(m - b, numerics)
         r_s, r_m = (ns / nb, nm / nb) if nb > BASE_NORM_EPS else (ns, nm)
         norms.append(RefTensorNorms(name, nb, ns, nm, r_s, r_m))
         key = (layer, None) if granularity == "layer" else (layer, part)
@@ -542,20 +732,23 @@ def merged_tensors(
     vocab_from: str = "outside",
     out_dtype: Optional[str] = None,
     layout: LayoutArg = None,
+    base: Optional[PathLike] = None,
 ) -> Iterator[tuple[str, str, "torch.Tensor"]]:
     """Yields ``(name, source, tensor)`` for every tensor of the language expert, one at a time.
 
     Args:
-        safety, expert: S and M.
+        safety, expert: S and M (either may be a PEFT LoRA adapter folder over ``base``).
         plan: the :class:`RefPlan` from :func:`compute_plan`.
         outside: what tensors outside the decoder layers are made of (blend / expert / safety).
         norms: module granularity: what a layer's own norms are made of.
         vocab_from: ``outside`` (like other outside tensors) or ``expert``.
         out_dtype: output dtype name (None: M's dtype; bf16 in official numerics).
         layout: the same layout file given to :func:`compute_plan`.
+        base: B, needed when S or M is an adapter.
     """
     patterns = Patterns.from_layout(layout)
-    S, M = Checkpoint(safety), Checkpoint(expert)
+    B = Checkpoint(base) if base is not None and (is_adapter(safety) or is_adapter(expert)) else None
+    S, M = open_model(safety, B), open_model(expert, B)
     dtype = torch_dtype(out_dtype) if out_dtype else None
     for name in M.names():
         place = patterns.place(name)
@@ -564,12 +757,37 @@ def merged_tensors(
         if name not in S:
             # Only the host has it (e.g. an untied lm_head where S ties it): the host's is all there is.
             source = "expert"
-        m = M.get(name)
-        if not m.is_floating_point():
-            # Masks and position ids (BOOL, integers) are never measured or blended: the host's, unchanged.
-            yield name, "expert", m
+        if B is None:
+            m = M.get(name)
+            if not m.is_floating_point():
+                # Masks and position ids (BOOL, integers) are never measured or blended: the host's, unchanged.
+                yield name, "expert", m
+                continue
+            yield name, source, merged_tensor(source, S.get(name) if name in S else m, m, alpha, plan.numerics, dtype)
             continue
-        yield name, source, merged_tensor(source, S.get(name) if name in S else m, m, alpha, plan.numerics, dtype)
+        declared = M.declared_dtype(name)
+        if not declared.is_floating_point:
+            yield name, "expert", M.get(name)
+            continue
+        yield name, source, merged_lora_tensor(source, S, M, name, alpha, dtype or declared)
+
+
+def merged_lora_tensor(source: str, S: Any, M: Any, name: str, alpha: float, dtype: "torch.dtype") -> "torch.Tensor":
+    """One output tensor when S or M is a LoRA adapter (exact numerics). A term is B + ΔW (float64, see
+    :func:`lora_delta`) for a tensor its adapter updates, else stored values. Stored values alone follow
+    :func:`merged_tensor` (a copy keeps or converts the bytes; a blend of two tensors of one dtype is in
+    float32, float64 with an F64). Otherwise (a B + ΔW term, or two stored dtypes that differ) every term
+    is taken to float64, a blend is ``alpha·S + (1 − alpha)·M`` in float64, and the result is rounded
+    once to ``dtype``."""
+    torch = _torch()
+    terms = [X for X, used in ((S, source in ("safety", "blend")), (M, source in ("expert", "blend"))) if used]
+    values = [X.get(name) for X in terms]
+    if not any(X.updated(name) for X in terms) and len({v.dtype for v in values}) == 1:
+        s, m = (values[0], values[0]) if len(values) == 1 else values
+        return merged_tensor(source, s, m, alpha, "exact", dtype)
+    wide = [v.to(torch.float64) for v in values]
+    out = wide[0] if len(wide) == 1 else alpha * wide[0] + (1.0 - alpha) * wide[1]
+    return round_once(out, dtype)
 
 
 def merge(
@@ -597,6 +815,7 @@ def merge(
     plan = compute_plan(base, safety, expert, granularity=granularity, tau=tau, alpha=alpha, numerics=numerics, layout=layout)
     if decided:
         plan = plan.with_decisions(decided)
-    tensors = {n: t.contiguous() for n, _, t in merged_tensors(safety, expert, plan, outside=outside, norms=norms, vocab_from=vocab_from, out_dtype=out_dtype, layout=layout)}
+    tensors = {n: t.contiguous() for n, _, t in merged_tensors(safety, expert, plan, outside=outside, norms=norms, vocab_from=vocab_from,
+                                                               out_dtype=out_dtype, layout=layout, base=base)}
     save_file(tensors, str(out_file), metadata={"format": "pt"})
     return plan

@@ -14,6 +14,11 @@ What is checked, and the tolerance of each check:
   tools; a tensor copied whole must be byte-identical to its source in any case;
 - side files: config.json from the language expert, tokenizer files from the model the report names.
 
+A safety or language expert may be a PEFT LoRA adapter folder (then ``base`` is required): the
+reference builds its tensors as B + ΔW from the adapter's own files, and the full output must match it
+byte for byte like any other. An adapter written by ``merge --emit adapter`` is checked module by
+module (:func:`_check_emitted_adapter`).
+
 The comparison reads the output with its own safetensors header parser, not the engine's.
 """
 
@@ -30,6 +35,7 @@ from layerswap_fast import decisions as decision_control
 from layerswap_fast import hub, reference
 from layerswap_fast.folder import CONFIG_FILES, PROCESSOR_FILES, REPORT_FILE, TOKENIZER_FILES, auto_map_files
 from layerswap_fast.errors import InvalidOptionError
+from layerswap_fast.lora import model_of, tokenizer_of
 from layerswap_fast.options import MergeOptions, options_arg, path_arg
 
 PathLike = Union[str, Path]
@@ -141,7 +147,7 @@ class VerifyResult:
                 continue
             ident = sum(t.status == "identical" for t in ts)
             near = sum(t.status == "within-tolerance" for t in ts)
-            rows.append(f"{'tensors from ' + source:<30} {len(ts):>6} {ident:>10} {near if self.max_ulp else '':>9} {len(ts) - ident - near:>9}")
+            rows.append(f"{'tensors from ' + source:<30} {len(ts):>6} {ident:>10} {near if self.max_ulp or near else '':>9} {len(ts) - ident - near:>9}")
         other = [t for t in self.tensors if t.source not in ("safety", "expert", "blend")]
         if other:
             rows.append(f"{'tensors not in the reference':<30} {len(other):>6} {0:>10} {0:>9} {len(other):>9}")
@@ -253,7 +259,7 @@ def check_folder(out: Path) -> tuple[dict[str, Path], list[str]]:
     return where, problems
 
 
-def _side_files(out: Path, expert: Path, tokenizer_source: Optional[Path], out_dtype: Optional[str]) -> list[str]:
+def _side_files(out: Path, expert: Optional[Path], tokenizer_source: Optional[Path], out_dtype: Optional[str]) -> list[str]:
     """Every side file of the sources is in the output; config.json states the output dtype."""
     problems = []
     for src, names, config_name in ((expert, CONFIG_FILES + PROCESSOR_FILES, "config.json"),
@@ -416,13 +422,27 @@ def verify(
             result.problems.append(f"{REPORT_FILE}: {e.args[0]}")
             return result
 
+    lora = [p for p in (safety_p, expert_p) if reference.is_adapter(p)]
+    if lora and opts.numerics != "exact":
+        result.problems.append(f"{lora[0]} is a LoRA adapter: LoRA merges are made in exact numerics only")
+        return result
+    if lora and base_p is None:
+        result.problems.append(f"{lora[0]} is a LoRA adapter: verify needs the base model (-b) it was trained on")
+        return result
     plan = _reference_plan(base_p, safety_p, expert_p, opts, patterns_layout, from_file)
     _check_units(result, plan, report)
+
+    if report.get("output", {}).get("kind") == "adapter" or (out_p / reference.ADAPTER_CONFIG).is_file():
+        assert base_p is not None
+        _check_emitted_adapter(result, out_p, base_p, safety_p, expert_p, plan, opts, patterns_layout, report)
+        return result
 
     where, problems = check_folder(out_p)
     result.problems += problems
     tok = {"expert": expert_p, "base": base_p, "safety": safety_p}.get(params.get("tokenizer_from", opts.effective_tokenizer_from))
-    host = expert_p
+    if tok is not None and base_p is not None:
+        tok = tokenizer_of(tok, base_p)  # an adapter's own tokenizer if it saved one, else the base model's
+    host = model_of(expert_p, base_p) if base_p is not None else expert_p  # B + ΔW has B's config
     if report.get("inputs", {}).get("config_from"):  # merge --config-from: every side file came from there
         host = tok = Path(report["inputs"]["config_from"])
     result.problems += _side_files(out_p, host, tok, opts.effective_out_dtype)
@@ -431,9 +451,13 @@ def verify(
 
     handles: dict[Path, Any] = {}
     seen = set()
+    opened: dict[str, Any] = {}
+    if lora:
+        B = reference.Checkpoint(base_p)  # type: ignore[arg-type]
+        opened = {"safety": reference.open_model(safety_p, B), "expert": reference.open_model(expert_p, B)}
     for name, source, want in reference.merged_tensors(safety_p, expert_p, plan, outside=opts.outside, norms=opts.norms,
                                                         vocab_from=vocab_from, out_dtype=opts.effective_out_dtype,
-                                                        layout=patterns_layout):
+                                                        layout=patterns_layout, base=base_p):
         seen.add(name)
         if name not in where:
             result.tensors.append(TensorCheck(name, source, "missing", detail="not in the output"))
@@ -441,11 +465,125 @@ def verify(
         if where[name] not in handles:
             handles[where[name]] = safe_open(str(where[name]), framework="pt")
         got = handles[where[name]].get_tensor(name)
-        result.tensors.append(_compare(name, source, got, want, whole_copy=_whole_copy(source, opts, safety_p, expert_p, name),
-                                       max_ulp=max_ulp))
+        if opened:
+            whole = _whole_copy_lora(source, opened, name, want.dtype)
+        else:
+            whole = _whole_copy(source, opts, safety_p, expert_p, name)
+        result.tensors.append(_compare(name, source, got, want, whole_copy=whole, max_ulp=max_ulp))
     for name in sorted(set(where) - seen):
         result.tensors.append(TensorCheck(name, "-", "extra", detail=f"in {where[name].name} but not in the language expert"))
     return result
+
+
+#: Unit roundoff of a factor dtype: an emitted factor scaled by α (or a folded scale) is rounded once to it.
+_UNIT_ROUNDOFF = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
+
+
+def _check_emitted_adapter(result: VerifyResult, out: Path, base: Path, safety: Path, expert: Path, plan: reference.RefPlan,
+                           opts: MergeOptions, layout: Any, report: dict[str, Any]) -> None:
+    """Checks an adapter written by ``merge --emit adapter`` against the reference, module by module.
+
+    The emitted adapter is read the way PEFT reads it (its ``adapter_config.json``: rank and alpha per
+    module through ``rank_pattern``/``alpha_pattern``). For every tensor of the language expert, the
+    reference's decision says which adapters' updates it must carry, with which weight: ΔW_ref =
+    w_S·ΔW_S + w_M·ΔW_M. Then:
+
+    - a module taken unchanged from one adapter must have that adapter's factor bytes (exact), and a
+      tensor saved whole (``modules_to_save``) the saving adapter's bytes;
+    - a blended module's ΔW (explicit product of its factors) must be within the rounding of scaled
+      factors: ``|ΔW_out − ΔW_ref| ≤ (u + 4·r·2⁻⁵³) · Σ_X w_X·scale_X·(|P_X|·|Q_X|)`` element-wise, u
+      the unit roundoff of the emitted lora_B dtype (2⁻²⁴ for F32) and r the emitted rank: the factor
+      α·B (and a scale folded into it when the two adapters' scales differ) is rounded once;
+    - no module or tensor is missing or extra.
+    """
+    torch = reference._torch()
+    where, problems = check_folder(out)
+    result.problems += problems
+    if not (out / reference.ADAPTER_CONFIG).is_file() or not (out / reference.ADAPTER_WEIGHTS).is_file():
+        result.problems.append(f"{out}: an emitted adapter needs {reference.ADAPTER_CONFIG} and {reference.ADAPTER_WEIGHTS}")
+        return
+    if not (reference.is_adapter(safety) and reference.is_adapter(expert)):
+        result.problems.append(f"{out}: an adapter output needs two LoRA adapter experts")
+        return
+    if problems:
+        return
+    tok = {"expert": expert, "base": base, "safety": safety}[opts.effective_tokenizer_from]
+    result.problems += _side_files(out, None, tokenizer_of(tok, base), None)
+    B = reference.Checkpoint(base)
+    S, M = reference.AdapterCheckpoint(safety, B), reference.AdapterCheckpoint(expert, B)
+    try:
+        E = reference.AdapterCheckpoint(out, B)
+    except (ValueError, KeyError) as e:
+        result.problems.append(f"{out / reference.ADAPTER_CONFIG}: {e}")
+        return
+    patterns = reference.Patterns.from_layout(layout)
+    seen_saved = set()
+    for name in M.names():
+        place = patterns.place(name)
+        source = reference.source_of(place, plan, opts.outside, opts.norms, getattr(opts, "vocab_from", "outside"))
+        alpha = plan.alpha_of(place.layer, place.part) if place.part != "unassigned" else plan.alpha
+        if name not in S:
+            source = "expert"
+        weights = {"safety": ((S, 1.0),), "expert": ((M, 1.0),), "blend": ((S, alpha), (M, 1.0 - alpha))}[source]
+        weights = tuple((X, w) for X, w in weights if w != 0.0)
+        updates = [(X, w) for X, w in weights if X.updated(name)]
+        # (a targeted embedding PEFT also saved whole as its base_layer is B's own weight, not a saved module)
+        saved = [(X, w) for X, w in weights if name in X.saved and not X.updated(name)]
+        if saved and name not in E.saved:
+            result.tensors.append(TensorCheck(name, source, "missing", detail=f"saved whole by {saved[0][0].path}, not in the emitted adapter"))
+        elif saved:
+            seen_saved.add(name)
+            got, want = E.get(name), saved[0][0].get(name)
+            result.tensors.append(_compare(name, source, got, want, whole_copy=True))
+        if not updates:
+            if E.updated(name):
+                result.tensors.append(TensorCheck(name, source, "extra", detail="the emitted adapter updates it, but no adapter the decisions take does"))
+            continue
+        if not E.updated(name):
+            result.tensors.append(TensorCheck(name, source, "missing", detail="no LoRA factors for it in the emitted adapter"))
+            continue
+        eu = E.updates[name]
+        a_shape = E.raw_info(eu.a)[1]
+        if a_shape[0] != eu.rank:
+            result.tensors.append(TensorCheck(name, source, "shape", detail=f"lora_A has {a_shape[0]} rows but the config gives rank {eu.rank}"))
+            continue
+        if len(updates) == 1 and updates[0][1] == 1.0:
+            X = updates[0][0]
+            xu = X.updates[name]
+            same = all(torch.equal(E.raw(getattr(eu, f)), X.raw(getattr(xu, f))) for f in ("a", "b"))
+            if not same or eu.rank != xu.rank or not math.isclose(eu.scale, xu.scale, rel_tol=4 * 2.0**-52):
+                result.tensors.append(TensorCheck(name, source, "bytes", detail=f"not the factors (rank {xu.rank}, scale {xu.scale!r}) of {X.path}: "
+                                                  f"rank {eu.rank}, scale {eu.scale!r}"))
+            else:
+                result.tensors.append(TensorCheck(name, source, "identical", 0, 0))
+            continue
+        want = updates[0][1] * updates[0][0].delta(name)
+        for X, w in updates[1:]:
+            want = want + w * X.delta(name)
+        bound = torch.zeros_like(want)
+        for X, w in updates:
+            xu = X.updates[name]
+            a, b = X.raw(xu.a).to(torch.float64).abs(), X.raw(xu.b).to(torch.float64).abs()
+            p_, q_ = (a.T, b.T) if xu.transposed else (b, a)
+            bound = bound + abs(w * xu.scale) * (p_ @ q_)
+        u = _UNIT_ROUNDOFF[E.raw_info(eu.b)[0]]
+        tol = (u + 4 * eu.rank * 2.0**-53) * bound
+        err = (E.delta(name) - want).abs()
+        over = int((err > tol).sum())
+        if over:
+            i = int((err - tol).flatten().argmax())
+            result.tensors.append(TensorCheck(name, source, "ulp", -1, over,
+                                              f"{over} element(s) of its ΔW beyond the rounding bound of its factors; worst at flat index {i}: "
+                                              f"{float(E.delta(name).flatten()[i])!r} vs {float(want.flatten()[i])!r} (bound {float(tol.flatten()[i]):.3e})"))
+        else:
+            result.tensors.append(TensorCheck(name, source, "within-tolerance", -1, 0, "ΔW within the rounding bound of its scaled factors"))
+    for name in sorted(set(E.saved) - seen_saved):
+        result.tensors.append(TensorCheck(name, "-", "extra", detail="saved whole in the emitted adapter, but no adapter the decisions take saved it"))
+    modules = {m["module"]: m for m in report.get("output", {}).get("modules", [])}
+    for name, eu in E.updates.items():
+        m = modules.get(name[: -len(".weight")])
+        if m is not None and m["rank"] != eu.rank:
+            result.problems.append(f"{REPORT_FILE}: module {m['module']} has rank {m['rank']} in the report, {eu.rank} in the adapter")
 
 
 def _reference_plan(base: Optional[Path], safety: Path, expert: Path, opts: MergeOptions, layout: Any,
@@ -476,6 +614,14 @@ def _whole_copy(source: str, opts: MergeOptions, safety: Path, expert: Path, nam
     out_dtype = opts.effective_out_dtype
     same = out_dtype is None or _ST_NAMES[out_dtype] == stored
     return same and (opts.numerics == "exact" or stored == "BF16")
+
+
+def _whole_copy_lora(source: str, opened: dict[str, Any], name: str, out_dtype: Any) -> bool:
+    """:func:`_whole_copy` when an expert is a LoRA adapter (exact numerics): a tensor from an adapter is
+    a whole copy when the adapter leaves it as stored (B's, or saved whole) in the output's dtype."""
+    if source not in ("safety", "expert") or opened[source].updated(name):
+        return False
+    return bool(opened[source].stored_dtype(name) == out_dtype)
 
 
 _dtype_cache: dict[Path, dict[str, str]] = {}

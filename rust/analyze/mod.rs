@@ -108,13 +108,23 @@ impl Session {
             .iter()
             .filter_map(|e| if let Expert::Full(m) = e { Some(m) } else { None })
             .collect();
-        let budget = Budget::plan(
+        let targets = self.layout.targets();
+        // The factor statistics run after the pass over full models, on the same workers, while the
+        // buffers are still held: their scratch is counted on top.
+        let budget = Budget::plan_with_scratch(
             options.max_memory,
             options.threads,
             models.len() + 1,
             self.widest(options),
+            |chunk| {
+                sources
+                    .iter()
+                    .filter_map(|e| e.adapter())
+                    .map(|a| a.stats_scratch(&targets, chunk))
+                    .max()
+                    .unwrap_or(0)
+            },
         )?;
-        let targets = self.layout.targets();
         let total: u64 = targets
             .iter()
             .map(|n| self.base.tensor(n).unwrap().nbytes)
@@ -123,12 +133,19 @@ impl Session {
         progress.start(Phase::Analyze, total);
         let sums = run_pool(budget.workers, || -> Result<Vec<sums::Sums>> {
             let pool = BufferPool::new(&budget);
-            let full = sums::compute_allowing(
+            // B's pages are of no use to the write pass of full models: dropped as they are summed
+            // when the inputs do not fit in memory anyway.
+            let drop_base = self.bigger_than_memory()
+                && std::iter::once(&self.safety)
+                    .chain(&self.experts)
+                    .all(|e| e.adapter().is_none());
+            let full = sums::compute_streaming(
                 &targets,
                 &self.base,
                 &models,
                 options.numerics,
                 options.allow_non_finite,
+                drop_base,
                 budget.chunk_elems,
                 &pool,
                 progress,

@@ -229,6 +229,24 @@ impl Shard {
         }
     }
 
+    /// Tells the kernel how bytes `[offset, offset + len)` will be used (`posix_fadvise`):
+    /// `libc::POSIX_FADV_WILLNEED` starts reading them ahead, `libc::POSIX_FADV_DONTNEED` drops them
+    /// from the page cache. Advisory: errors are ignored, and a shard in memory has nothing to advise.
+    pub fn advise(&self, offset: u64, len: usize, advice: libc::c_int) {
+        use std::os::fd::AsRawFd;
+        if let Backend::File { file, .. } = &self.backend {
+            // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    advice,
+                );
+            }
+        }
+    }
+
     /// The bytes at `[offset, offset + len)` in place, without a copy, for a shard in memory; None for
     /// a file (read it with [`Shard::read_at`]).
     pub fn borrow(&self, offset: u64, len: usize) -> Option<&[u8]> {

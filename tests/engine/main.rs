@@ -8,6 +8,7 @@
     reason = "the checks index two models' values by the same k, as the formulas do"
 )]
 
+mod alloc;
 mod common;
 
 mod budget;
