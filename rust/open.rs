@@ -3,12 +3,12 @@
 //! The later stages, [`crate::analyze`] and [`crate::write`], run on the [`Session`] this returns and
 //! refuse to finish if a file changed since it was opened.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::expert::{Expert, TensorSet};
-use crate::io::Model;
+use crate::io::{Model, Stamp};
 use crate::layout::{Layout, LayoutDef, Place};
 use crate::options::{MergeOptions, VocabSource};
 
@@ -281,6 +281,55 @@ impl Session {
         Ok(())
     }
 
+    /// Path and stamp (as opened) of every input file of the session: B, S and the experts.
+    pub fn stamps(&self) -> Vec<(PathBuf, Stamp)> {
+        let mut all = self.base.stamps();
+        all.extend(self.safety.stamps());
+        all.extend(self.experts.iter().flat_map(Expert::stamps));
+        all
+    }
+
+    /// Fails, naming the file, unless every file of `earlier` (stamps taken by another opening, e.g.
+    /// where a share of the statistics pass was computed: see [`Session::sums_of`]) is an input of
+    /// this session with the same stamp. Proves that work done on the files elsewhere and the work
+    /// about to be done here read the same bytes.
+    pub fn check_stamps(&self, earlier: &[(PathBuf, Stamp)]) -> Result<()> {
+        let now = self.stamps();
+        for (path, stamp) in earlier {
+            match now.iter().find(|(p, _)| p == path) {
+                Some((_, s)) if s == stamp => {}
+                Some(_) => {
+                    return Err(Error::invalid(
+                        path,
+                        "file was changed or replaced since its statistics were computed; run again once it is stable",
+                    ))
+                }
+                None => {
+                    return Err(Error::argument(format!(
+                        "{}: statistics were computed from a file that is not an input of this run",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the full models of this session (B, S and every M) are bigger than the machine's
+    /// memory, so that their passes run from disk: then the statistics pass drops B's pages as it
+    /// goes (the write pass of full models never reads B) and the write pass drops the output's
+    /// pages once written back, to keep in the page cache what the write pass reads first.
+    pub(crate) fn bigger_than_memory(&self) -> bool {
+        let size = |m: &Model| m.shards.iter().map(|s| s.len).sum::<u64>();
+        let mut total = size(&self.base);
+        for e in std::iter::once(&self.safety).chain(&self.experts) {
+            if let Expert::Full(m) = e {
+                total += size(m);
+            }
+        }
+        total > physical_memory()
+    }
+
     /// Widest element size in bytes among the inputs and the output dtype (sizes the buffers).
     pub(crate) fn widest(&self, options: &MergeOptions) -> usize {
         let inputs = self.experts[0]
@@ -307,4 +356,19 @@ pub fn measured_are_floats(m: &dyn TensorSet, layout: &Layout) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes of RAM of this machine (u64::MAX when unknown: never "bigger than memory").
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads configuration values.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(size as u64)
 }

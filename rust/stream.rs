@@ -30,6 +30,36 @@ pub fn chunks(numels: &[u64], chunk_elems: usize) -> Vec<Chunk> {
     out
 }
 
+/// Runs `f(0)`, `f(1)`, ... `f(n - 1)` on every thread of the current rayon pool, each thread taking
+/// the next index when it is free, so that the items are started in order (a parallel iterator splits
+/// the range in halves instead, and two threads then read two places of a file at once). Stops
+/// starting items after the first error, which it returns.
+pub fn ordered_try_for_each<E: Send>(
+    n: usize,
+    f: impl Fn(usize) -> std::result::Result<(), E> + Sync,
+) -> std::result::Result<(), E> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let threads = rayon::current_num_threads().min(n).max(1);
+    rayon::iter::ParallelIterator::try_for_each(
+        rayon::iter::IntoParallelIterator::into_par_iter(0..threads),
+        |_| loop {
+            if failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                return Ok(());
+            }
+            if let Err(e) = f(i) {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        },
+    )
+}
+
 /// Elements `[start, start + len)` of tensor `t` of `model`: read into the front of `buf` from a file,
 /// or, for a tensor in memory that is aligned for its dtype, the bytes in place with no copy at all.
 pub fn read_elems<'a>(

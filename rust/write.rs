@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::analyze::plan::{Decision, Plan};
@@ -29,7 +28,7 @@ use crate::official;
 use crate::open::Session;
 use crate::options::Numerics;
 use crate::progress::{Phase, Progress};
-use crate::stream::{chunks, read_elems};
+use crate::stream::{chunks, ordered_try_for_each, read_elems, Chunk};
 
 /// What writing one language expert did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,7 +73,10 @@ impl Session {
             Some(s) => s,
             None => ShardMap::new(&specs, plan.options.shard_size)?,
         };
-        let writer = OutputWriter::create(out_dir, &shards)?;
+        let mut writer = OutputWriter::create(out_dir, &shards)?;
+        if self.bigger_than_memory() {
+            writer = writer.drop_behind();
+        }
         self.write_into(expert, plan, &shards, writer, sync, progress)
     }
 
@@ -156,6 +158,13 @@ impl Session {
         let options = &plan.options;
         let host = &self.experts[expert];
         let started = Instant::now();
+        // The statistics pass read the measured tensors in this order and ended with the last ones,
+        // which the page cache still holds when the inputs are bigger than memory: they are written
+        // first (reverse order), before reading anything else evicts them; the tensors the pass did
+        // not read come last.
+        let targets = self.layout.targets();
+        let pass_order: std::collections::HashMap<&str, usize> =
+            targets.iter().enumerate().map(|(i, n)| (*n, i)).collect();
         let jobs: Vec<Job> = shards
             .tensors
             .iter()
@@ -173,6 +182,10 @@ impl Session {
                     out,
                     decision,
                     alpha,
+                    rank: match pass_order.get(out.name.as_str()) {
+                        Some(&i) => targets.len() - 1 - i,
+                        None => targets.len(),
+                    },
                     check_finite: !measured && !options.allow_non_finite,
                     refuse_overflow: !options.allow_non_finite,
                 }
@@ -244,7 +257,15 @@ pub struct Job<'a> {
     /// Refuse a converted or blended value that comes out ±Inf from finite inputs (a narrowing
     /// `out_dtype` overflowing), unless the user allowed non-finite values.
     pub refuse_overflow: bool,
+    /// Tensors are written in increasing rank (ties in output order), each from its first chunk to its
+    /// last (see `Session::write_into`).
+    pub rank: usize,
 }
+
+/// Chunks a write pass starts ahead of time: while the workers compute and write chunk `i`, the
+/// kernel reads the sources of chunks up to `i + READ_AHEAD` (`posix_fadvise(WILLNEED)`), so that
+/// reading from disk overlaps computing and writing when the inputs are not in the page cache.
+const READ_AHEAD: usize = 4;
 
 /// Writes `jobs` on the current rayon pool.
 #[allow(clippy::too_many_arguments)]
@@ -260,9 +281,14 @@ pub fn write(
     progress: &Progress,
 ) -> Result<()> {
     let numels: Vec<u64> = jobs.iter().map(|j| j.out.shape.iter().product()).collect();
-    let work = chunks(&numels, chunk_elems);
-    work.par_iter().try_for_each(|c| {
+    let mut work = chunks(&numels, chunk_elems);
+    work.sort_by_key(|c| jobs[c.tensor].rank); // stable: output order, then chunk order, within a rank
+    ordered_try_for_each(work.len(), |i| {
         progress.check()?;
+        if let Some(ahead) = work.get(i + READ_AHEAD) {
+            read_ahead(&jobs[ahead.tensor], ahead, base, safety_src, expert_src);
+        }
+        let c = &work[i];
         let job = &jobs[c.tensor];
         let out = job.out;
         let mut bufs = pool.take();
@@ -399,6 +425,27 @@ pub fn write(
         progress.advance(out_bytes as u64);
         Ok(())
     })
+}
+
+/// Asks the kernel to start reading the source bytes of chunk `c` of `job` (advisory; a tensor in
+/// memory or in the page cache costs a lookup).
+fn read_ahead(job: &Job<'_>, c: &Chunk, base: &Model, safety_src: &Expert, expert_src: &Expert) {
+    let name = &job.out.name;
+    let sources = match job.decision {
+        Decision::Safety => [Some(safety_src), None],
+        Decision::Expert => [None, Some(expert_src)],
+        Decision::Blend => [Some(safety_src), Some(expert_src)],
+    };
+    for src in sources.into_iter().flatten() {
+        if let Term::Bytes(model, t) = src.term(name, base) {
+            let size = t.dtype.size();
+            model.shard_of(t).advise(
+                t.offset + c.start * size as u64,
+                c.len * size,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
 }
 
 /// Writes one chunk of a tensor with a LoRA source, or whose two sources differ in dtype: every term

@@ -133,12 +133,19 @@ impl Session {
         progress.start(Phase::Analyze, total);
         let sums = run_pool(budget.workers, || -> Result<Vec<sums::Sums>> {
             let pool = BufferPool::new(&budget);
-            let full = sums::compute_allowing(
+            // B's pages are of no use to the write pass of full models: dropped as they are summed
+            // when the inputs do not fit in memory anyway.
+            let drop_base = self.bigger_than_memory()
+                && std::iter::once(&self.safety)
+                    .chain(&self.experts)
+                    .all(|e| e.adapter().is_none());
+            let full = sums::compute_streaming(
                 &targets,
                 &self.base,
                 &models,
                 options.numerics,
                 options.allow_non_finite,
+                drop_base,
                 budget.chunk_elems,
                 &pool,
                 progress,
@@ -195,6 +202,17 @@ impl Session {
                 .ok_or_else(|| Error::argument(format!("no language expert {k} in this session")))?,
         };
         self.sums(&[m], options, progress)
+    }
+
+    /// Path and stamp of the files a share of `model` reads (B's and the model's), to carry with
+    /// its sums (see [`Session::check_stamps`]).
+    pub fn stamps_of(&self, model: Measured) -> Vec<(std::path::PathBuf, crate::io::Stamp)> {
+        let mut stamps = self.base.stamps();
+        stamps.extend(match model {
+            Measured::Safety => self.safety.stamps(),
+            Measured::Expert(k) => self.experts.get(k).map(Expert::stamps).unwrap_or_default(),
+        });
+        stamps
     }
 
     /// Plans from a pass computed in shares ([`Session::sums_of`], or saved sums of the safety

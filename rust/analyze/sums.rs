@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::io::Model;
 use crate::options::Numerics;
 use crate::progress::Progress;
-use crate::stream::{chunks, read_elems, Chunk};
+use crate::stream::{chunks, ordered_try_for_each, read_elems, Chunk};
 use rayon::prelude::*;
 
 /// Sums of squares for one tensor (serialisable: shares of a pass cross machines, see
@@ -57,6 +57,34 @@ pub fn compute_allowing(
     pool: &BufferPool,
     progress: &Progress,
 ) -> Result<Vec<Sums>> {
+    compute_streaming(
+        names,
+        base,
+        models,
+        numerics,
+        allow_non_finite,
+        false,
+        chunk_elems,
+        pool,
+        progress,
+    )
+}
+
+/// [`compute_allowing`]; with `drop_base`, B's bytes are dropped from the page cache as soon as
+/// they are summed (`posix_fadvise(DONTNEED)`), so that a pass over inputs bigger than memory leaves
+/// more of the models the write pass reads in the cache (it never reads a full B).
+#[allow(clippy::too_many_arguments)]
+pub fn compute_streaming(
+    names: &[&str],
+    base: &Model,
+    models: &[&Model],
+    numerics: Numerics,
+    allow_non_finite: bool,
+    drop_base: bool,
+    chunk_elems: usize,
+    pool: &BufferPool,
+    progress: &Progress,
+) -> Result<Vec<Sums>> {
     debug_assert!(chunk_elems % BLOCK == 0);
     if numerics == Numerics::Official {
         // The authors' norms are torch's sequential float32 sums, which parallel chunks cannot
@@ -83,46 +111,18 @@ pub fn compute_allowing(
             return Ok(out);
         }
     }
-    let refs: Vec<_> = names
-        .iter()
-        .map(|n| base.tensor(n).expect("checked by caller"))
-        .collect();
-    let numels: Vec<u64> = refs.iter().map(|t| t.numel()).collect();
-    let work = chunks(&numels, chunk_elems);
-    let k = models.len();
-    let partials: Vec<Vec<f64>> = work
-        .par_iter()
-        .map(|c| {
-            progress.check()?;
-            let sums = chunk_sums(c, names[c.tensor], base, models, numerics, pool)?;
-            let bytes = c.len as u64 * refs[c.tensor].dtype.size() as u64 * (k as u64 + 1);
-            progress
-                .bytes_read
-                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-            progress.advance(bytes);
-            Ok(sums)
-        })
-        .collect::<Result<_>>()?;
-    // Add block sums in block order per tensor.
-    let mut out: Vec<Sums> = names
-        .iter()
-        .zip(&numels)
-        .map(|(n, &numel)| Sums {
-            name: (*n).to_string(),
-            numel,
-            base_ss: 0.0,
-            diff_ss: vec![0.0; k],
-        })
-        .collect();
-    for (c, sums) in work.iter().zip(partials) {
-        let s = &mut out[c.tensor];
-        for block in sums.chunks_exact(k + 1) {
-            s.base_ss += block[0];
-            for (acc, v) in s.diff_ss.iter_mut().zip(&block[1..]) {
-                *acc += v;
-            }
-        }
-    }
+    let window = window_chunks(chunk_elems, models.len());
+    let mut out = block_order_sums(
+        names,
+        base,
+        models,
+        numerics,
+        chunk_elems,
+        window,
+        drop_base,
+        pool,
+        progress,
+    )?;
     if allow_non_finite {
         let bad: Vec<usize> = (0..out.len())
             .filter(|&i| !out[i].base_ss.is_finite() || out[i].diff_ss.iter().any(|v| !v.is_finite()))
@@ -167,6 +167,95 @@ pub fn compute_allowing(
         }
     }
     Ok(out)
+}
+
+/// The statistics pass proper (exact sums, or official ones that need the general path): block sums
+/// of every chunk, added in block order per tensor. Chunks are computed `window` at a time, in
+/// parallel, and added before the next window starts, so the partial sums held at once are bounded
+/// by the window, not by the model (all of a 70B trio's would be ~1 M blocks x 3 sums, ~28 MiB with
+/// their allocations). The result does not depend on `window`.
+#[allow(clippy::too_many_arguments)]
+fn block_order_sums(
+    names: &[&str],
+    base: &Model,
+    models: &[&Model],
+    numerics: Numerics,
+    chunk_elems: usize,
+    window: usize,
+    drop_base: bool,
+    pool: &BufferPool,
+    progress: &Progress,
+) -> Result<Vec<Sums>> {
+    let refs: Vec<_> = names
+        .iter()
+        .map(|n| base.tensor(n).expect("checked by caller"))
+        .collect();
+    let numels: Vec<u64> = refs.iter().map(|t| t.numel()).collect();
+    let work = chunks(&numels, chunk_elems);
+    let k = models.len();
+    let mut out: Vec<Sums> = names
+        .iter()
+        .zip(&numels)
+        .map(|(n, &numel)| Sums {
+            name: (*n).to_string(),
+            numel,
+            base_ss: 0.0,
+            diff_ss: vec![0.0; k],
+        })
+        .collect();
+    for part in work.chunks(window.max(1)) {
+        // Chunks are started in file order (see `ordered_try_for_each`): the tail of the pass is
+        // then what the page cache holds at its end, which the write pass uses first.
+        let slots: Vec<std::sync::Mutex<Vec<f64>>> =
+            part.iter().map(|_| std::sync::Mutex::default()).collect();
+        ordered_try_for_each(part.len(), |i| {
+            let c = &part[i];
+            progress.check()?;
+            let sums = chunk_sums(c, names[c.tensor], base, models, numerics, pool)?;
+            let size = refs[c.tensor].dtype.size();
+            if drop_base {
+                let t = refs[c.tensor];
+                base.shard_of(t).advise(
+                    t.offset + c.start * size as u64,
+                    c.len * size,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+            let bytes = c.len as u64 * size as u64 * (k as u64 + 1);
+            progress
+                .bytes_read
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            progress.advance(bytes);
+            *slots[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = sums;
+            Ok(())
+        })?;
+        let partials = slots
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for (c, sums) in part.iter().zip(partials) {
+            let s = &mut out[c.tensor];
+            for block in sums.chunks_exact(k + 1) {
+                s.base_ss += block[0];
+                for (acc, v) in s.diff_ss.iter_mut().zip(&block[1..]) {
+                    *acc += v;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Block sums (f64) held at once by the statistics pass, at most, when a window holds more than
+/// [`MIN_WINDOW_CHUNKS`] chunks: 512 KiB.
+const WINDOW_SUMS: usize = 1 << 16;
+/// Chunks per window at least, so that the threads rarely wait for each other at a window's end.
+const MIN_WINDOW_CHUNKS: usize = 256;
+
+/// Chunks of `chunk_elems` elements per window of the statistics pass with `k` models besides B
+/// (see [`compute_allowing`]): the same for every model size.
+fn window_chunks(chunk_elems: usize, k: usize) -> usize {
+    let sums_per_chunk = chunk_elems.div_ceil(BLOCK) * (k + 1);
+    (WINDOW_SUMS / sums_per_chunk).max(MIN_WINDOW_CHUNKS)
 }
 
 /// Σ B² and Σ (X_k − B)² of one tensor over its finite elements only, in element order (see
@@ -690,5 +779,91 @@ pub mod kernels {
             return unsafe { avx2_sum_sq_diff(dtype, numerics, b, x) };
         }
         generic_sum_sq_diff(dtype, numerics, b, x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Budget;
+    use crate::io::header::encode_header;
+    use std::collections::BTreeMap;
+
+    /// The windowed pass (bounded memory for any model size) gives the same bits for any window,
+    /// and the sums a plain float64 loop over the values gives (to rounding).
+    #[test]
+    fn sums_do_not_depend_on_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [3 * BLOCK + 17, 5, 2 * BLOCK];
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut values: Vec<Vec<Vec<f32>>> = vec![];
+        let mut models = vec![];
+        for m in 0..3 {
+            let mut entries = vec![];
+            let mut data = vec![];
+            let mut vs = vec![];
+            for (i, &n) in sizes.iter().enumerate() {
+                let v: Vec<f32> = (0..n)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                    })
+                    .collect();
+                let start = data.len() as u64;
+                data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+                entries.push((
+                    format!("t{i}"),
+                    Dtype::F32,
+                    vec![n as u64],
+                    start,
+                    data.len() as u64,
+                ));
+                vs.push(v);
+            }
+            let path = dir.path().join(format!("{m}.safetensors"));
+            std::fs::write(&path, [encode_header(&entries, &BTreeMap::new()), data].concat()).unwrap();
+            models.push(Model::open(&path).unwrap());
+            values.push(vs);
+        }
+        let names = ["t0", "t1", "t2"];
+        let budget = Budget::plan(1 << 30, 2, 3, 4).unwrap();
+        let pool = BufferPool::new(&budget);
+        let run = |window| {
+            block_order_sums(
+                &names,
+                &models[0],
+                &[&models[1], &models[2]],
+                Numerics::Exact,
+                BLOCK,
+                window,
+                window % 2 == 1,
+                &pool,
+                &Progress::default(),
+            )
+            .unwrap()
+        };
+        let whole = run(usize::MAX);
+        for window in [1, 2, 3, 5] {
+            assert_eq!(run(window), whole, "window {window}");
+        }
+        for (i, s) in whole.iter().enumerate() {
+            let b = &values[0][i];
+            let naive_b: f64 = b.iter().map(|v| f64::from(*v).powi(2)).sum();
+            assert!((s.base_ss - naive_b).abs() <= 1e-12 * naive_b, "{}", s.name);
+            for (k, x) in values[1..].iter().enumerate() {
+                let naive: f64 = b
+                    .iter()
+                    .zip(&x[i])
+                    .map(|(b, x)| (f64::from(*x) - f64::from(*b)).powi(2))
+                    .sum();
+                assert!(
+                    (s.diff_ss[k] - naive).abs() <= 1e-12 * naive,
+                    "{} model {k}",
+                    s.name
+                );
+            }
+        }
     }
 }

@@ -104,13 +104,19 @@ impl MemoryRegion {
     }
 }
 
-/// What `stat` says about a file: enough to notice it was replaced, truncated or rewritten.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
+/// What `stat` says about a file: enough to notice it was replaced, truncated or rewritten. Carried
+/// with work done on a file elsewhere (the sums of a pass split across machines), so that a later
+/// opening can prove it reads the same bytes (see `Session::check_stamps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub len: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
 }
 
 impl Stamp {
@@ -120,7 +126,10 @@ impl Stamp {
             dev: meta.dev(),
             ino: meta.ino(),
             len: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
         }
     }
 }
@@ -221,11 +230,37 @@ impl Shard {
         Ok(())
     }
 
+    /// The file's stamp when it was opened; None in memory.
+    pub fn stamp(&self) -> Option<Stamp> {
+        match &self.backend {
+            Backend::File { stamp, .. } => Some(*stamp),
+            Backend::Memory(_) => None,
+        }
+    }
+
     /// The open file, for in-kernel copies (see `OutputWriter::copy_from`); None in memory.
     pub(crate) fn file(&self) -> Option<&File> {
         match &self.backend {
             Backend::File { file, .. } => Some(file),
             Backend::Memory(_) => None,
+        }
+    }
+
+    /// Tells the kernel how bytes `[offset, offset + len)` will be used (`posix_fadvise`):
+    /// `libc::POSIX_FADV_WILLNEED` starts reading them ahead, `libc::POSIX_FADV_DONTNEED` drops them
+    /// from the page cache. Advisory: errors are ignored, and a shard in memory has nothing to advise.
+    pub fn advise(&self, offset: u64, len: usize, advice: libc::c_int) {
+        use std::os::fd::AsRawFd;
+        if let Backend::File { file, .. } = &self.backend {
+            // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    advice,
+                );
+            }
         }
     }
 

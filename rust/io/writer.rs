@@ -231,7 +231,24 @@ pub struct OutputWriter {
     can_clone: AtomicBool,
     /// Bytes shared with an input instead of written.
     cloned: AtomicU64,
+    /// With [`OutputWriter::drop_behind`]:
+    behind: Option<std::sync::Mutex<Behind>>,
 }
+
+/// What a writer with [`OutputWriter::drop_behind`] has written and not yet dropped.
+#[derive(Default)]
+struct Behind {
+    /// Ranges written (shard, offset, length), oldest first.
+    ranges: std::collections::VecDeque<(usize, u64, usize)>,
+    /// Their total bytes.
+    bytes: u64,
+    /// Bytes kept before the oldest are dropped.
+    lag: u64,
+}
+
+/// Bytes of output a writer with [`OutputWriter::drop_behind`] leaves in the page cache behind the
+/// newest write: older ranges are dropped (those already on disk; the kernel keeps dirty pages).
+const DROP_LAG: u64 = 256 << 20;
 
 impl OutputWriter {
     /// Creates every shard file of `shards` inside `dir` (which must exist), writes the headers and
@@ -258,6 +275,7 @@ impl OutputWriter {
             in_kernel: AtomicBool::new(true),
             can_clone: AtomicBool::new(true),
             cloned: AtomicU64::new(0),
+            behind: None,
         })
     }
 
@@ -290,7 +308,58 @@ impl OutputWriter {
             in_kernel: AtomicBool::new(false),
             can_clone: AtomicBool::new(false),
             cloned: AtomicU64::new(0),
+            behind: None,
         })
+    }
+
+    /// Drops what was written from the page cache once it is on disk, [`DROP_LAG`] behind the newest
+    /// write (`posix_fadvise(DONTNEED)`): for outputs of runs bigger than memory, where written pages
+    /// would otherwise push out input pages the write pass has yet to read.
+    #[must_use]
+    pub fn drop_behind(self) -> OutputWriter {
+        self.drop_behind_after(DROP_LAG)
+    }
+
+    /// [`OutputWriter::drop_behind`] with another lag (tests drop everything at once).
+    #[must_use]
+    fn drop_behind_after(mut self, lag: u64) -> OutputWriter {
+        if self.memory.is_empty() {
+            self.behind = Some(std::sync::Mutex::new(Behind {
+                lag,
+                ..Behind::default()
+            }));
+        }
+        self
+    }
+
+    /// Notes a range written to shard `shard` and drops the oldest ranges past [`DROP_LAG`].
+    fn written(&self, shard: usize, offset: u64, len: usize) {
+        use std::os::fd::AsRawFd;
+        let Some(behind) = &self.behind else {
+            return;
+        };
+        let mut due = vec![];
+        {
+            let mut b = behind.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            b.ranges.push_back((shard, offset, len));
+            b.bytes += len as u64;
+            while b.bytes > b.lag {
+                let Some(r) = b.ranges.pop_front() else { break };
+                b.bytes -= r.2 as u64;
+                due.push(r);
+            }
+        }
+        for (shard, offset, len) in due {
+            // SAFETY: plain syscall on a descriptor we own; no memory is passed. Advisory.
+            unsafe {
+                libc::posix_fadvise(
+                    self.files[shard].1.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
     }
 
     /// Bytes `[offset, offset + len)` of output buffer `shard`, when the output is in memory.
@@ -319,6 +388,7 @@ impl OutputWriter {
         let (path, file) = &self.files[shard];
         file.write_all_at(bytes, offset).map_err(|e| Error::io(path, e))?;
         start_writeback(file, offset, bytes.len());
+        self.written(shard, offset, bytes.len());
         Ok(())
     }
 
@@ -494,6 +564,7 @@ impl OutputWriter {
             return self.write_at(shard, offset + done as u64, rest);
         }
         start_writeback(file, offset, len);
+        self.written(shard, offset, len);
         Ok(())
     }
 
@@ -652,15 +723,19 @@ mod tests {
         let data: Vec<u8> = (0..(3 << 20) + 6).map(|i| (i * 7 % 251) as u8).collect();
         let src = input(dir.path(), &data);
         let base = src.len - data.len() as u64;
-        for in_kernel in [true, false] {
-            let out = dir.path().join(format!("out-{in_kernel}"));
+        for (in_kernel, drop) in [(true, false), (false, false), (true, true), (false, true)] {
+            let out = dir.path().join(format!("out-{in_kernel}-{drop}"));
             std::fs::create_dir(&out).unwrap();
             let shards = ShardMap::new(
                 &[("t".to_string(), Dtype::F16, vec![data.len() as u64 / 2])],
                 1 << 40,
             )
             .unwrap();
-            let w = OutputWriter::create(&out, &shards).unwrap();
+            let mut w = OutputWriter::create(&out, &shards).unwrap();
+            if drop {
+                // Every range dropped from the page cache right after it is written: same bytes.
+                w = w.drop_behind_after(0);
+            }
             w.in_kernel.store(in_kernel, Ordering::Relaxed);
             let t = &shards.tensors[0];
             let mut scratch = vec![0u8; data.len()];
@@ -682,7 +757,11 @@ mod tests {
             w.copy_from(0, t.offset, &src, base, half, &mut scratch).unwrap();
             let files = w.finish(&shards, true).unwrap();
             let bytes = std::fs::read(&files[0]).unwrap();
-            assert_eq!(&bytes[t.offset as usize..], &data[..], "in_kernel={in_kernel}");
+            assert_eq!(
+                &bytes[t.offset as usize..],
+                &data[..],
+                "in_kernel={in_kernel} drop={drop}"
+            );
         }
     }
 }
