@@ -102,6 +102,24 @@ fn saved_module(adapter: &Adapter, tensor: &str) -> Option<String> {
 }
 
 impl Session {
+    /// Refuses, before any work, an adapter output for language expert `expert` unless the safety
+    /// expert and it are both LoRA adapters.
+    pub fn check_adapters(&self, expert: usize) -> Result<()> {
+        let Some(host) = self.experts.get(expert) else {
+            return Err(Error::argument(format!(
+                "no language expert {expert} in a session of {}",
+                self.experts.len()
+            )));
+        };
+        match [&self.safety, host].into_iter().find(|e| e.adapter().is_none()) {
+            Some(full) => Err(Error::argument(format!(
+                "--emit adapter needs two LoRA adapter experts, but {} is a full model; write a full model instead",
+                full.path().display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Writes language expert `expert`'s merge, as `plan` decides it, as a PEFT adapter file
     /// (`adapter_model.safetensors`) into the existing, empty folder `out_dir`; the summary says what
     /// the adapter configuration must hold. Both experts must be LoRA adapters. A tensor the decisions
@@ -114,22 +132,10 @@ impl Session {
         progress: &Progress,
     ) -> Result<EmitSummary> {
         plan.options.validate()?;
-        let Some(host) = self.experts.get(expert) else {
-            return Err(Error::argument(format!(
-                "no language expert {expert} in a session of {}",
-                self.experts.len()
-            )));
-        };
+        self.check_adapters(expert)?;
+        let host = &self.experts[expert];
         let (Some(sa), Some(ma)) = (self.safety.adapter(), host.adapter()) else {
-            let full = if self.safety.adapter().is_none() {
-                self.safety.path()
-            } else {
-                host.path()
-            };
-            return Err(Error::argument(format!(
-                "--emit adapter needs two LoRA adapter experts, but {} is a full model; write a full model instead",
-                full.display()
-            )));
+            unreachable!("check_adapters found both adapters");
         };
         if sa.config.fan_in_fan_out != ma.config.fan_in_fan_out {
             return Err(Error::argument(

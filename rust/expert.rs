@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::io::{Model, TensorRef};
+use crate::io::{Model, Stamp, TensorRef};
 use crate::lora::{is_adapter, Adapter, LoraModule};
 
 /// A safety or language expert.
@@ -147,6 +147,14 @@ impl Expert {
         match self {
             Expert::Full(m) => m.check_unchanged(),
             Expert::Lora { adapter, .. } => adapter.file.check_unchanged(),
+        }
+    }
+
+    /// Path and stamp of every file whose data is read (see [`Model::stamps`]).
+    pub fn stamps(&self) -> Vec<(std::path::PathBuf, Stamp)> {
+        match self {
+            Expert::Full(m) => m.stamps(),
+            Expert::Lora { adapter, .. } => adapter.file.stamps(),
         }
     }
 

@@ -3,12 +3,12 @@
 //! The later stages, [`crate::analyze`] and [`crate::write`], run on the [`Session`] this returns and
 //! refuse to finish if a file changed since it was opened.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::expert::{Expert, TensorSet};
-use crate::io::Model;
+use crate::io::{Model, Stamp};
 use crate::layout::{Layout, LayoutDef, Place};
 use crate::options::{MergeOptions, VocabSource};
 
@@ -276,6 +276,40 @@ impl Session {
                         describe("safety expert", &self.safety)
                     ),
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Path and stamp (as opened) of every input file of the session: B, S and the experts.
+    pub fn stamps(&self) -> Vec<(PathBuf, Stamp)> {
+        let mut all = self.base.stamps();
+        all.extend(self.safety.stamps());
+        all.extend(self.experts.iter().flat_map(Expert::stamps));
+        all
+    }
+
+    /// Fails, naming the file, unless every file of `earlier` (stamps taken by another opening, e.g.
+    /// where a share of the statistics pass was computed: see [`Session::sums_of`]) is an input of
+    /// this session with the same stamp. Proves that work done on the files elsewhere and the work
+    /// about to be done here read the same bytes.
+    pub fn check_stamps(&self, earlier: &[(PathBuf, Stamp)]) -> Result<()> {
+        let now = self.stamps();
+        for (path, stamp) in earlier {
+            match now.iter().find(|(p, _)| p == path) {
+                Some((_, s)) if s == stamp => {}
+                Some(_) => {
+                    return Err(Error::invalid(
+                        path,
+                        "file was changed or replaced since its statistics were computed; run again once it is stable",
+                    ))
+                }
+                None => {
+                    return Err(Error::argument(format!(
+                        "{}: statistics were computed from a file that is not an input of this run",
+                        path.display()
+                    )))
+                }
             }
         }
         Ok(())

@@ -45,7 +45,7 @@ pub enum VocabSource {
 pub const MAX_THREADS: usize = 4096;
 
 /// Everything that shapes a merge.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MergeOptions {
     /// Unit granularity.
     pub granularity: Granularity,

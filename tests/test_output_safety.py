@@ -233,7 +233,7 @@ def trio_copy(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("target", ["base_weights", "safety_config", "expert_folder", "layout"])
 def test_save_stats_never_overwrites_an_input(trio_copy: dict[str, Path], tmp_path: Path, target: str) -> None:
     layout = tmp_path / "models" / "layout.json"
-    layout.write_text(dict(lsf._core.builtin_layouts())["llama"])
+    layout.write_text(json.dumps(lsf._core.builtin_layouts()["llama"]))
     path = {"base_weights": trio_copy["base"] / "model.safetensors", "safety_config": trio_copy["safety"] / "config.json",
             "expert_folder": trio_copy["expert"] / "stats.json", "layout": layout}[target]
     before = tree_digest(tmp_path / "models")
@@ -265,7 +265,7 @@ def test_bulk_outputs_never_land_on_an_input(trio_copy: dict[str, Path], tmp_pat
     code, _, err = run_cli(["merge", "--plan", str(plan), "-q"])
     one_error(code, err, "overlaps the input")
     layout = tmp_path / "layout.json"
-    layout.write_text(dict(lsf._core.builtin_layouts())["llama"])
+    layout.write_text(json.dumps(lsf._core.builtin_layouts()["llama"]))
     with pytest.raises(lsf.OutputExistsError, match="overlaps the input"):
         bulk.bulk_merge(trio_copy["base"], trio_copy["safety"], [bulk.ExpertSpec("ko", trio_copy["expert"])], tmp_path, layout=layout)
     assert tree_digest(tmp_path / "models") == before
@@ -275,7 +275,7 @@ def test_output_overlapping_the_layout_file_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     layout = out / "layout.json"
-    layout.write_text(dict(lsf._core.builtin_layouts())["llama"])
+    layout.write_text(json.dumps(lsf._core.builtin_layouts()["llama"]))
     code, _, err = run_cli(merge_args(GOOD, out, "--force", "--layout", str(layout)))
     one_error(code, err, "overlaps the input", "layout.json")
     assert layout.is_file()

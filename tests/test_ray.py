@@ -170,3 +170,31 @@ def test_separate_driver_process_with_ray_address(cluster, experts, tmp_path):
     r = subprocess.run(cli + args + ["-o", str(tmp_path / "local")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stdout + r.stderr
     same_outputs(tmp_path / "ray", tmp_path / "local", ["x2", "x3"])
+
+
+def test_an_expert_rewritten_between_its_statistics_and_its_write_task_is_refused(cluster, experts, tmp_path, monkeypatch):
+    """The write task opens the models again on whatever node runs it: it checks that they are the
+    files its plan's sums were computed on (the stamps the statistics tasks carried back), so an
+    expert rewritten in between fails, named, while the others are written."""
+    changed = tmp_path / "changed"
+    shutil.copytree(experts["x1"], changed)
+    run_ray = bulk._run_ray
+
+    def rewrite_then_write(*args: Any, **kwargs: Any) -> None:
+        from test_session import rewrite_in_place
+
+        rewrite_in_place(changed)  # after the statistics tasks, before the write tasks
+        run_ray(*args, **kwargs)
+
+    monkeypatch.setattr(bulk, "_run_ray", rewrite_then_write)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        specs = [bulk.ExpertSpec("x0", experts["x0"]), bulk.ExpertSpec("changed", changed)]
+        summary = bulk.bulk_merge(experts["base"], experts["safety"], specs, tmp_path / "ray", executor="ray")
+    finally:
+        ray.shutdown()
+    assert summary["experts"]["x0"]["status"] == "ok"
+    bad = summary["experts"]["changed"]
+    assert bad["status"] == "failed" and bad["kind"] == "InvalidModelError", bad
+    assert "file was changed or replaced since its statistics were computed" in bad["error"] and str(changed) in bad["error"]
+    assert not (tmp_path / "ray" / "changed").exists()

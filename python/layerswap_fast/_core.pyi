@@ -1,33 +1,38 @@
 """Stub of the private native module ``layerswap_fast._core`` (the Rust engine's binding).
 
 Checked against the built module by ``python -m mypy.stubtest layerswap_fast._core`` (run by the
-test suite). Results cross as JSON text; ``api.py`` and ``bulk.py`` turn them into typed objects.
+test suite). Nothing crosses as JSON text: results are the frozen classes below or plain data.
 """
 
 from os import PathLike
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union, final
+
+from layerswap_fast.options import MergeOptions
 
 _Path = Union[str, PathLike[str]]
 _Progress = Optional[Callable[[str, int, int], object]]
 
 __version__: str
+MAX_THREADS: int
 __all__ = [
     "IncompatibleModelsError",
     "InvalidModelError",
     "InvalidOptionError",
     "LayerswapError",
+    "MAX_THREADS",
     "MemoryBudgetError",
     "NonFiniteTensorError",
+    "Plan",
+    "Session",
+    "Sums",
+    "TensorStats",
+    "UnitDecision",
+    "WriteSummary",
     "__version__",
-    "analyze",
     "builtin_layouts",
     "checksums",
     "inspect",
-    "merge",
     "merge_state_dicts",
-    "plans_from_sums",
-    "sums",
-    "write",
 ]
 
 class LayerswapError(Exception): ...
@@ -37,63 +42,147 @@ class NonFiniteTensorError(InvalidModelError): ...
 class MemoryBudgetError(LayerswapError): ...
 class InvalidOptionError(LayerswapError): ...
 
-def inspect(model: _Path, architecture: Optional[str] = None, layout_json: Optional[str] = None) -> str: ...
-def analyze(
-    base: _Path,
-    safety: _Path,
-    experts: list[_Path],
-    options_json: list[str],
-    architecture: Optional[str] = None,
-    layout_json: Optional[str] = None,
-    saved_stats_json: Optional[str] = None,
-    lenient: bool = False,
-    progress: _Progress = None,
-) -> str: ...
-def merge(
-    base: _Path,
-    safety: _Path,
-    expert: _Path,
-    out_dir: _Path,
-    options_json: str,
-    architecture: Optional[str] = None,
-    layout_json: Optional[str] = None,
-    progress: _Progress = None,
-    emit: str = "model",
-) -> str: ...
-def write(
-    base: _Path,
-    safety: _Path,
-    expert: _Path,
-    out_dir: _Path,
-    plan_json: str,
-    architecture: Optional[str] = None,
-    layout_json: Optional[str] = None,
-    sync: bool = True,
-    progress: _Progress = None,
-) -> str: ...
-def sums(
-    base: _Path,
-    safety: _Path,
-    expert: _Path,
-    measured: str,
-    options_json: str,
-    architecture: Optional[str] = None,
-    layout_json: Optional[str] = None,
-    progress: _Progress = None,
-) -> str: ...
-def plans_from_sums(
-    base: _Path,
-    safety: _Path,
-    experts: list[_Path],
-    options_json: list[str],
-    safety_sums_json: str,
-    expert_sums_json: list[str],
-    architecture: Optional[str] = None,
-    layout_json: Optional[str] = None,
-    lenient: bool = False,
-) -> str: ...
-def builtin_layouts() -> list[tuple[str, str]]: ...
-def checksums(paths: list[_Path], threads: int) -> list[str]: ...
+@final
+class UnitDecision:
+    @property
+    def layer(self) -> int: ...
+    @property
+    def part(self) -> Optional[str]: ...
+    @property
+    def score_safety(self) -> float: ...
+    @property
+    def score_expert(self) -> float: ...
+    @property
+    def p_safety(self) -> float: ...
+    @property
+    def p_expert(self) -> float: ...
+    @property
+    def d(self) -> float: ...
+    @property
+    def decision(self) -> str: ...
+    @property
+    def alpha(self) -> Optional[float]: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnitDecision: ...
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]: ...
+
+@final
+class TensorStats:
+    @property
+    def name(self) -> str: ...
+    @property
+    def numel(self) -> int: ...
+    @property
+    def base_ss(self) -> float: ...
+    @property
+    def safety_ss(self) -> float: ...
+    @property
+    def expert_ss(self) -> float: ...
+    @property
+    def diff_ss(self) -> tuple[float, float]: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorStats: ...
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]: ...
+
+@final
+class Plan:
+    @property
+    def options(self) -> dict[str, Any]: ...
+    @property
+    def layout(self) -> str: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def granularity(self) -> str: ...
+    @property
+    def units(self) -> tuple[UnitDecision, ...]: ...
+    @property
+    def stats(self) -> tuple[TensorStats, ...]: ...
+    def decisions(self) -> list[str]: ...
+    def counts(self) -> dict[str, int]: ...
+    def to_dict(self, with_stats: bool = False) -> dict[str, Any]: ...
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], stats: Optional[Sequence[TensorStats]] = None) -> Plan: ...
+    def to_json(self, indent: Optional[int] = 2) -> str: ...
+    @classmethod
+    def from_json(cls, text: str) -> Plan: ...
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]: ...
+
+@final
+class WriteSummary:
+    @property
+    def files(self) -> list[str]: ...
+    @property
+    def tensors(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def bytes_cloned(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def expert_only(self) -> list[str]: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+@final
+class Sums:
+    @property
+    def measured(self) -> str: ...
+    @property
+    def files(self) -> list[str]: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sums: ...
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]: ...
+
+@final
+class Session:
+    def __new__(
+        cls,
+        base: _Path,
+        safety: _Path,
+        experts: Sequence[_Path],
+        *,
+        architecture: Optional[str] = None,
+        layout: Optional[dict[str, Any]] = None,
+        lenient: bool = False,
+    ) -> Session: ...
+    @property
+    def opened(self) -> list[int]: ...
+    @property
+    def failures(self) -> list[tuple[int, Exception]]: ...
+    @property
+    def layout(self) -> str: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def sources(self) -> dict[str, Any]: ...
+    @property
+    def bytes_read(self) -> int: ...
+    def analyze(
+        self,
+        options: Union[MergeOptions, Sequence[MergeOptions]],
+        *,
+        saved: Optional[Sequence[TensorStats]] = None,
+        progress: _Progress = None,
+        for_write: bool = False,
+    ) -> list[Plan]: ...
+    def sums(self, measured: str, options: MergeOptions, *, expert: int = 0, progress: _Progress = None) -> Sums: ...
+    def plans_from_sums(self, options: Sequence[MergeOptions], safety: Sums, experts: Sequence[Sums]) -> list[Plan]: ...
+    def check_stamps(self, sums: Sequence[Sums]) -> None: ...
+    def write(self, expert: int, plan: Plan, out: _Path, *, sync: bool = True, progress: _Progress = None) -> WriteSummary: ...
+    def emit_adapter(self, expert: int, plan: Plan, out: _Path, *, progress: _Progress = None) -> dict[str, Any]: ...
+    def check_adapters(self, expert: int) -> None: ...
+
+def inspect(model: _Path, architecture: Optional[str] = None, layout: Optional[dict[str, Any]] = None) -> dict[str, Any]: ...
+def builtin_layouts() -> dict[str, dict[str, Any]]: ...
+def checksums(paths: Sequence[_Path], threads: int) -> list[str]: ...
 
 # One tensor handed over in memory: name, safetensors dtype name, shape, DLPack capsule (__dlpack__()).
 _Entry = tuple[str, str, list[int], object]
@@ -102,9 +191,9 @@ def merge_state_dicts(
     base: list[_Entry],
     safety: list[_Entry],
     expert: list[_Entry],
-    options_json: str,
+    options: MergeOptions,
     architecture: Optional[str] = None,
-    layout_json: Optional[str] = None,
+    layout: Optional[dict[str, Any]] = None,
     allocate: Optional[Callable[[list[tuple[str, str, list[int]]]], list[object]]] = None,
     progress: _Progress = None,
-) -> str: ...
+) -> tuple[Plan, Optional[WriteSummary]]: ...

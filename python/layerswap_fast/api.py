@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from layerswap_fast import _core, card, decisions, hub, page
+from layerswap_fast._core import Plan, Session, WriteSummary
 from layerswap_fast.folder import (CARD_FILE, PAGE_FILE, REPORT_FILE, TOKENIZER_FILES, architecture, check_output, copy_side_files, ignored_model_files, plan_side_files,
                                    staged_output)
-from layerswap_fast.errors import InvalidOptionError, LayerswapError
+from layerswap_fast.errors import InvalidModelError, InvalidOptionError, LayerswapError
 from layerswap_fast.lora import is_adapter, model_of, tokenizer_of, write_adapter_config
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, options_arg, path_arg, toml
-from layerswap_fast.plan import Plan
 
 PathLike = Union[str, os.PathLike]
 #: ``progress(phase, done, total)``: phase is "analyze", "write" or "sync"; done/total in bytes.
@@ -39,18 +39,30 @@ def _options(options: Optional[MergeOptions], kwargs: dict[str, Any]) -> MergeOp
     return options.replace(**kwargs) if kwargs else options
 
 
-def _layout_json(layout: Optional[PathLike]) -> Optional[str]:
-    """A custom layout file as the engine reads it: JSON as is; TOML (``.toml``) converted to JSON."""
+def read_layout(layout: Optional[PathLike]) -> Optional[dict[str, Any]]:
+    """A custom layout definition file as the engine reads it: JSON, or TOML (``.toml``)."""
     if layout is None:
         return None
     p = path_arg(layout, "layout")
-    if p.suffix.lower() != ".toml":
-        return p.read_text()
-    tomllib = toml()
+    if p.suffix.lower() == ".toml":
+        tomllib = toml()
+        try:
+            return tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
     try:
-        return json.dumps(tomllib.loads(p.read_text()))
-    except tomllib.TOMLDecodeError as e:
-        raise InvalidOptionError(f"{p}: not a valid TOML layout file ({e})") from None
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise InvalidModelError(f"{p}: invalid layout definition: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidModelError(f"{p}: invalid layout definition: a JSON object is expected")
+    return data
+
+
+def open_session(base: Path, safety: Path, experts: list[Path], layout: Optional[dict[str, Any]], lenient: bool = False) -> Session:
+    """Opens B, S and the experts once (the open stage), for the analysis and every write of a run.
+    The first expert's config.json (the base model's for a LoRA expert) names the architecture."""
+    return Session(base, safety, experts, architecture=architecture(model_of(experts[0], base)), layout=layout, lenient=lenient)
 
 
 def decide(plan: Plan, opts: MergeOptions, source: str = "measured") -> Plan:
@@ -64,7 +76,7 @@ def decide(plan: Plan, opts: MergeOptions, source: str = "measured") -> Plan:
     d = plan.to_dict()
     d["units"] = decisions.apply(d["units"], n_layers=plan.n_layers, granularity=plan.granularity, alpha=opts.alpha,
                                  select=opts.select, bands=opts.bands, overrides=opts.overrides, source=source)
-    return Plan.from_dict(d, plan.stats)
+    return Plan.from_dict(d, list(plan.stats))
 
 
 def peak_rss_bytes() -> int:
@@ -86,7 +98,7 @@ def inspect(model: PathLike, *, layout: Optional[PathLike] = None) -> dict[str, 
         layer but in no unit of the layout: a merge refuses those).
     """
     p = hub.resolve(path_arg(model, "model")).path
-    return json.loads(_core.inspect(str(p), architecture(p), _layout_json(layout)))
+    return _core.inspect(p, architecture(p), read_layout(layout))
 
 
 def analyze(
@@ -119,12 +131,8 @@ def analyze(
     opts = _options(options, kwargs)
     base_p, safety_p, expert_p = (hub.resolve(path_arg(m, role)).path for m, role in ((base, "base"), (safety, "safety"), (expert, "expert")))
     callback_arg(progress, "progress")
-    out = json.loads(
-        _core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], architecture(model_of(expert_p, base_p)),
-                      _layout_json(layout),
-                      progress=progress)
-    )
-    return decide(Plan.from_engine(out["plans"][0]), opts)
+    session = open_session(base_p, safety_p, [expert_p], read_layout(layout))
+    return decide(session.analyze(opts, progress=progress)[0], opts)
 
 
 def merge(
@@ -199,47 +207,49 @@ def merge(
     plan_side_files(model_of(expert_p, base_p) if base_p is not None else expert_p, _tokenizer_source(opts, (base_p, safety_p, expert_p)),
                     config_p)
     started = time.perf_counter()
-    arch, layout_json = architecture(model_of(expert_p, base_p) if base_p is not None else expert_p), _layout_json(layout)
+    layout_def = read_layout(layout)
+    # The open stage, once: the analysis and the write read the files this opening checked, and the
+    # write refuses to finish if one of them changed since. B is only checked by the write stage;
+    # without it (a decisions file) S stands in for that check, which then asks again only what S and
+    # M must satisfy anyway.
+    session = open_session(base_p if base_p is not None else safety_p, safety_p, [expert_p], layout_def)
+    if emit == "adapter":
+        session.check_adapters(0)  # before the analyze stage, not after it
     plan: Optional[Plan] = None
     if decisions_p is not None:
         # (an adapter expert has its base model's layout and layers)
-        plan, opts = decided_plan(decisions_p, model_of(expert_p, base_p) if base_p is not None else expert_p, opts, layout_json)
-    elif opts.overrides or opts.select != "adaptive":
-        engine = json.loads(_core.analyze(str(base_p), str(safety_p), [str(expert_p)], [opts.to_engine_json()], arch, layout_json,
-                                          progress=progress))
-        plan = decide(Plan.from_engine(engine["plans"][0]), opts)
+        plan, opts = decided_plan(decisions_p, expert_p, session, opts)
     with staged_output(out_p, force) as stage:
+        written = plan
         if plan is None:
-            # The paper's rule alone: one engine call measures, decides and writes.
-            result = json.loads(_core.merge(str(base_p), str(safety_p), str(expert_p), str(stage), opts.to_engine_json(), arch,
-                                            layout_json, progress, emit))
-            plan = decide(Plan.from_engine(result["plan"]), opts)
-            write, bytes_read, model_kinds = result["write"], result["bytes_read"], result.get("sources")
+            measured = session.analyze(opts, progress=progress, for_write=True)[0]
+            plan = decide(measured, opts)
+            # The paper's rule alone writes the engine's plan as measured; decision control its own.
+            written = plan if controlled else measured
+        assert written is not None
+        if emit == "adapter":
+            write: Union[WriteSummary, dict[str, Any]] = session.emit_adapter(0, written, stage, progress=progress)
         else:
-            # B is only checked by the write pass; without it (a decisions file) S stands in for that
-            # check, which then asks again only what S and M must satisfy anyway.
-            write = json.loads(_core.write(str(base_p or safety_p), str(safety_p), str(expert_p), str(stage),
-                                           json.dumps(plan.to_dict(with_stats=True)), arch, layout_json, True, progress))
-            bytes_read, model_kinds = 0, None
-        report = finish_output(stage, plan, write, bytes_read, opts, (base_p, safety_p, expert_p), started, config_from=config_p,
-                               sources=model_kinds, hub_inputs=hub.hub_report(sources),
-                               target=out_p, layout_json=layout_json)
+            write = session.write(0, written, stage, progress=progress)
+        kinds = session.sources
+        report = finish_output(stage, plan, write, session.bytes_read, opts, (base_p, safety_p, expert_p), started, config_from=config_p,
+                               sources={"safety": kinds["safety"], "expert": kinds["experts"][0]} if base_p is not None else None,
+                               hub_inputs=hub.hub_report(sources), target=out_p, layout=layout_def)
     return report
 
 
-def decided_plan(path: Path, expert: Path, opts: MergeOptions, layout_json: Optional[str]) -> tuple[Plan, MergeOptions]:
-    """The plan a decisions file describes, checked against the language expert's layout and layer
-    count, with ``opts.overrides`` applied on top; and the options with the file's granularity."""
+def decided_plan(path: Path, expert: Path, session: Session, opts: MergeOptions) -> tuple[Plan, MergeOptions]:
+    """The plan a decisions file describes, checked against the layout and layer count of the
+    session's models, with ``opts.overrides`` applied on top; and the options with the file's
+    granularity."""
     data = decisions.load_decisions(path)
-    info = json.loads(_core.inspect(str(expert), architecture(expert), layout_json))
-    if (data["layout"], data["n_layers"]) != (info["layout"], info["n_layers"]):
+    if (data["layout"], data["n_layers"]) != (session.layout, session.n_layers):
         raise InvalidOptionError(
             f"{path}: the decisions are for a {data['n_layers']}-layer '{data['layout']}' model, but {expert} is a "
-            f"{info['n_layers']}-layer '{info['layout']}' model"
+            f"{session.n_layers}-layer '{session.layout}' model"
         )
     opts = opts.replace(granularity=data["granularity"])
-    engine_options = json.loads(opts.to_engine_json())
-    plan = Plan.from_dict({"options": engine_options, "layout": data["layout"], "n_layers": data["n_layers"], "units": data["units"]})
+    plan = Plan.from_dict({"options": opts, "layout": data["layout"], "n_layers": data["n_layers"], "units": data["units"]})
     return decide(plan, opts, source="file"), opts
 
 
@@ -251,7 +261,7 @@ def _tokenizer_source(opts: MergeOptions, inputs: tuple[Optional[Path], Path, Pa
     return tokenizer_of(source, base_p) if base_p is not None else source
 
 
-def describe_inputs(inputs: dict[str, Optional[Path]], layout_json: Optional[str] = None) -> dict[str, dict[str, Any]]:
+def describe_inputs(inputs: dict[str, Optional[Path]], layout: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
     """Per input (base, safety, expert): its data size, shard count and detected layout, read from the
     safetensors headers (no tensor data). An input that cannot be described (e.g. a LoRA adapter) gets
     an empty entry."""
@@ -261,7 +271,7 @@ def describe_inputs(inputs: dict[str, Optional[Path]], layout_json: Optional[str
             out[role] = {}
             continue
         try:
-            info = json.loads(_core.inspect(str(p), architecture(p), layout_json))
+            info = _core.inspect(p, architecture(p), layout)
             out[role] = {"bytes": info["data_bytes"], "shards": info["shards"], "layout": info["layout"]}
         except (LayerswapError, OSError, ValueError):
             out[role] = {}
@@ -269,7 +279,7 @@ def describe_inputs(inputs: dict[str, Optional[Path]], layout_json: Optional[str
 
 
 def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Optional[Path], Path, Path], started: float,
-                 layout_json: Optional[str] = None, config_from: Optional[Path] = None) -> dict[str, Any]:
+                 layout: Optional[dict[str, Any]] = None, config_from: Optional[Path] = None) -> dict[str, Any]:
     """The report of an analysis: tool, inputs (with sizes, shard counts and layouts), parameters and
     every unit's scores and decision. :func:`finish_output` adds what a merge wrote."""
     base_p, safety_p, expert_p = inputs
@@ -279,7 +289,7 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Optional[Path], P
         "method": "layer-wise swapping (Shin & Hwang, EACL 2026)",
         "inputs": {"base": str(base_p) if base_p is not None else None, "safety": str(safety_p), "expert": str(expert_p),
                    **({"config_from": str(config_from)} if config_from is not None else {})},
-        "input_files": describe_inputs({"base": base_p, "safety": safety_p, "expert": expert_p}, layout_json),
+        "input_files": describe_inputs({"base": base_p, "safety": safety_p, "expert": expert_p}, layout),
         # As the JSON file holds them (tuples as lists), so that a page made now equals one made from the file.
         "parameters": json.loads(json.dumps({**opts.to_dict(), "out_dtype": opts.effective_out_dtype,
                                              "tokenizer_from": opts.effective_tokenizer_from, "threads": opts.effective_threads})),
@@ -294,10 +304,10 @@ def build_report(plan: Plan, opts: MergeOptions, inputs: tuple[Optional[Path], P
     }
 
 
-def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: int, opts: MergeOptions,
+def finish_output(stage: Path, plan: Plan, write: Union[WriteSummary, dict[str, Any]], bytes_read: int, opts: MergeOptions,
                   inputs: tuple[Optional[Path], Path, Path], started: float, config_from: Optional[Path] = None,
                   sources: Optional[dict[str, Any]] = None, hub_inputs: Optional[dict[str, dict[str, str]]] = None,
-                  target: Optional[Path] = None, layout_json: Optional[str] = None) -> dict[str, Any]:
+                  target: Optional[Path] = None, layout: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Adds the side files (config from the expert, tokenizer per ``tokenizer_from``, or both from
     ``config_from``), the report, its HTML page and the model card to a staged output whose shards the
     engine has written. ``target`` is where the stage will be published (named in the card's
@@ -307,6 +317,8 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
     ``hub_inputs`` (role -> ``{"id", "revision", "commit"}``, see :func:`hub.hub_report`) becomes the
     report's ``"hub"``."""
     base_p, safety_p, expert_p = inputs
+    if isinstance(write, WriteSummary):
+        write = write.to_dict()
     side = plan_side_files(model_of(expert_p, base_p) if base_p is not None else expert_p, _tokenizer_source(opts, inputs), config_from)
     adapter_out = "modules" in write
     if adapter_out:
@@ -322,7 +334,7 @@ def finish_output(stage: Path, plan: Plan, write: dict[str, Any], bytes_read: in
         if ignored:
             notes.append(f"{p}: ignored {', '.join(ignored)} (not this {role} model's weight files: only model.safetensors, "
                          "the shards its index names, or model-NNNNN-of-NNNNN.safetensors are)")
-    report = build_report(plan, opts, inputs, started, layout_json, config_from)
+    report = build_report(plan, opts, inputs, started, layout, config_from)
     if sources:  # whether each expert is a full model or a LoRA adapter (rank), and where its sums come from
         report["sources"] = sources
     if hub_inputs:  # inputs named by hub id: id, revision and the commit they resolved to (for an exact rerun)

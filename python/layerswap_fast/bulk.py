@@ -5,12 +5,15 @@ then every expert gets its own decisions and its own write pass, into ``OUT/<nam
 (``OUT/layerswap_bulk.json``) records finished outputs with checksums (XXH3 of 8 MiB blocks), so a rerun skips experts whose
 output is verified intact and redoes the rest. One expert failing does not stop the others.
 
-Executors: ``local`` (default) runs the statistics pass and then the write passes one after another
-in this process (each uses all cores); ``ray`` splits the statistics pass into Ray tasks (one reads B
-and S, each other one reads B and one language expert; the plans are made on the driver from the sums
-they return) and runs one write task per expert, on the cluster named by the usual ``RAY_ADDRESS``
-environment variable (or a local instance on 127.0.0.1), assuming the inputs and ``OUT`` are on a
-filesystem every node sees at the same paths. Both give the same bytes.
+Executors: ``local`` (default) opens every model once (one :class:`Session`), runs the statistics
+pass and then the write passes one after another on that opening, in this process (each uses all
+cores): a file changed between the passes makes its write fail, naming it. ``ray`` splits the
+statistics pass into Ray tasks (one reads B and S, each other one reads B and one language expert; the
+plans are made on the driver from the sums they return, which carry the stamps of the files read) and
+runs one write task per expert, which refuses files whose stamps differ from those the sums were
+computed on; on the cluster named by the usual ``RAY_ADDRESS`` environment variable (or a local
+instance on 127.0.0.1), assuming the inputs and ``OUT`` are on a filesystem every node sees at the
+same paths. Both give the same bytes.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from layerswap_fast import _core, hub
-from layerswap_fast.api import ProgressCallback, _layout_json, _tokenizer_source, decide, finish_output
+from layerswap_fast._core import Plan, Session, Sums, TensorStats
+from layerswap_fast.api import ProgressCallback, _tokenizer_source, decide, finish_output, open_session, read_layout
 from layerswap_fast.errors import InvalidOptionError, LayerswapError, OutputExistsError
 from layerswap_fast import page
 from layerswap_fast.folder import (BULK_MANIFEST, BULK_PAGE_FILE, PAGE_FILE, REPORT_FILE, write_text_atomic, OUTPUT_MARKERS, architecture, check_not_input, clear_stale, commit_stage,
                                    discard_stage, new_stage, plan_side_files, replace_refusal)
 from layerswap_fast.lora import model_of
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg, path_arg, toml
-from layerswap_fast.plan import Plan
 
 MANIFEST = BULK_MANIFEST
 SUMMARY = "layerswap_bulk_summary.json"
@@ -45,6 +48,9 @@ OWN_FILES = [MANIFEST, SUMMARY, BULK_PAGE_FILE, "report.html", "README.md"]
 EXECUTORS = ("local", "ray")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PathLike = Union[str, "os.PathLike[str]"]
+#: One expert's write: its index among the session's experts as given, its spec, its plan and what
+#: the engine said of its models (full or LoRA).
+Job = tuple[int, "ExpertSpec", Plan, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -192,32 +198,23 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 # --- one expert's write pass (runs locally or as a Ray task) ---------------------------------------
 
 
-def _write_stage(base: str, safety: str, expert: Path, target: Path, plan_dict: dict[str, Any], opts: MergeOptions,
-                 layout_json: Optional[str], sync: bool, progress: Optional[ProgressCallback],
-                 hub_inputs: Optional[dict[str, dict[str, str]]] = None, config_from: Optional[Path] = None) -> tuple[Path, dict[str, Any]]:
+def _write_stage(session: Session, shared: tuple[Path, Path], job: Job, target: Path, layout: Optional[dict[str, Any]], sync: bool,
+                 progress: Optional[ProgressCallback], hub_inputs: Optional[dict[str, dict[str, str]]] = None) -> tuple[Path, dict[str, Any]]:
     """Writes one expert's output (engine shards, side files, report) into a fresh staging folder
-    beside ``target``; returns the stage and the report. On any error the stage is removed."""
+    beside ``target``, on the run's session; returns the stage and the report. On any error the stage
+    is removed."""
+    index, e, plan, sources = job
     started = time.perf_counter()
     stage = new_stage(target)
     try:
-        write = json.loads(_core.write(base, safety, str(expert), str(stage), json.dumps(plan_dict),
-                                            architecture(model_of(expert, Path(base))), layout_json, sync, progress))
-        report = finish_output(stage, Plan.from_engine(plan_dict), write, 0, opts, (Path(base), Path(safety), expert), started,
-                               config_from=config_from, sources=plan_dict.get("sources"), hub_inputs=hub_inputs, target=target,
-                               layout_json=layout_json)
+        before = session.bytes_read
+        write = session.write(index, plan, stage, sync=sync, progress=progress)
+        report = finish_output(stage, plan, write, session.bytes_read - before, e.options, (*shared, e.path), started,
+                               config_from=e.config_from, sources=sources, hub_inputs=hub_inputs, target=target, layout=layout)
         return stage, report
     except BaseException:
         discard_stage(stage)
         raise
-
-
-def _write_one(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-               layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]] = None,
-               config_from: Optional[str] = None) -> dict[str, Any]:
-    """One Ray task: an expert's write pass, then its checksums, sync and rename into place."""
-    stage, report = _write_stage(base, safety, Path(expert), Path(out), plan_dict, opts, layout_json, True, None, hub_inputs,
-                                 Path(config_from) if config_from else None)
-    return _publish(stage, Path(out), report)
 
 
 # --- the bulk run ----------------------------------------------------------------------------------
@@ -366,7 +363,7 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
     for name, entry in entries.items():
         _notify(on_expert, name, entry)
     manifest = _read_manifest(out_p)
-    layout_json = _layout_json(layout)
+    layout_def = read_layout(layout)
     todo: list[ExpertSpec] = []
     for e in specs:
         if e.name in entries:  # its hub id did not resolve
@@ -396,32 +393,30 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
     nodes: dict[str, str] = {}
     if todo:
         t0 = time.perf_counter()
-        saved_json = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
+        saved = load_saved_stats(saved_stats, todo[0].options.numerics) if saved_stats else None
+        session: Optional[Session] = None
         if executor == "ray":
-            result = _analyze_ray(str(base_p), str(safety_p), todo, layout_json, saved_json, nodes)
+            result = _analyze_ray(base_p, safety_p, todo, layout_def, saved, nodes)
         else:
-            result = json.loads(
-                _core.analyze(str(base_p), str(safety_p), [str(e.path) for e in todo], [e.options.to_engine_json() for e in todo],
-                              architecture(model_of(todo[0].path, base_p)), layout_json, saved_json, True, progress)
-            )
+            # The open stage, once for the whole run: the statistics and every write use this opening.
+            session = open_session(base_p, safety_p, [e.path for e in todo], layout_def, lenient=True)
+            result = _outcome(session, session.analyze([todo[i].options for i in session.opened], saved=saved, progress=progress), len(todo))
         stats_seconds = time.perf_counter() - t0
-        failed = {f["index"]: f for f in result["failures"]}
-        jobs = []
+        jobs: list[Job] = []
         for i, e in enumerate(todo):
-            if i in failed:
-                entries[e.name] = {"status": "failed", "error": failed[i]["message"], "kind": failed[i]["kind"]}
+            if i in result.failures:
+                entries[e.name] = _failure(result.failures[i])
                 _notify(on_expert, e.name, entries[e.name])
                 continue
             try:
                 # Each expert's own bands and overrides; a unit that does not exist fails that expert only.
-                plan = decide(Plan.from_engine(result["plans"][i]), e.options).to_dict(with_stats=True)
+                plan = decide(result.plans[i], e.options)
             except InvalidOptionError as err:
                 entries[e.name] = _failure(err)
                 _notify(on_expert, e.name, entries[e.name])
                 continue
             # The engine's word on each expert (full or LoRA) rides with its plan into its report.
-            src = {"safety": result["sources"]["safety"], "expert": result["sources"]["experts"][i]}
-            jobs.append((e, {**plan, "sources": src}))
+            jobs.append((i, e, plan, {"safety": result.safety_source, "expert": result.sources[i]}))
 
         def record(e: ExpertSpec, outcome: dict[str, Any]) -> None:
             if "error" in outcome:
@@ -435,10 +430,10 @@ def _bulk_run(base_p: Path, safety_p: Path, specs: list[ExpertSpec], out_p: Path
                 _write_json_atomic(out_p / MANIFEST, manifest)
             _notify(on_expert, e.name, entries[e.name])
 
-        if executor == "ray":
-            _run_ray(jobs, str(base_p), str(safety_p), out_p, layout_json, record, nodes, hub_ids.reports)
+        if session is None:
+            _run_ray(jobs, (base_p, safety_p), out_p, layout_def, record, nodes, hub_ids.reports, result.shares)
         else:
-            _run_local(jobs, str(base_p), str(safety_p), out_p, layout_json, progress, record, hub_ids.reports)
+            _run_local(session, jobs, (base_p, safety_p), out_p, layout_def, progress, record, hub_ids.reports)
     summary = _summary(entries, names, stats_seconds)
     if nodes:
         summary["ray_nodes"] = nodes
@@ -496,17 +491,43 @@ def _publish(stage: Path, target: Path, report: dict[str, Any]) -> dict[str, Any
         raise
 
 
-def _run_local(jobs, base, safety, out: Path, layout_json, progress, record, hub_inputs) -> None:
-    """Write passes one after another; each expert's disk sync, checksums and rename run in a
-    background thread while the next expert is being written, so the disk and the cores work at once."""
-    pending: Optional[tuple[ExpertSpec, concurrent.futures.Future]] = None
+@dataclass
+class _Analysis:
+    """The analyze stage's outcome for the experts of a run (by their index in it)."""
+
+    plans: dict[int, Plan]
+    failures: dict[int, BaseException]
+    #: The engine's word on each expert's model (full or LoRA), and on the safety expert's.
+    sources: dict[int, dict[str, Any]]
+    safety_source: Optional[dict[str, Any]]
+    #: Ray only: the shares of the statistics pass each expert's plan was made from (the safety
+    #: expert's and its own), whose file stamps its write checks.
+    shares: dict[int, list[Sums]] = field(default_factory=dict)
+
+
+def _outcome(session: Session, plans: list[Plan], n: int, index: Optional[list[int]] = None) -> _Analysis:
+    """Plans and failures of a (lenient) session, by expert index (``index`` maps the session's
+    experts to the run's, when the session holds some of them only)."""
+    where = index or list(range(n))
+    sources = session.sources
+    return _Analysis({where[i]: p for i, p in zip(session.opened, plans)}, {where[i]: err for i, err in session.failures},
+                     {where[i]: src for i, src in zip(session.opened, sources["experts"])}, sources["safety"])
+
+
+def _run_local(session: Session, jobs: list[Job], shared: tuple[Path, Path], out: Path, layout: Optional[dict[str, Any]],
+               progress: Optional[ProgressCallback], record: Callable[[ExpertSpec, dict[str, Any]], None],
+               hub_inputs: dict[str, dict[str, dict[str, str]]]) -> None:
+    """Write passes one after another on the run's session; each expert's disk sync, checksums and
+    rename run in a background thread while the next expert is being written, so the disk and the
+    cores work at once."""
+    pending: Optional[tuple[ExpertSpec, concurrent.futures.Future[dict[str, Any]]]] = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as committer:
         try:
-            for e, plan in jobs:
+            for job in jobs:
+                e = job[1]
                 target = out / e.name
                 try:
-                    stage, report = _write_stage(base, safety, e.path, target, plan, e.options, layout_json, False, progress,
-                                                 hub_inputs.get(e.name), e.config_from)
+                    stage, report = _write_stage(session, shared, job, target, layout, False, progress, hub_inputs.get(e.name))
                 except (LayerswapError, OSError) as err:
                     record(e, _failure(err))
                     continue
@@ -567,75 +588,74 @@ def _node() -> str:
     return str(ray.get_runtime_context().get_node_id())
 
 
-def _sums_task(base: str, safety: str, expert: str, measured: str, options_json: str, arch: Optional[str],
-               layout_json: Optional[str]) -> tuple[Union[str, dict[str, Any]], str]:
+def _sums_task(base: Path, safety: Path, expert: Path, measured: str, options: MergeOptions,
+               layout: Optional[dict[str, Any]]) -> tuple[Union[Sums, dict[str, Any]], str]:
     """One Ray task of the statistics pass: B and the safety expert, or B and one language expert.
-    Returns the sums (JSON), or the failure of a bad model as data (as the write task does), which
-    crosses back to the driver whatever the exception's class."""
+    Returns the sums (with the stamps of the files read), or the failure of a bad model as data (as
+    the write task does), which crosses back to the driver whatever the exception's class."""
     try:
-        return _core.sums(base, safety, expert, measured, options_json, arch, layout_json), _node()
+        return open_session(base, safety, [expert], layout).sums(measured, options), _node()
     except (LayerswapError, OSError) as err:
         return _failure(err), _node()
 
 
-def _write_task(base: str, safety: str, expert: str, out: str, plan_dict: dict[str, Any], opts: MergeOptions,
-                layout_json: Optional[str], hub_inputs: Optional[dict[str, dict[str, str]]],
-                config_from: Optional[str] = None) -> tuple[dict[str, Any], str]:
-    """One Ray task of the write passes: an expert's write pass, checksums, sync and rename (a bad
-    model's failure comes back as data, as in ``_sums_task``)."""
+def _write_task(shared: tuple[Path, Path], job: Job, out: Path, layout: Optional[dict[str, Any]],
+                hub_inputs: Optional[dict[str, dict[str, str]]], shares: list[Sums]) -> tuple[dict[str, Any], str]:
+    """One Ray task of the write passes: opens the models, checks that they are the files the
+    statistics were computed on (their stamps), then an expert's write pass, checksums, sync and
+    rename (a bad model's failure comes back as data, as in ``_sums_task``)."""
     try:
-        return _write_one(base, safety, expert, out, plan_dict, opts, layout_json, hub_inputs, config_from), _node()
+        session = open_session(*shared, [job[1].path], layout)
+        session.check_stamps(shares)
+        stage, report = _write_stage(session, shared, (0, *job[1:]), out, layout, True, None, hub_inputs)
+        return _publish(stage, out, report), _node()
     except (LayerswapError, OSError) as err:
         return _failure(err), _node()
 
 
-def _analyze_ray(base: str, safety: str, todo: list[ExpertSpec], layout_json: Optional[str], saved_json: Optional[str],
-                 nodes: dict[str, str]) -> dict[str, Any]:
+def _analyze_ray(base: Path, safety: Path, todo: list[ExpertSpec], layout: Optional[dict[str, Any]], saved: Optional[list[TensorStats]],
+                 nodes: dict[str, str]) -> _Analysis:
     """The statistics pass as Ray tasks: one reads B and S (unless saved statistics stand in for S),
     each other one reads B and one language expert; the engine then checks that every share saw the
-    same base sums and makes the plans here, from sums of a few bytes per tensor. The result has the
-    shape of ``_core.analyze``'s (an expert whose task failed is in ``failures``)."""
+    same base sums and makes the plans here, from sums of a few bytes per tensor."""
     ray = _connect_ray()
     place = _placer(ray)
     task = ray.remote(_sums_task)
     # The pass follows the first expert's options (numerics, non-finite policy), as a local run's does.
-    pass_json = todo[0].options.to_engine_json()
-    arch = architecture(model_of(todo[0].path, Path(base)))
+    pass_options = todo[0].options
     numerics = {e.options.numerics for e in todo}
     if len(numerics) > 1:
         raise InvalidOptionError("all experts of one run must use the same numerics (statistics are shared)")
-    safety_ref = None if saved_json else place(task, 0).remote(base, safety, str(todo[0].path), "safety", pass_json, arch, layout_json)
-    refs = [place(task, i + 1).remote(base, safety, str(e.path), "expert", pass_json, architecture(model_of(e.path, Path(base))), layout_json)
-            for i, e in enumerate(todo)]
-    safety_sums = ""
-    if saved_json:  # the safety expert's share, from its saved statistics
-        safety_sums = json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "diff_ss": [t["safety_ss"]]}
-                                  for t in json.loads(saved_json)])
-    if safety_ref is not None:
+    safety_ref = None if saved else place(task, 0).remote(base, safety, todo[0].path, "safety", pass_options, layout)
+    refs = [place(task, i + 1).remote(base, safety, e.path, "expert", pass_options, layout) for i, e in enumerate(todo)]
+    if saved:  # the safety expert's share, from its saved statistics (no files read: no stamps)
+        safety_sums = Sums.from_dict({"measured": "safety", "stamps": [],
+                                      "tensors": [{"name": t.name, "numel": t.numel, "base_ss": t.base_ss, "diff_ss": [t.safety_ss]}
+                                                  for t in saved]})
+    else:
+        assert safety_ref is not None
         share, nodes["statistics:safety"] = ray.get(safety_ref)
         if isinstance(share, dict):  # B or S is bad: nothing can be merged (a local run raises too)
             raise _kinds().get(share["kind"], LayerswapError)(share["error"])
         safety_sums = share
+    result = _Analysis({}, {}, {}, None)
     ok: list[int] = []
-    shares: list[str] = []
-    result: dict[str, Any] = {"plans": [None] * len(todo), "failures": [], "sources": {"safety": None, "experts": [None] * len(todo)}}
+    shares: list[Sums] = []
     for i, (e, ref) in enumerate(zip(todo, refs)):
         share, nodes[f"statistics:{e.name}"] = ray.get(ref)
         if isinstance(share, dict):
-            result["failures"].append({"index": i, "kind": share["kind"], "message": share["error"]})
+            result.failures[i] = _kinds().get(share["kind"], LayerswapError)(share["error"])
             continue
         ok.append(i)
         shares.append(share)
     if ok:
-        planned = json.loads(_core.plans_from_sums(base, safety, [str(todo[i].path) for i in ok], [todo[i].options.to_engine_json() for i in ok],
-                                                   safety_sums, shares, arch, layout_json, True))
-        for f in planned["failures"]:
-            i = ok[f["index"]]
-            result["failures"].append({**f, "index": i})
-        for i, p, src in zip(ok, planned["plans"], planned["sources"]["experts"]):
-            result["plans"][i] = p
-            result["sources"]["experts"][i] = src
-        result["sources"]["safety"] = planned["sources"]["safety"]
+        # Headers only: the driver reads no tensor data.
+        session = open_session(base, safety, [todo[i].path for i in ok], layout, lenient=True)
+        plans = session.plans_from_sums([todo[ok[k]].options for k in session.opened], safety_sums, [shares[k] for k in session.opened])
+        planned = _outcome(session, plans, len(ok), ok)
+        result.plans, result.sources, result.safety_source = planned.plans, planned.sources, planned.safety_source
+        result.failures.update(planned.failures)
+        result.shares = {ok[k]: [safety_sums, shares[k]] for k in session.opened}
     return result
 
 
@@ -644,18 +664,19 @@ def _kinds() -> dict[str, type[Exception]]:
     from layerswap_fast import errors
 
     kinds: dict[str, type[Exception]] = {n: getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)}
-    kinds.update({c.__name__: c for c in (OSError, FileNotFoundError, PermissionError)})
+    kinds.update({c.__name__: c for c in (OSError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)})
     return kinds
 
 
-def _run_ray(jobs, base, safety, out: Path, layout_json, record, nodes: dict[str, str], hub_inputs) -> None:
+def _run_ray(jobs: list[Job], shared: tuple[Path, Path], out: Path, layout: Optional[dict[str, Any]],
+             record: Callable[[ExpertSpec, dict[str, Any]], None], nodes: dict[str, str], hub_inputs: dict[str, dict[str, dict[str, str]]],
+             shares: dict[int, list[Sums]]) -> None:
     """One Ray task per expert (write pass, side files, sync, rename), on the cluster from RAY_ADDRESS."""
     ray = _connect_ray()
     place = _placer(ray)
     task = ray.remote(_write_task)
-    pending = {place(task, i).remote(base, safety, str(e.path), str(out / e.name), plan, e.options, layout_json, hub_inputs.get(e.name),
-                                     str(e.config_from) if e.config_from else None): e
-               for i, (e, plan) in enumerate(jobs)}
+    pending = {place(task, k).remote(shared, job, out / job[1].name, layout, hub_inputs.get(job[1].name), shares[job[0]]): job[1]
+               for k, job in enumerate(jobs)}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         e = pending.pop(done[0])
@@ -716,8 +737,8 @@ def save_stats(path: PathLike, plan: Plan, base: PathLike, safety: PathLike, exp
     _write_json_atomic(Path(path), data)
 
 
-def load_saved_stats(path: PathLike, numerics: str) -> str:
-    """The saved statistics as the engine reads them; checks the file's kind and numerics."""
+def load_saved_stats(path: PathLike, numerics: str) -> list[TensorStats]:
+    """The saved statistics (B's and S's sums) as the engine reads them; checks the file's kind and numerics."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -728,7 +749,8 @@ def load_saved_stats(path: PathLike, numerics: str) -> str:
     if data.get("numerics") != numerics:
         raise InvalidOptionError(f"{p}: statistics were computed with {data.get('numerics')} numerics, this run uses {numerics}")
     try:
-        return json.dumps([{"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0], "expert_ss": 0.0}
-                           for t in data["tensors"]])
-    except (KeyError, IndexError, TypeError) as e:
+        return [TensorStats.from_dict({"name": t["name"], "numel": t["numel"], "base_ss": t["base_ss"], "safety_ss": t["diff_ss"][0],
+                                       "expert_ss": 0.0})
+                for t in data["tensors"]]
+    except (KeyError, IndexError, TypeError, InvalidOptionError) as e:
         raise InvalidOptionError(f"{p}: not a valid statistics file ({e!r})") from None

@@ -241,7 +241,7 @@ def analyze(base: Path, safety: Path, expert: Path, layout: Optional[Path], as_j
         click.echo(json.dumps(rows, indent=2) if as_json else sweep_table(plan, rows))
         return
     if html_file is not None:
-        report = api.build_report(plan, options, (base, safety, expert), started, api._layout_json(layout))
+        report = api.build_report(plan, options, (base, safety, expert), started, api.read_layout(layout))
         write_text_atomic(html_file, page.render(report))
     if as_json:
         click.echo(plan.to_json())

@@ -33,7 +33,7 @@ from layerswap_fast.errors import InvalidOptionError
 
 DECISIONS = ("safety", "expert", "blend")
 SOURCES = ("measured", "override", "file", "band")
-SELECTS = ("adaptive", "bands")
+SELECTS: tuple[str, ...] = ("adaptive", "bands")
 #: Most τ values one sweep evaluates (each is a pass over the units, not over the models).
 MAX_SWEEP = 100_000
 

@@ -1,6 +1,7 @@
 """Method and resource options: defined once here, validated here, and turned into CLI options here.
 
-The engine validates again (it never trusts a caller), but users get their errors from this module,
+The engine reads a :class:`MergeOptions` field by field (no copy of the fields on the Rust side to keep
+in step) and validates again (it never trusts a caller), but users get their errors from this module,
 phrased in terms of the option they typed.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import numbers
 import os
 import re
@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import click
 
 from layerswap_fast import decisions
+from layerswap_fast._core import MAX_THREADS
 from layerswap_fast.errors import InvalidOptionError
 
 GRANULARITIES = ("layer", "module")
@@ -25,8 +26,6 @@ NUMERICS = ("exact", "official")
 POLICIES = ("blend", "expert", "safety")
 VOCAB_SOURCES = ("outside", "expert")
 DTYPES = ("bf16", "f16", "f32", "f64")
-#: Most worker threads (as in the engine, rust/options.rs).
-MAX_THREADS = 4096
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -184,26 +183,6 @@ class MergeOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_engine_json(self) -> str:
-        """The options as the Rust engine reads them."""
-        out_dtype = self.effective_out_dtype
-        return json.dumps(
-            {
-                "granularity": self.granularity,
-                "tau": float(self.tau),
-                "alpha": float(self.alpha),
-                "numerics": self.numerics,
-                "outside": self.outside,
-                "norms": self.norms,
-                "vocab_from": self.vocab_from,
-                "out_dtype": out_dtype.upper() if out_dtype else None,
-                "allow_non_finite": self.allow_non_finite,
-                "max_memory": self.max_memory,
-                "threads": self.effective_threads,
-                "shard_size": self.shard_size,
-            }
-        )
 
 
 # --- CLI options, generated from one table -------------------------------------------------------

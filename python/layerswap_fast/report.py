@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any, Optional
 
 from layerswap_fast.plan import Plan
@@ -23,7 +22,7 @@ def plural(n: int, word: str) -> str:
 
 def decision_table(plan: Plan) -> str:
     """The per-unit table: scores, p_S, p_M, d and decision, exactly as thresholded."""
-    return _table(plan.layout, plan.n_layers, plan.options, [asdict(u) for u in plan.units], plan.counts())
+    return _table(plan.layout, plan.n_layers, plan.options, [u.to_dict() for u in plan.units], plan.counts())
 
 
 def report_table(report: dict[str, Any]) -> str:

@@ -17,14 +17,13 @@ to by another thread while a merge reads them.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping, Optional
 
 from layerswap_fast import _core
-from layerswap_fast.api import ProgressCallback, _layout_json, _options
+from layerswap_fast._core import Plan
+from layerswap_fast.api import ProgressCallback, _options, read_layout
 from layerswap_fast.errors import InvalidModelError, InvalidOptionError
 from layerswap_fast.options import MergeOptions, callback_arg, flag_arg
-from layerswap_fast.plan import Plan
 
 ROLES = ("base", "safety", "expert")
 #: dtype names as safetensors (and the engine) spell them, by torch / numpy dtype name.
@@ -129,7 +128,7 @@ def _numpy_name(dtype: str) -> str:
 
 
 def _run(base: Mapping[str, Any], safety: Mapping[str, Any], expert: Mapping[str, Any], opts: MergeOptions, architecture: Optional[str],
-         layout: Any, allocate: Optional[Callable[..., list[Any]]], progress: Optional[ProgressCallback]) -> dict[str, Any]:
+         layout: Any, allocate: Optional[Callable[..., list[Any]]], progress: Optional[ProgressCallback]) -> Plan:
     callback_arg(progress, "progress")
     if architecture is not None and not isinstance(architecture, str):
         raise TypeError(f"architecture must be a str (config.json architectures[0]), not {type(architecture).__name__}")
@@ -137,7 +136,8 @@ def _run(base: Mapping[str, Any], safety: Mapping[str, Any], expert: Mapping[str
     if allocate is not None and _kind(expert) == "numpy" and opts.out_dtype == "bf16":
         raise InvalidOptionError("out_dtype bf16 needs torch tensors: numpy has no bfloat16")
     b, s, m = entries
-    return json.loads(_core.merge_state_dicts(b, s, m, opts.to_engine_json(), architecture, _layout_json(layout), allocate, progress))
+    plan, _ = _core.merge_state_dicts(b, s, m, opts, architecture, read_layout(layout), allocate, progress)
+    return plan
 
 
 def analyze_state_dicts(
@@ -167,7 +167,7 @@ def analyze_state_dicts(
         InvalidModelError, IncompatibleModelsError, NonFiniteTensorError, InvalidOptionError.
     """
     opts = _options(options, kwargs)
-    return Plan.from_engine(_run(base, safety, expert, opts, architecture, layout, None, progress)["plan"])
+    return _run(base, safety, expert, opts, architecture, layout, None, progress)
 
 
 def merge_state_dicts(
@@ -205,7 +205,6 @@ def merge_state_dicts(
     opts = _options(options, kwargs)
     flag_arg(return_plan, "return_plan")
     out: dict[str, Any] = {}
-    result = _run(base, safety, expert, opts, architecture, layout, _allocator(_kind(expert), out), progress)
+    plan = _run(base, safety, expert, opts, architecture, layout, _allocator(_kind(expert), out), progress)
     merged = {name: out[name] for name in expert if name in out}
-    plan = Plan.from_engine(result["plan"])
     return (merged, plan) if return_plan else merged

@@ -204,6 +204,17 @@ impl Session {
         self.sums(&[m], options, progress)
     }
 
+    /// Path and stamp of the files a share of `model` reads (B's and the model's), to carry with
+    /// its sums (see [`Session::check_stamps`]).
+    pub fn stamps_of(&self, model: Measured) -> Vec<(std::path::PathBuf, crate::io::Stamp)> {
+        let mut stamps = self.base.stamps();
+        stamps.extend(match model {
+            Measured::Safety => self.safety.stamps(),
+            Measured::Expert(k) => self.experts.get(k).map(Expert::stamps).unwrap_or_default(),
+        });
+        stamps
+    }
+
     /// Plans from a pass computed in shares ([`Session::sums_of`], or saved sums of the safety
     /// expert): `safety` holds the safety expert's share and `experts[k]` language expert `k`'s, with
     /// `options[k]` its options. Every share must cover the measured tensors of this session with

@@ -56,7 +56,7 @@ pub enum Source {
 }
 
 /// One unit's scores and decision, exactly as thresholded.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnitDecision {
     /// The unit.
     #[serde(flatten)]
@@ -83,7 +83,7 @@ pub struct UnitDecision {
 }
 
 /// The complete plan for one language expert.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Options the plan was made with.
     pub options: MergeOptions,

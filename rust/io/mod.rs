@@ -7,5 +7,5 @@ pub mod writer;
 
 pub use header::{Header, TensorInfo};
 pub use model::{Model, TensorRef};
-pub use shard::{MemoryRegion, Shard};
+pub use shard::{MemoryRegion, Shard, Stamp};
 pub use writer::{OutputWriter, ShardMap};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::io::header::{Entries, TensorInfo, MAX_HEADER_BYTES};
-use crate::io::shard::{MemoryRegion, Shard};
+use crate::io::shard::{MemoryRegion, Shard, Stamp};
 
 /// Name of the shard index file.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -229,6 +229,14 @@ impl Model {
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
         self.tensors.values().map(|t| t.nbytes).sum()
+    }
+
+    /// Path and stamp of every shard read from a file (see [`Shard::stamp`]).
+    pub fn stamps(&self) -> Vec<(PathBuf, Stamp)> {
+        self.shards
+            .iter()
+            .filter_map(|s| Some((s.path.clone(), s.stamp()?)))
+            .collect()
     }
 
     /// Fails if any shard changed on disk since it was opened (see [`Shard::check_unchanged`]).

@@ -104,13 +104,19 @@ impl MemoryRegion {
     }
 }
 
-/// What `stat` says about a file: enough to notice it was replaced, truncated or rewritten.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
+/// What `stat` says about a file: enough to notice it was replaced, truncated or rewritten. Carried
+/// with work done on a file elsewhere (the sums of a pass split across machines), so that a later
+/// opening can prove it reads the same bytes (see `Session::check_stamps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub len: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
 }
 
 impl Stamp {
@@ -120,7 +126,10 @@ impl Stamp {
             dev: meta.dev(),
             ino: meta.ino(),
             len: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
         }
     }
 }
@@ -219,6 +228,14 @@ impl Shard {
             ));
         }
         Ok(())
+    }
+
+    /// The file's stamp when it was opened; None in memory.
+    pub fn stamp(&self) -> Option<Stamp> {
+        match &self.backend {
+            Backend::File { stamp, .. } => Some(*stamp),
+            Backend::Memory(_) => None,
+        }
     }
 
     /// The open file, for in-kernel copies (see `OutputWriter::copy_from`); None in memory.

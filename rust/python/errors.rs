@@ -1,11 +1,13 @@
 //! Python exception classes (one base, `LayerswapError`), registered under the `layerswap_fast`
-//! namespace so that `pickle` finds them there, and the single table that maps engine errors
-//! and OS error kinds to them.
+//! namespace so that `pickle` finds them there, and the single table that maps engine errors to them.
+//!
+//! OS errors become `OSError(errno, message, path)`, which Python itself turns into the subclass the
+//! errno names (`FileNotFoundError`, `PermissionError`, `IsADirectoryError`...). An error reported as
+//! data (one expert of a bulk run that could not be opened) is the exception [`to_py`] makes, so a
+//! raised error and a reported one can never disagree.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{
-    PyException, PyFileNotFoundError, PyIsADirectoryError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
-};
+use pyo3::exceptions::{PyException, PyKeyboardInterrupt, PyOSError};
 use pyo3::prelude::*;
 
 use crate::error::Error;
@@ -61,23 +63,28 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// The errno of an OS error; for one the engine made itself (no errno), the errno of its kind.
+fn errno(source: &std::io::Error) -> i32 {
+    use std::io::ErrorKind;
+    source.raw_os_error().unwrap_or(match source.kind() {
+        ErrorKind::NotFound => libc::ENOENT,
+        ErrorKind::PermissionDenied => libc::EACCES,
+        ErrorKind::IsADirectory => libc::EISDIR,
+        ErrorKind::NotADirectory => libc::ENOTDIR,
+        ErrorKind::AlreadyExists => libc::EEXIST,
+        _ => 0,
+    })
+}
+
 /// The one mapping from engine errors to Python exceptions.
 pub(crate) fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
-        Error::Io { path, source } => {
-            let args = (
-                source.raw_os_error().unwrap_or(0),
-                format!("{}: {}", path.display(), source),
-                path.display().to_string(),
-            );
-            match source.kind() {
-                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(args),
-                std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(args),
-                std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(args),
-                _ => PyOSError::new_err(args),
-            }
-        }
+        Error::Io { path, source } => PyOSError::new_err((
+            errno(&source),
+            format!("{}: {}", path.display(), source),
+            path.display().to_string(),
+        )),
         Error::InvalidModel { .. } | Error::Layout { .. } => InvalidModelError::new_err(msg),
         Error::NonFinite { .. } => NonFiniteTensorError::new_err(msg),
         Error::Incompatible { .. } => IncompatibleModelsError::new_err(msg),
@@ -87,20 +94,12 @@ pub(crate) fn to_py(err: Error) -> PyErr {
     }
 }
 
-/// The Python exception class name an engine error maps to (for errors reported as data, e.g. one
-/// failed expert of a bulk run).
-pub(crate) fn kind_name(err: &Error) -> &'static str {
-    match err {
-        Error::Io { source, .. } => match source.kind() {
-            std::io::ErrorKind::NotFound => "FileNotFoundError",
-            std::io::ErrorKind::PermissionDenied => "PermissionError",
-            _ => "OSError",
-        },
-        Error::InvalidModel { .. } | Error::Layout { .. } => "InvalidModelError",
-        Error::NonFinite { .. } => "NonFiniteTensorError",
-        Error::Incompatible { .. } => "IncompatibleModelsError",
-        Error::Budget { .. } => "MemoryBudgetError",
-        Error::InvalidArgument { .. } => "InvalidOptionError",
-        Error::Cancelled => "KeyboardInterrupt",
-    }
+/// An engine error as an exception object (for errors reported as data rather than raised).
+pub(crate) fn to_exception(py: Python<'_>, err: Error) -> Py<PyAny> {
+    to_py(err).into_value(py).into_any()
+}
+
+/// An invalid-option error with `message`.
+pub(crate) fn invalid_option(message: impl Into<String>) -> PyErr {
+    to_py(Error::argument(message.into()))
 }

@@ -11,10 +11,12 @@ use crate::dtype::Dtype;
 use crate::error::Error;
 use crate::io::{MemoryRegion, Model};
 use crate::open;
+use crate::options::MergeOptions;
 use crate::python::dlpack::region;
 use crate::python::errors::to_py;
-use crate::python::functions::{parse_layout, parse_options};
 use crate::python::progress::run;
+use crate::python::session::extract_layout;
+use crate::python::types::{PyPlan, PyWriteSummary};
 
 /// One tensor as Python hands it over: name, safetensors dtype name, shape, DLPack capsule.
 type Entry = (String, String, Vec<u64>, Py<PyAny>);
@@ -53,36 +55,35 @@ fn model(py: Python<'_>, label: &str, entries: &[Entry]) -> PyResult<Model> {
 ///     base, safety, expert: ``[(name, dtype, shape, capsule)]``: every tensor's safetensors dtype
 ///         name, shape and DLPack capsule (``tensor.__dlpack__()``); the engine reads the memory in
 ///         place. The capsules must stay referenced, and the tensors unchanged, during the call.
-///     options_json: MergeOptions as JSON.
+///     options: a ``MergeOptions``.
 ///     architecture: config.json ``architectures[0]``, if known.
-///     layout_json: a custom layout definition (JSON text), overriding detection.
+///     layout: a custom layout definition (the dict a layout file holds), overriding detection.
 ///     allocate: ``allocate([(name, dtype, shape)]) -> [capsule]``, called once (with the GIL) after
 ///         the analysis with the output tensors in order; returns a writable, contiguous CPU buffer
 ///         of exactly that dtype and shape for each, which the write pass fills. None: analyse only.
 ///     progress: called as ``progress(phase, done, total)`` about ten times a second.
 ///
 /// Returns:
-///     JSON text: ``{"plan": {...}, "write": {...} or null}``.
+///     ``(plan, write)``: the :class:`Plan`, and the :class:`WriteSummary` (None without ``allocate``).
 ///
 /// Raises:
 ///     InvalidModelError, IncompatibleModelsError, NonFiniteTensorError, MemoryBudgetError,
 ///     InvalidOptionError, KeyboardInterrupt, and whatever ``allocate`` raises.
 #[pyfunction]
-#[pyo3(signature = (base, safety, expert, options_json, architecture=None, layout_json=None, allocate=None, progress=None))]
+#[pyo3(signature = (base, safety, expert, options, architecture=None, layout=None, allocate=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn merge_state_dicts(
     py: Python<'_>,
     base: Vec<Entry>,
     safety: Vec<Entry>,
     expert: Vec<Entry>,
-    options_json: &str,
+    options: MergeOptions,
     architecture: Option<String>,
-    layout_json: Option<String>,
+    layout: Option<&Bound<'_, PyAny>>,
     allocate: Option<Py<PyAny>>,
     progress: Option<Py<PyAny>>,
-) -> PyResult<String> {
-    let options = parse_options(options_json)?;
-    let custom = parse_layout(layout_json)?;
+) -> PyResult<(PyPlan, Option<PyWriteSummary>)> {
+    let custom = extract_layout(layout)?;
     // `base`, `safety` and `expert` hold the capsules, and so the memory, until this function returns.
     let models = (
         model(py, "base state dict", &base)?,
@@ -102,7 +103,7 @@ fn merge_state_dicts(
         Ok((session, plan))
     })?;
     let Some(allocate) = allocate else {
-        return Ok(serde_json::json!({"plan": plan, "write": null}).to_string());
+        return Ok((PyPlan(plan), None));
     };
     let outputs = session.outputs(0, &plan).map_err(to_py)?;
     let specs: Vec<(String, String, Vec<u64>)> = outputs
@@ -124,5 +125,5 @@ fn merge_state_dicts(
         .collect::<PyResult<Vec<MemoryRegion>>>()?;
     // `capsules` keeps the output memory alive until the write is done.
     let write = run(py, progress, |p| session.write_memory(0, &plan, regions, p))?;
-    Ok(serde_json::json!({"plan": plan, "write": write}).to_string())
+    Ok((PyPlan(plan), Some(PyWriteSummary(write))))
 }
