@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from models import LAYER, TARGET, decode, engine_units, method_decisions, read_model, unit_of
+from models import LAYER, TARGET, decode, engine_units, locate, method_decisions, read_model, unit_of
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -303,20 +303,13 @@ def test_emit_adapter_refuses_what_an_adapter_cannot_express(lora: dict[str, Pat
 
 def flip_bit(folder: Path, name: str, element: int, bit: int) -> None:
     """Flips one bit of one element of tensor ``name`` in the .safetensors file of ``folder`` holding it."""
-    for f in sorted(folder.glob("*.safetensors")):
-        data = f.read_bytes()
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
-        if name in header:
-            size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[header[name]["dtype"]]
-            at = 8 + n + header[name]["data_offsets"][0] + element * size + bit // 8
-            with open(f, "r+b") as fh:
-                fh.seek(at)
-                byte = fh.read(1)[0]
-                fh.seek(at)
-                fh.write(bytes([byte ^ (1 << (bit % 8))]))
-            return
-    raise KeyError(name)
+    f, offset, _, dtype = locate(folder, name)
+    at = offset + element * {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[dtype] + bit // 8
+    with open(f, "r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ (1 << (bit % 8))]))
 
 
 def verify_cli(out: Path, base: Path, s: Path, m: Path, *args: str) -> Any:
