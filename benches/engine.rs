@@ -74,7 +74,7 @@ fn trio(n: usize, dtype: Dtype) -> [AlignedBuf; 3] {
     [encode(&b, dtype), encode(&s, dtype), encode(&m, dtype)]
 }
 
-/// What the statistics pass does with one chunk of B and k experts: per block, Σ B² and Σ (X − B)².
+/// What the analyze pass does with one chunk of B and k experts: per block, Σ B² and Σ (X − B)².
 fn chunk_sums(dtype: Dtype, b: &[u8], xs: &[&[u8]], out: &mut Vec<f64>) {
     let step = BLOCK * dtype.size();
     let k = xs.len();

@@ -31,7 +31,7 @@ the children it waited for), on a warm page cache:
   lsf-analyze      layerswap-fast analyze on the adapters (statistics from the factors)
   peft-then-merge  for S and M: transformers load of B (bf16), PeftModel.from_pretrained,
                    merge_and_unload, save_pretrained; then layerswap-fast merge of the two full models
-  analyze-full     layerswap-fast analyze on the two materialised models (statistics pass over full
+  analyze-full     layerswap-fast analyze on the two materialised models (analyze pass over full
                    models, for comparison with lsf-analyze)
 Results: benches/results/lora-<time>.json and .md (the table is also printed). No timing is asserted.
 """

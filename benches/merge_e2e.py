@@ -17,7 +17,7 @@ Contenders (``--only`` picks some):
   io-floor       cat of the three inputs > /dev/null, then dd of the expert's shards to the output
                  disk with conv=fsync (the bytes any merge must read and write, with plain tools)
   mergekit       mergekit-yaml, per-layer linear merge of S and M (only if mergekit is installed)
-  stats-1t/2t    the statistics pass alone (api.analyze, timed inside the child) with 1 and 2 threads:
+  stats-1t/2t    the analyze pass alone (api.analyze, timed inside the child) with 1 and 2 threads:
                  the compute-bound part, for the thread scaling ratio
 
     python benches/merge_e2e.py --sizes 1b 3b --repeat 3

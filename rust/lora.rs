@@ -624,7 +624,7 @@ impl Adapter {
             .unwrap_or(0)
     }
 
-    /// The scratch bound a worker of the statistics pass ([`Adapter::diff_sum_sq`] over `names`) needs
+    /// The scratch bound a worker of the analyze pass ([`Adapter::diff_sum_sq`] over `names`) needs
     /// for any of them: a module's factors, or a tensor saved whole (two chunks of f64 values and the
     /// raw bytes of one).
     pub fn stats_scratch(&self, names: &[&str], chunk_elems: usize) -> u64 {

@@ -290,7 +290,7 @@ impl Session {
     }
 
     /// Fails, naming the file, unless every file of `earlier` (stamps taken by another opening, e.g.
-    /// where a share of the statistics pass was computed: see [`Session::sums_of`]) is an input of
+    /// where a share of the analyze pass was computed: see [`Session::sums_of`]) is an input of
     /// this session with the same stamp. Proves that work done on the files elsewhere and the work
     /// about to be done here read the same bytes.
     pub fn check_stamps(&self, earlier: &[(PathBuf, Stamp)]) -> Result<()> {
@@ -316,7 +316,7 @@ impl Session {
     }
 
     /// Whether the full models of this session (B, S and every M) are bigger than the machine's
-    /// memory, so that their passes run from disk: then the statistics pass drops B's pages as it
+    /// memory, so that their passes run from disk: then the analyze pass drops B's pages as it
     /// goes (the write pass of full models never reads B) and the write pass drops the output's
     /// pages once written back, to keep in the page cache what the write pass reads first.
     pub(crate) fn bigger_than_memory(&self) -> bool {

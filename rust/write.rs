@@ -158,7 +158,7 @@ impl Session {
         let options = &plan.options;
         let host = &self.experts[expert];
         let started = Instant::now();
-        // The statistics pass read the measured tensors in this order and ended with the last ones,
+        // The analyze pass read the measured tensors in this order and ended with the last ones,
         // which the page cache still holds when the inputs are bigger than memory: they are written
         // first (reverse order), before reading anything else evicts them; the tensors the pass did
         // not read come last.

@@ -340,7 +340,7 @@ def test_bulk_run_that_fails_before_any_expert_is_written_leaves_no_out(tmp_path
     code, _, err = run_cli(["merge", "-b", str(GOOD["base"]), "-s", str(GOOD["safety"]), "-m", f"ko={bad}", "-m", f"sw={bad}", "-o", str(out), "-q"])
     assert code == 1, err
     assert not out.exists()
-    # Failing on saved statistics of another numerics, before the statistics pass.
+    # Failing on saved statistics of another numerics, before the analyze pass.
     stats = tmp_path / "stats.json"
     code, _, err = run_cli(["analyze", "-b", str(GOOD["base"]), "-s", str(GOOD["safety"]), "-m", str(GOOD["expert"]), "--save-stats", str(stats)])
     assert code == 0, err

@@ -1,5 +1,5 @@
 """The binding: one Session opens the models once for the analysis and every write (an input rewritten
-in between is refused, naming the file); the shares of a statistics pass split across machines carry
+in between is refused, naming the file); the shares of an analyze pass split across machines carry
 the stamps of the files they read, and a later opening refuses files that changed; the frozen result
 classes round-trip through dicts and pickle; each unit's own decision and alpha are what gets written;
 an engine error crosses a process pool, and one table names OS errors raised and reported."""
@@ -101,7 +101,7 @@ def test_session_reports_the_experts_it_could_not_open(trio: dict[str, Path], tm
         lsf._core.Session(trio["base"], trio["safety"], [trio["expert"], tmp_path / "missing"])
 
 
-# --- a statistics pass in shares (the Ray executor's) ---------------------------------------------
+# --- an analyze pass in shares (the Ray executor's) ---------------------------------------------
 
 
 def test_shares_make_the_plans_of_one_pass_and_pickle(trio: dict[str, Path]) -> None:

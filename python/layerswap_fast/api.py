@@ -160,7 +160,7 @@ def merge(
     Args:
         base, safety, expert: model folders, ``.safetensors`` files or hub ids of B, S and M (as for
             :func:`analyze`); the report records each hub id with the commit it resolved to. ``base``
-            may be None with ``decisions`` (no statistics pass runs, so B is not needed).
+            may be None with ``decisions`` (no analyze pass runs, so B is not needed).
         out: the output folder; must not exist unless ``force``.
         options, layout, progress: as for :func:`analyze`; keyword arguments override option fields
             (``overrides={"3": "safety"}``, ``select="bands", bands=(2, 2, 1)`` included).

@@ -8,7 +8,7 @@ output is verified intact and redoes the rest. One expert failing does not stop 
 Executors: ``local`` (default) opens every model once (one :class:`Session`), runs the statistics
 pass and then the write passes one after another on that opening, in this process (each uses all
 cores): a file changed between the passes makes its write fail, naming it. ``ray`` splits the
-statistics pass into Ray tasks (one reads B and S, each other one reads B and one language expert; the
+analyze pass into Ray tasks (one reads B and S, each other one reads B and one language expert; the
 plans are made on the driver from the sums they return, which carry the stamps of the files read) and
 runs one write task per expert, which refuses files whose stamps differ from those the sums were
 computed on; on the cluster named by the usual ``RAY_ADDRESS`` environment variable (or a local
@@ -500,7 +500,7 @@ class _Analysis:
     #: The engine's word on each expert's model (full or LoRA), and on the safety expert's.
     sources: dict[int, dict[str, Any]]
     safety_source: Optional[dict[str, Any]]
-    #: Ray only: the shares of the statistics pass each expert's plan was made from (the safety
+    #: Ray only: the shares of the analyze pass each expert's plan was made from (the safety
     #: expert's and its own), whose file stamps its write checks.
     shares: dict[int, list[Sums]] = field(default_factory=dict)
 
@@ -590,7 +590,7 @@ def _node() -> str:
 
 def _sums_task(base: Path, safety: Path, expert: Path, measured: str, options: MergeOptions,
                layout: Optional[dict[str, Any]]) -> tuple[Union[Sums, dict[str, Any]], str]:
-    """One Ray task of the statistics pass: B and the safety expert, or B and one language expert.
+    """One Ray task of the analyze pass: B and the safety expert, or B and one language expert.
     Returns the sums (with the stamps of the files read), or the failure of a bad model as data (as
     the write task does), which crosses back to the driver whatever the exception's class."""
     try:
@@ -615,7 +615,7 @@ def _write_task(shared: tuple[Path, Path], job: Job, out: Path, layout: Optional
 
 def _analyze_ray(base: Path, safety: Path, todo: list[ExpertSpec], layout: Optional[dict[str, Any]], saved: Optional[list[TensorStats]],
                  nodes: dict[str, str]) -> _Analysis:
-    """The statistics pass as Ray tasks: one reads B and S (unless saved statistics stand in for S),
+    """The analyze pass as Ray tasks: one reads B and S (unless saved statistics stand in for S),
     each other one reads B and one language expert; the engine then checks that every share saw the
     same base sums and makes the plans here, from sums of a few bytes per tensor."""
     ray = _connect_ray()

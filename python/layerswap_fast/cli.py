@@ -179,7 +179,7 @@ def main() -> None:
 
 
 _DECISIONS_FILE_HELP = ("Merge exactly the decisions in this file (the JSON 'analyze --json' writes, possibly edited; "
-                       "per-unit alpha allowed): no statistics pass, -b may be left out. --override still applies.")
+                       "per-unit alpha allowed): no analyze pass, -b may be left out. --override still applies.")
 
 
 def _granularity_clash(ctx: click.Context, path: Path, params: dict[str, Any]) -> None:
@@ -199,7 +199,7 @@ def _granularity_clash(ctx: click.Context, path: Path, params: dict[str, Any]) -
 @resource_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table (merge --decisions reads it back).")
 @click.option("--sweep-tau", "sweep_tau", default=None, metavar="A:B:N",
-              help="Decision counts at N values of tau evenly spaced from A to B (inclusive), from one statistics pass, "
+              help="Decision counts at N values of tau evenly spaced from A to B (inclusive), from one analyze pass, "
                    "and per unit the tau above which it becomes a blend (|d|). With --json: [{tau, counts}, ...].")
 @click.option("--save-stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save the base and safety-expert statistics to this file, for later bulk runs (merge --stats).")

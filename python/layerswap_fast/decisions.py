@@ -320,7 +320,7 @@ def parse_sweep(text: str) -> list[float]:
 
 
 def sweep(units: list[dict[str, Any]], taus: Sequence[float], **controls: Any) -> list[dict[str, Any]]:
-    """Decision counts at each τ from the measured d of every unit (one statistics pass for all),
+    """Decision counts at each τ from the measured d of every unit (one analyze pass for all),
     with the same bands and overrides applied: ``[{"tau": τ, "counts": {...}}, ...]``."""
     return [{"tau": t, "counts": counts(apply(units, tau=t, **controls))} for t in taus]
 

@@ -333,7 +333,7 @@ def render_bulk(summary: dict[str, Any], reports: dict[str, Optional[dict[str, A
     failed = [n_ for n_, e in experts.items() if e.get("status") == "failed"]
     body = [
         f"<h1>layerswap-fast bulk run: {len(experts)} language expert(s)</h1>",
-        f'<p class="sub">Statistics pass (all experts at once): {summary.get("statistics_seconds", 0):.2f} s. '
+        f'<p class="sub">Analyze pass (all experts at once): {summary.get("statistics_seconds", 0):.2f} s. '
         f"{len(failed)} failed. Each row links to that expert's own report; hover a cell for its numbers.</p>",
         _legend(),
         '<table class="bulk"><thead><tr><th class="l">expert</th>'

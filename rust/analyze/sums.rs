@@ -169,7 +169,7 @@ pub fn compute_streaming(
     Ok(out)
 }
 
-/// The statistics pass proper (exact sums, or official ones that need the general path): block sums
+/// The analyze pass proper (exact sums, or official ones that need the general path): block sums
 /// of every chunk, added in block order per tensor. Chunks are computed `window` at a time, in
 /// parallel, and added before the next window starts, so the partial sums held at once are bounded
 /// by the window, not by the model (all of a 70B trio's would be ~1 M blocks x 3 sums, ~28 MiB with
@@ -245,13 +245,13 @@ fn block_order_sums(
     Ok(out)
 }
 
-/// Block sums (f64) held at once by the statistics pass, at most, when a window holds more than
+/// Block sums (f64) held at once by the analyze pass, at most, when a window holds more than
 /// [`MIN_WINDOW_CHUNKS`] chunks: 512 KiB.
 const WINDOW_SUMS: usize = 1 << 16;
 /// Chunks per window at least, so that the threads rarely wait for each other at a window's end.
 const MIN_WINDOW_CHUNKS: usize = 256;
 
-/// Chunks of `chunk_elems` elements per window of the statistics pass with `k` models besides B
+/// Chunks of `chunk_elems` elements per window of the analyze pass with `k` models besides B
 /// (see [`compute_allowing`]): the same for every model size.
 fn window_chunks(chunk_elems: usize, k: usize) -> usize {
     let sums_per_chunk = chunk_elems.div_ceil(BLOCK) * (k + 1);

@@ -201,7 +201,7 @@ impl PySession {
         Ok(plans.into_iter().map(PyPlan).collect())
     }
 
-    /// One share of a statistics pass split across machines: the sums of B and one model, with
+    /// One share of an analyze pass split across machines: the sums of B and one model, with
     /// the stamps of the files read (see :class:`Sums`).
     ///
     /// Args:
@@ -233,7 +233,7 @@ impl PySession {
         })
     }
 
-    /// Plans from a statistics pass computed in shares (:meth:`sums`, possibly elsewhere, or saved
+    /// Plans from an analyze pass computed in shares (:meth:`sums`, possibly elsewhere, or saved
     /// safety-expert statistics): one plan per opened expert, as :meth:`analyze` makes them.
     ///
     /// Args:

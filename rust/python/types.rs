@@ -1,5 +1,5 @@
 //! The frozen Python classes for the engine's values: [`Plan`] (one language expert's decisions),
-//! [`UnitDecision`], [`TensorStats`], [`WriteSummary`] and [`Sums`] (one share of a statistics pass
+//! [`UnitDecision`], [`TensorStats`], [`WriteSummary`] and [`Sums`] (one share of an analyze pass
 //! split across machines, with the stamps of the files it read). Each wraps the engine value itself;
 //! `to_dict` and `from_dict` convert through the engine's serde form, so the report and the classes
 //! cannot drift apart. They pickle (by their dict form), so they can be sent to other processes.
@@ -390,7 +390,7 @@ pub(crate) struct Share {
     stamps: Vec<FileStamp>,
 }
 
-/// One share of a statistics pass split across machines: Σ B² and Σ (X − B)² of every measured
+/// One share of an analyze pass split across machines: Σ B² and Σ (X − B)² of every measured
 /// tensor for one model X (the safety expert, or one language expert), and the stamps (device,
 /// inode, size, modification time) of the files read for them, so that the write that uses them can
 /// prove it reads the same files (``Session.check_stamps``).

@@ -254,7 +254,7 @@ def model_cases(root: Path, good: dict[str, Path]) -> list[dict[str, Any]]:
     case("layer_count_safety", "safety", pack(three), ["different numbers of decoder layers", "3 in the safety expert"])
     one = [t for t in items["base"] if not t[0].startswith("model.layers.1.")]
     case("layer_count_base", "base", pack(one), ["different numbers of decoder layers", "1 in the base"])
-    # Non-finite values: measured tensors are caught by the statistics pass, the others by the write pass.
+    # Non-finite values: measured tensors are caught by the analyze pass, the others by the write pass.
     case("nan_measured_expert", "expert", pack(poke(items["expert"], Q, float("nan"))), [Q, "NaN or Inf"])
     case("inf_measured_base", "base", pack(poke(items["base"], UP, float("inf"))), [UP, "NaN or Inf"])
     case("nan_embedding_expert", "expert", pack(poke(items["expert"], "model.embed_tokens.weight", float("nan"))), ["model.embed_tokens.weight", "NaN or Inf"])
