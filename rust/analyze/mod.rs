@@ -47,14 +47,7 @@ impl Session {
                 self.experts.len()
             )));
         }
-        for o in options {
-            o.validate()?;
-            if o.numerics != options[0].numerics {
-                return Err(Error::argument(
-                    "all experts of one run must use the same numerics (the sums are shared)",
-                ));
-            }
-        }
+        check_run_options(options)?;
         let pass = &options[0];
         // Rows of sums, in order: S (unless saved), then every expert. Full models are read element
         // by element in one fused pass; LoRA adapters are measured from their factors.
@@ -234,14 +227,7 @@ impl Session {
                 self.experts.len()
             )));
         }
-        for o in options {
-            o.validate()?;
-            if o.numerics != options[0].numerics {
-                return Err(Error::argument(
-                    "all experts of one run must use the same numerics (the sums are shared)",
-                ));
-            }
-        }
+        check_run_options(options)?;
         let targets = self.layout.targets();
         let share = |part: &[sums::Sums], whose: &dyn Fn() -> String| -> Result<Vec<(f64, f64)>> {
             let by_name: HashMap<&str, &sums::Sums> = part.iter().map(|s| (s.name.as_str(), s)).collect();
@@ -321,4 +307,17 @@ fn saved_safety_sums(sums: &[sums::Sums], saved: &[TensorStats], base: &Model) -
             Ok(old.safety_ss)
         })
         .collect()
+}
+
+/// Each expert's options are valid, and all use the same numerics: the sums of one pass are shared.
+fn check_run_options(options: &[MergeOptions]) -> Result<()> {
+    for o in options {
+        o.validate()?;
+        if o.numerics != options[0].numerics {
+            return Err(Error::argument(
+                "all experts of one run must use the same numerics (the sums are shared)",
+            ));
+        }
+    }
+    Ok(())
 }
