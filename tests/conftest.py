@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -22,6 +23,21 @@ pytest_plugins = ["verify_all"]
 settings.register_profile("ci", max_examples=40, deadline=None)
 settings.register_profile("dev", max_examples=15, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# The hostile-input corpus and its one good trio (tests/hostile/make_corpus.py writes both).
+HOSTILE = Path(__file__).parent / "hostile"
+GOOD = {r: HOSTILE / "good" / r for r in ("base", "safety", "expert")}
+
+
+@pytest.fixture
+def trio_copy(tmp_path: Path) -> dict[str, Path]:
+    """The good trio copied under tmp_path/models (so that its parent can be offered as output, and
+    its files overwritten by a test that must show they were not)."""
+    paths = {}
+    for role, p in GOOD.items():
+        paths[role] = tmp_path / "models" / role
+        shutil.copytree(p, paths[role])
+    return paths
 
 
 @pytest.fixture(scope="session")

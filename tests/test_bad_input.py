@@ -19,13 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layerswap_fast as lsf
-from conftest import REPORT_FILES, merge_args, run_cli, tree_digest
+from conftest import GOOD, HOSTILE, REPORT_FILES, merge_args, run_cli, tree_digest
 from layerswap_fast import cli
 from layerswap_fast.errors import InvalidModelError, LayerswapError
 
-HOSTILE = Path(__file__).parent / "hostile"
 CASES: list[dict[str, Any]] = json.loads((HOSTILE / "cases.json").read_text())
-GOOD = {r: HOSTILE / "good" / r for r in ("base", "safety", "expert")}
 Q = "model.layers.0.self_attn.q_proj.weight"
 
 
@@ -150,16 +148,6 @@ def test_options_rejected_by_the_python_api_too(tmp_path: Path) -> None:
 
 
 # --- output path overlapping an input ------------------------------------------------------------------
-
-
-@pytest.fixture
-def trio_copy(tmp_path: Path) -> dict[str, Path]:
-    """The good trio copied under tmp_path/models (so that its parent can be offered as output)."""
-    paths = {}
-    for role, p in GOOD.items():
-        paths[role] = tmp_path / "models" / role
-        shutil.copytree(p, paths[role])
-    return paths
 
 
 @pytest.mark.parametrize("where", ["expert_itself", "inside_expert", "inside_base", "parent_of_inputs", "single_file_input"])

@@ -18,12 +18,10 @@ from typing import Any, Iterator
 import pytest
 
 import layerswap_fast as lsf
-from conftest import merge_args, run_cli, tree_digest
+from conftest import GOOD, HOSTILE, merge_args, run_cli, tree_digest
 from layerswap_fast import bulk, cli
 from test_faults import tmpfs
 
-HOSTILE = Path(__file__).parent / "hostile"
-GOOD = {r: HOSTILE / "good" / r for r in ("base", "safety", "expert")}
 
 
 def hidden(parent: Path) -> list[str]:
@@ -219,15 +217,6 @@ def test_a_live_runs_staging_folder_is_left_alone(tmp_path: Path) -> None:
 
 
 # --- every written path against every input ---------------------------------------------------------------
-
-
-@pytest.fixture
-def trio_copy(tmp_path: Path) -> dict[str, Path]:
-    paths = {}
-    for role, p in GOOD.items():
-        paths[role] = tmp_path / "models" / role
-        shutil.copytree(p, paths[role])
-    return paths
 
 
 @pytest.mark.parametrize("target", ["base_weights", "safety_config", "expert_folder", "layout"])
