@@ -27,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import generate  # noqa: E402
-from merge_e2e import MEASURED, lsf_exe, machine, model_files, nbytes, run_child  # noqa: E402
+from merge_e2e import MEASURED, lsf_exe, machine, model_files, nbytes, run_child, set_cache  # noqa: E402
 
 GB = 1e9
 MIB = 1 << 20
@@ -54,17 +54,12 @@ def measured_bytes(folder: Path) -> int:
 
 def drop_caches(files: list[Path]) -> str:
     """Empties the page cache: the whole machine's if permitted, else these files' pages."""
-    os.sync()
     try:
+        os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return "drop_caches"
     except OSError:
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        set_cache(files, "cold")  # merge_e2e's: these files' pages only
         return "fadvise"
 
 
