@@ -281,6 +281,15 @@ impl Session {
         Ok(())
     }
 
+    /// [`Session::check_vocab`] for every expert, `options[k]` for expert `k`: what a write would
+    /// refuse, found before any reading (a merge fails early; an analysis alone does not need it).
+    pub fn check_vocab_each(&self, options: &[MergeOptions]) -> Result<()> {
+        for (k, o) in options.iter().enumerate() {
+            self.check_vocab(k, o)?;
+        }
+        Ok(())
+    }
+
     /// Path and stamp (as opened) of every input file of the session: B, S and the experts.
     pub fn stamps(&self) -> Vec<(PathBuf, Stamp)> {
         let mut all = self.base.stamps();

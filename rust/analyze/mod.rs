@@ -23,10 +23,9 @@ impl Session {
     pub fn analyze(&self, options: &MergeOptions, progress: &Progress) -> Result<Vec<Plan>> {
         // Fail before reading anything rather than after; bulk runs (analyze_each) leave this to each
         // expert's write, so that one expert's vocabulary does not stop the others.
-        for k in 0..self.experts.len() {
-            self.check_vocab(k, options)?;
-        }
-        self.analyze_each(&vec![options.clone(); self.experts.len()], None, progress)
+        let each = vec![options.clone(); self.experts.len()];
+        self.check_vocab_each(&each)?;
+        self.analyze_each(&each, None, progress)
     }
 
     /// Analyzes every language expert with its own options (`options[k]` for expert `k`): one pass

@@ -192,9 +192,7 @@ impl PySession {
         let saved: Option<Vec<TensorStats>> = saved.map(|v| v.iter().map(|s| s.0.clone()).collect());
         let plans = self.run(py, progress, |s, p| {
             if for_write {
-                for (k, o) in each.iter().enumerate() {
-                    s.check_vocab(k, o)?;
-                }
+                s.check_vocab_each(&each)?;
             }
             s.analyze_each(&each, saved.as_deref(), p)
         })?;
